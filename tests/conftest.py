@@ -1,0 +1,36 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: reference data beside the checkout (fixtures, sample scans); tests that need it skip without it.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("reference data folder ../shared is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def vxm_fixtures(shared_dir: Path) -> Path:
+    path = shared_dir / "fixtures" / "voxelmorph_tf"
+    if not path.is_dir():
+        pytest.skip("voxelmorph reference fixtures are absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_collection(tmp_path_factory) -> Path:
+    """Six synthetic 24^3 subjects with labels and a minimal data spec; returns the spec path."""
+    from tfreg.synthetic import write_collection
+
+    return write_collection(tmp_path_factory.mktemp("tiny"), n=6, shape=(24, 24, 24), seed=0)
