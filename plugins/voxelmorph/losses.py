@@ -1,0 +1,142 @@
+"""VoxelMorph training losses: image similarity + lambda * Grad, optional label Dice.
+
+Terms returned by the loss function (already weighted; the engine minimises their sum):
+
+- ``"sim"``: ``NCC(win=ncc_window)`` or ``MSE(sigma=image_sigma)`` between the fixed image and the
+  warped moving image. With ``model.bidir`` it is ``0.5 * sim(fixed, warped) +
+  0.5 * sim(moving, warped_fixed)`` (voxelmorph's 0.5/0.5 loss weights).
+- ``"smooth"``: ``lambda * Grad(grad_penalty, loss_mult=int_resolution)`` on ``preint_flow`` (the
+  SVF at integration resolution), as voxelmorph's training script. ``lambda: null`` means 1 for
+  NCC and 0.01 for MSE (voxelmorph's README).
+- ``"dice"`` (only when ``dice_weight > 0`` and the batch has label maps):
+  ``dice_weight * Dice(one_hot(fixed_labels), warp(one_hot(moving_labels), disp))``, soft Dice of
+  the linearly warped one-hot moving labels (voxelmorph's semi-supervised training), over
+  ``loss.labels`` (background excluded unless listed). The Dice loss is negative: -1 is perfect
+  overlap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import tensorflow as tf
+
+from tfreg.errors import ConfigError
+from tfreg.layers import warp
+from tfreg.losses import MSE, NCC, Dice, Grad, one_hot
+
+#: ``loss.image`` values.
+IMAGE_LOSSES = ("ncc", "mse")
+#: Default Grad weight per image loss (voxelmorph README).
+DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.01}
+
+LossFn = Callable[[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor], Any], dict]
+
+
+def _number(loss: Mapping[str, Any], key: str, *, positive: bool = False) -> float:
+    value = loss.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+            positive and value == 0):
+        need = "a number > 0" if positive else "a number >= 0"
+        raise ConfigError(f"loss.{key}: expected {need}, got {value!r}")
+    return float(value)
+
+
+def grad_weight(loss: Mapping[str, Any]) -> float:
+    """The smoothness weight lambda: ``loss.lambda``, or the voxelmorph default for the image
+    loss when it is null."""
+    image = loss.get("image", "mse")
+    if loss.get("lambda") is None:
+        return DEFAULT_LAMBDA[image]
+    return _number(loss, "lambda")
+
+
+def label_values(loss: Mapping[str, Any]) -> list[int] | None:
+    """``loss.labels`` checked: a list of distinct integer label values, or None."""
+    values = loss.get("labels")
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"loss.labels: expected null or a non-empty list of integers, got {values!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"loss.labels: has duplicates: {list(values)}")
+    return [int(v) for v in values]
+
+
+def build(config: Mapping[str, Any]) -> LossFn:
+    """Build the loss function of a resolved config.
+
+    Args:
+        config: resolved config; reads ``loss:`` and ``model.{bidir, int_resolution}``.
+
+    Returns:
+        ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
+        tensors. ``batch`` holds ``"fixed"``, ``"moving"`` `(B, *S, 1)` and optionally
+        ``"fixed_labels"``, ``"moving_labels"`` `(B, *S, 1)` int32; ``outputs`` are the model's
+        (``"warped"``, ``"disp"``, ``"preint_flow"``, and with bidir ``"warped_fixed"``).
+
+    Raises:
+        ConfigError: a ``loss.<key>`` has an invalid value (one line naming it).
+    """
+    loss = config.get("loss") or {}
+    model = config.get("model") or {}
+    image = loss.get("image", "mse")
+    if image not in IMAGE_LOSSES:
+        raise ConfigError(f"loss.image: expected one of {', '.join(IMAGE_LOSSES)}, got {image!r}")
+    if image == "ncc":
+        window = loss.get("ncc_window", 9)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ConfigError(f"loss.ncc_window: expected an odd integer >= 1, got {window!r}")
+        similarity = NCC(win=window)
+    else:
+        similarity = MSE(sigma=_number(loss, "image_sigma", positive=True))
+    lam = grad_weight(loss)
+    penalty = loss.get("grad_penalty", "l2")
+    if penalty not in ("l1", "l2"):
+        raise ConfigError(f"loss.grad_penalty: expected l1 or l2, got {penalty!r}")
+    # voxelmorph's train.py: Grad(..., loss_mult=int_downsize) on the pre-integrated field
+    loss_mult = float(model.get("int_resolution", 2))
+    grad = Grad(penalty=penalty, loss_mult=loss_mult)
+    bidir = bool(model.get("bidir", False))
+    dice_weight = _number(loss, "dice_weight")
+    values = label_values(loss)
+    if dice_weight > 0 and values is None:
+        raise ConfigError("loss.labels: label-supervised training (loss.dice_weight > 0) needs the "
+                          "list of label values, e.g. loss.labels: [1, 2, 3]")
+    dice = Dice()
+
+    def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
+                stage: Any = None) -> dict[str, tf.Tensor]:
+        fixed, moving = batch["fixed"], batch["moving"]
+        if bidir:
+            sim = 0.5 * similarity(fixed, outputs["warped"]) + \
+                0.5 * similarity(moving, outputs["warped_fixed"])
+        else:
+            sim = similarity(fixed, outputs["warped"])
+        terms = {"sim": sim, "smooth": lam * grad(None, outputs["preint_flow"])}
+        if dice_weight > 0 and "fixed_labels" in batch and "moving_labels" in batch:
+            terms["dice"] = dice_weight * label_dice(batch["fixed_labels"], batch["moving_labels"],
+                                                     outputs["disp"], values, dice)
+        return terms
+
+    return loss_fn
+
+
+def label_dice(fixed_labels: tf.Tensor, moving_labels: tf.Tensor, disp: tf.Tensor,
+               values: Sequence[int], dice: Dice | None = None) -> tf.Tensor:
+    """Negated soft Dice of the moving label maps warped by ``disp``.
+
+    Args:
+        fixed_labels, moving_labels: `(B, *S, 1)` integer label maps.
+        disp: `(B, *S, N)` displacement, voxels, pull.
+        values: label values scored, one one-hot channel each.
+        dice: the Dice loss (default ``tfreg.losses.Dice()``).
+
+    Returns:
+        Scalar float32 in ``[-1, 0]``.
+    """
+    dice = dice or Dice()
+    target = one_hot(fixed_labels, values)
+    source = warp(one_hot(moving_labels, values), disp, "linear")
+    return dice(target, source)

@@ -1,0 +1,251 @@
+"""Training engine, single process, one device: run directory, stages, freezing, checkpoints,
+interruption and resume, mixed precision, learning-rate schedules, gradient clipping, logging.
+
+All runs use the toy method of `test_engine_toy` at 16^3 (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from tfreg.engine import (TrainingInterrupted, check_global_batch, configure_devices,
+                          learning_rate_at, parse_devices, train)
+from tfreg.engine.logging import TrainLogger
+from tfreg.errors import ConfigError
+
+from test_engine_toy import (ToySpec, build_toy_model, read_events, toy_config, toy_images,
+                             toy_method, weights_by_name)
+
+SPEC = ToySpec(shape=(16, 16, 16), n=8)
+
+
+def _restore(run_dir, step: int) -> dict[str, np.ndarray]:
+    """Weights of checkpoint `ckpt-<step>` of a run, restored into a fresh toy model."""
+    model = build_toy_model({}, SPEC.shape)
+    tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / f"ckpt-{step}")
+                                             ).expect_partial()
+    return weights_by_name(model)
+
+
+def test_single_stage_run_directory(tmp_path):
+    config = toy_config(steps=4, checkpoint_every=2, keep_checkpoints=3, image_every=2)
+    result = train(toy_method(), config, SPEC, tmp_path / "run", verbose=0)
+    run = tmp_path / "run"
+
+    assert result.step == 4 and result.finished
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    state = json.loads((run / "state.json").read_text())
+    assert state["finished"] and state["step"] == 4 and state["inshape"] == [16, 16, 16]
+    assert state["stages"] == ["train"] and state["checkpoint"] == "checkpoints/ckpt-4"
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+    versions = yaml.safe_load((run / "versions.yaml").read_text())
+    assert versions["tensorflow"] == tf.__version__ and versions["keras"] == keras.__version__
+    assert versions["plugin"] == {"method": "toy", "distribution": "tfreg-tests", "version": "0"}
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-4")
+    assert (run / "checkpoints" / "ckpt-2.index").exists()
+    assert not list(run.glob(".tmp-*"))  # no temporary files left behind
+
+    # the final files hold the trained model
+    reloaded = keras.saving.load_model(run / "model.keras")
+    x = {"fixed": toy_images(SPEC)[:1], "moving": toy_images(SPEC)[1:2]}
+    np.testing.assert_allclose(reloaded(x)["disp"], result.model(x)["disp"], atol=1e-6)
+    fresh = build_toy_model({}, SPEC.shape)
+    fresh.load_weights(run / "model.weights.h5")
+    np.testing.assert_allclose(fresh(x)["disp"], result.model(x)["disp"], atol=1e-6)
+
+    # TensorBoard: every term each step (log_every=1), mid-slice images every 2 steps
+    events = read_events(run / "logs")
+    for tag in ("loss/sim", "loss/smooth", "loss/total", "learning_rate", "steps_per_sec"):
+        assert sorted(events[tag]) == [1, 2, 3, 4], tag
+    for h in result.history:
+        assert float(events["loss/total"][h["step"]]) == pytest.approx(h["total"], rel=1e-6)
+        assert float(events["learning_rate"][h["step"]]) == pytest.approx(1e-3, rel=1e-6)
+    for name in ("fixed", "moving", "warped"):
+        image = events[f"images/{name}"]
+        assert sorted(image) == [2, 4]
+        width, height, png = image[2]
+        assert (int(width), int(height)) == (16, 16)
+        assert tf.io.decode_png(png).shape == (16, 16, 1)
+
+
+def test_training_reduces_the_loss(tmp_path):
+    """20 Adam steps on the 8 toy pairs lower the mean total loss over all pairs."""
+    config = toy_config(steps=20, learning_rate=1e-2, checkpoint_every=100, log_every=100,
+                        image_every=100)
+    images = toy_images(SPEC)
+    pairs = {"fixed": images, "moving": np.roll(images, -1, axis=0)}
+    before = float(np.mean((build_toy_model({}, SPEC.shape)(pairs)["warped"] - images) ** 2))
+    result = train(toy_method(), config, SPEC, tmp_path / "run", verbose=0)
+    after = float(np.mean((result.model(pairs)["warped"] - images) ** 2))
+    assert after < 0.9 * before
+
+
+def test_stages_outputs_learning_rates_and_freezing(tmp_path):
+    """Stage 'aux' trains only the aux head (+ 'enc', frozen for its first step) at lr 1e-2;
+    stage 'main' trains everything at the config's 1e-3."""
+    config = toy_config(steps=2, checkpoint_every=1, keep_checkpoints=10)
+    result = train(toy_method(staged=True), config, SPEC, tmp_path / "run", verbose=0)
+    run = tmp_path / "run"
+    assert result.step == 4
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    assert [h["stage"] for h in result.history] == [0, 0, 1, 1]
+    assert "sim" not in result.history[0] and "sim" in result.history[2]  # stage outputs
+
+    init = weights_by_name(build_toy_model({}, SPEC.shape))
+    w1, w2, w4 = _restore(run, 1), _restore(run, 2), _restore(run, 4)
+
+    def same(a, b, prefix):
+        return all(np.array_equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    assert same(w1, init, "enc/") and not same(w1, init, "aux/")   # enc frozen at step 1
+    assert same(w1, init, "flow/") and same(w2, init, "flow/")     # flow not in stage 'aux'
+    assert not same(w2, w1, "enc/")                                # unfrozen at step 2
+    assert not same(w4, w2, "flow/") and not same(w4, w2, "enc/")  # stage 'main'
+    assert same(w4, w2, "aux/")                                    # aux not in stage 'main'
+    state = json.loads((run / "state.json").read_text())
+    assert state["stages"] == ["aux", "main"] and state["finished"]
+
+
+def test_interrupt_saves_checkpoint_then_resume_finishes(tmp_path, monkeypatch):
+    """A SIGINT during step 3 of 6 stops after that step with a checkpoint; resuming runs steps
+    4-6 from it with the same config."""
+    run = tmp_path / "run"
+    config = toy_config(steps=6, checkpoint_every=100)
+    original = TrainLogger.update
+
+    def update(self, stage_step, terms):
+        original(self, stage_step, terms)
+        if stage_step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TrainLogger, "update", update)
+    with pytest.raises(TrainingInterrupted, match=r"^SIGINT: training stopped at step 3, "
+                       r"checkpoint saved; continue with: tfreg train --resume .*run$"):
+        train(toy_method(), config, SPEC, run, verbose=0)
+    monkeypatch.setattr(TrainLogger, "update", original)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == 3 and not state["finished"]
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-3")
+    assert not (run / "model.weights.h5").exists()
+    saved_config = (run / "config.yaml").read_text()
+    w3 = _restore(run, 3)
+
+    with pytest.raises(ConfigError, match="already holds checkpoints; resume it"):
+        train(toy_method(), config, SPEC, run, verbose=0)
+
+    result = train(toy_method(), config, SPEC, run, resume=True, verbose=0)
+    assert result.step == 6 and [h["step"] for h in result.history] == [4, 5, 6]
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == 6 and state["finished"]
+    assert (run / "config.yaml").read_text() == saved_config
+    # the resumed run started from the step-3 weights, and its optimizer state was restored:
+    # Adam's iteration counter continues from 3
+    assert not all(np.array_equal(v, weights_by_name(result.model)[k]) for k, v in w3.items())
+    ckpt_opt = keras.optimizers.Adam()
+    model = build_toy_model({}, SPEC.shape)
+    ckpt_opt.build(model.trainable_variables)
+    tf.train.Checkpoint(model=model, optimizer=ckpt_opt).restore(
+        str(run / "checkpoints" / "ckpt-6")).expect_partial()
+    assert int(ckpt_opt.iterations.numpy()) == 6
+
+    # resuming a finished run does nothing more
+    again = train(toy_method(), config, SPEC, run, resume=True, verbose=0)
+    assert again.step == 6 and again.history == []
+
+
+def test_mixed_precision_trains_without_nan(tmp_path):
+    config = toy_config(steps=3, precision="mixed_float16", learning_rate=1e-2)
+    result = train(toy_method(), config, SPEC, tmp_path / "run", verbose=0)
+    assert all(math.isfinite(h["total"]) for h in result.history)
+    assert all(np.isfinite(w).all() for w in weights_by_name(result.model).values())
+    enc = result.model.get_layer("enc")
+    assert enc.compute_dtype == "float16" and enc.kernel.dtype == "float32"
+    out = result.model({"fixed": toy_images(SPEC)[:1], "moving": toy_images(SPEC)[1:2]})
+    assert out["disp"].dtype == "float32" and out["warped"].dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32"  # global policy restored
+
+
+def test_gradient_clipping_limits_the_first_adam_step(tmp_path):
+    """Adam's first update is ``lr * g / (|g| + eps)`` per weight (eps = 1e-7): unclipped it is
+    about ``lr`` wherever the gradient is not tiny; with the global gradient norm clipped to
+    1e-10 every ``|g| <= 1e-10`` so no weight moves more than ``lr * 1e-10 / 1e-7 = 1e-3 lr``."""
+    init = weights_by_name(build_toy_model({}, SPEC.shape))
+    lr = 1e-2
+
+    def largest_change(clip):
+        config = toy_config(steps=1, learning_rate=lr, clip_norm=clip)
+        result = train(toy_method(), config, SPEC, tmp_path / f"run-{clip}", verbose=0)
+        final = weights_by_name(result.model)
+        return max(float(np.abs(final[k] - init[k]).max()) for k in init)
+
+    assert largest_change(None) > 0.5 * lr
+    assert largest_change(1e-10) <= 1e-3 * lr * 1.001
+
+
+def test_learning_rate_schedules():
+    cfg = {"lr_schedule": "cosine", "lr_decay_rate": 0.5, "lr_decay_steps": 10}
+    assert learning_rate_at(cfg, 1.0, 0, 100) == pytest.approx(1.0)
+    assert learning_rate_at(cfg, 1.0, 50, 100) == pytest.approx(0.5)
+    assert learning_rate_at(cfg, 1.0, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    cfg["lr_schedule"] = "exponential"
+    assert learning_rate_at(cfg, 2.0, 10, 100) == pytest.approx(1.0)
+    assert learning_rate_at(cfg, 2.0, 25, 100) == pytest.approx(2.0 * 0.5**2.5)
+    cfg["lr_schedule"] = "constant"
+    assert learning_rate_at(cfg, 3e-4, 77, 100) == 3e-4
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr_schedule", "linear", "train.lr_schedule: expected one of constant, cosine, "
+                              "exponential, got 'linear'"),
+    ("precision", "float16", "train.precision: expected one of float32, mixed_float16, "
+                             "got 'float16'"),
+    ("batch_size", 0, "train.batch_size: expected an integer >= 1, got 0"),
+    ("clip_norm", -1.0, "train.clip_norm: expected a number > 0, got -1.0"),
+])
+def test_invalid_train_values_are_one_line_errors(tmp_path, key, value, message):
+    with pytest.raises(ConfigError) as err:
+        train(toy_method(), toy_config(**{key: value}), SPEC, tmp_path / "run", verbose=0)
+    assert str(err.value) == message
+
+
+def test_global_batch_must_divide_by_replicas():
+    two = SimpleNamespace(num_replicas_in_sync=2)
+    assert check_global_batch(4, two) == 2
+    with pytest.raises(ConfigError) as err:
+        check_global_batch(3, two)
+    assert str(err.value) == ("train.batch_size: the global batch (3) must be a positive "
+                              "multiple of the number of replicas (2)")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cpu:0,tpu:1", "--devices: 'tpu:1' is not a device name (expected cpu:N or gpu:N)"),
+    ("cpu:0,cpu:0", "--devices: device 'cpu:0' is listed twice"),
+    ("cpu:0,gpu:0", "--devices: mixing CPU and GPU devices is not supported"),
+])
+def test_device_errors(text, message):
+    with pytest.raises(ConfigError) as err:
+        configure_devices(parse_devices(text))
+    assert str(err.value) == message
+
+
+def test_missing_gpu_is_reported():
+    count = len(tf.config.list_physical_devices("GPU"))
+    with pytest.raises(ConfigError) as err:
+        configure_devices([f"gpu:{count}"])
+    assert str(err.value) == (f"--devices: gpu:{count} does not exist "
+                              f"(TensorFlow sees {count} GPU(s))")
+
+
+def test_parse_devices_normalises_names():
+    assert parse_devices(" CPU:0, /device:cpu:1 ") == ["cpu:0", "cpu:1"]
+    assert parse_devices(None) is None and parse_devices("") is None

@@ -1,0 +1,35 @@
+"""Getting data in: data specs, preprocessing, HDF5 cache, augmentation and the tf.data pipeline.
+
+Public API::
+
+    spec = DataSpec.from_yaml("data.yaml")     # validates keys, files and headers
+    spec.validate(deep=True)                    # decodes every volume (NaN/Inf, truncation)
+    spec.check_divisible(16)
+    ds = make_dataset(spec, "train", batch_size=1, seed=0)
+    spec.pairs("val")                           # [Pair(fixed, moving, fixed_labels, moving_labels)]
+    record = spec.plan(volume); x = spec.preprocess(volume, record=record)
+    record.restore(array); field_to_source(disp, fixed_record, moving_record)
+
+The spec format is documented in ``configs/data/README.md``; TensorFlow is imported only by
+`make_dataset` and the augmentation.
+"""
+
+from tfreg.data.augment import Augmentation
+from tfreg.data.cache import VolumeCache, default_cache_dir
+from tfreg.data.pipeline import make_dataset
+from tfreg.data.preprocess import PrepRecord, Preprocessing, field_to_source
+from tfreg.data.spec import DataSpec, Pair, PairSampler, Scan
+
+__all__ = [
+    "DataSpec",
+    "Pair",
+    "Scan",
+    "PairSampler",
+    "make_dataset",
+    "Preprocessing",
+    "PrepRecord",
+    "field_to_source",
+    "Augmentation",
+    "VolumeCache",
+    "default_cache_dir",
+]

@@ -1,0 +1,191 @@
+"""Random spatial and intensity augmentation, in TensorFlow, deterministic for a seed.
+
+One random transform per scan is applied to its image (linear) and its label map (nearest), so
+the two stay consistent; fixed and moving scans get independent transforms. The spatial
+transform is the sum of two displacements on the scan's grid (voxels, pull convention):
+
+* a centred random affine (`tfreg.layers.affine_to_disp`): rotation (degrees, about each axis),
+  per-axis scaling ``1 +/- scale``, shear ``+/- shear`` (off-diagonal), shift ``+/- shift`` voxels;
+* a smooth random deformation: uniform ``+/- max_disp`` voxels at control points every
+  ``spacing`` voxels, linearly interpolated (`tfreg.layers.resize`). ``max_disp < spacing / 2``
+  is required so the deformation alone cannot fold.
+
+Intensity (images only, after the spatial transform): gamma ``x -> lo + (hi-lo) t**g`` with
+``t = (x-lo)/(hi-lo)``, ``log g ~ N(0, gamma)``; a multiplicative bias field ``exp(b)`` with
+``b`` uniform ``+/- bias`` on a 4-point-per-axis grid, interpolated; Gaussian noise of standard
+deviation ``noise`` (in normalised intensity units).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from tfreg.data import _checks as chk
+
+__all__ = ["Augmentation", "augment_scan"]
+
+_SECTIONS = {
+    "affine": ("rotate", "scale", "shift", "shear"),
+    "deform": ("max_disp", "spacing"),
+    "intensity": ("gamma", "noise", "bias"),
+}
+APPLY_TO = ("both", "moving")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Augmentation settings; all zero = off. Units: degrees, fractions, voxels, intensity."""
+
+    rotate: float = 0.0
+    scale: float = 0.0
+    shift: float = 0.0
+    shear: float = 0.0
+    max_disp: float = 0.0
+    spacing: float = 8.0
+    gamma: float = 0.0
+    noise: float = 0.0
+    bias: float = 0.0
+    apply_to: str = "both"
+
+    @property
+    def spatial(self) -> bool:
+        return any((self.rotate, self.scale, self.shift, self.shear, self.max_disp))
+
+    @property
+    def enabled(self) -> bool:
+        return self.spatial or any((self.gamma, self.noise, self.bias))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str, prefix: str = "augment."
+                  ) -> "Augmentation":
+        """Parse the ``augment:`` section (``affine``, ``deform``, ``intensity``, ``apply_to``)."""
+        chk.check_keys(d, [*_SECTIONS, "apply_to"], source, prefix)
+        values: dict[str, Any] = {}
+        for name, keys in _SECTIONS.items():
+            section = d.get(name)
+            if section is None or section is False:
+                continue
+            section = chk.mapping(section, source, f"{prefix}{name}")
+            chk.check_keys(section, keys, source, f"{prefix}{name}.")
+            for key in keys:
+                if key in section:
+                    high = {"scale": 0.9, "shear": 0.9, "rotate": 180.0}.get(key)
+                    values[key] = chk.number(section[key], source, f"{prefix}{name}.{key}",
+                                             low=0.0, high=high)
+        if values.get("spacing", 8.0) < 2:
+            raise chk.fail(source, f"{prefix}deform.spacing", "expected a number >= 2 (voxels), "
+                           f"got {values['spacing']}")
+        if values.get("max_disp", 0.0) >= values.get("spacing", 8.0) / 2:
+            raise chk.fail(source, f"{prefix}deform.max_disp", "must be < spacing / 2 "
+                           f"(= {values.get('spacing', 8.0) / 2}) to avoid folding, got "
+                           f"{values['max_disp']}")
+        values["apply_to"] = chk.choice(d.get("apply_to", "both"), APPLY_TO, source,
+                                        f"{prefix}apply_to")
+        return cls(**values)
+
+
+def _rotation(angles, ndims: int):
+    """Rotation matrix from angles (radians): one angle in 2D, three (about axes 0, 1, 2) in 3D."""
+    import tensorflow as tf
+
+    c, s = tf.cos(angles), tf.sin(angles)
+    one, zero = tf.ones_like(c[0]), tf.zeros_like(c[0])
+    if ndims == 2:
+        return tf.stack([tf.stack([c[0], -s[0]]), tf.stack([s[0], c[0]])])
+    rx = tf.stack([tf.stack([one, zero, zero]), tf.stack([zero, c[0], -s[0]]),
+                   tf.stack([zero, s[0], c[0]])])
+    ry = tf.stack([tf.stack([c[1], zero, s[1]]), tf.stack([zero, one, zero]),
+                   tf.stack([-s[1], zero, c[1]])])
+    rz = tf.stack([tf.stack([c[2], -s[2], zero]), tf.stack([s[2], c[2], zero]),
+                   tf.stack([zero, zero, one])])
+    return rx @ ry @ rz
+
+
+def _smooth_noise(shape: tuple[int, ...], channels: int, spacing: float, amplitude: float, seed):
+    """`(1, *shape, channels)` uniform +/- amplitude at control points, linearly interpolated."""
+    import tensorflow as tf
+
+    from tfreg.layers import resize
+
+    grid = tuple(max(2, math.ceil((n - 1) / spacing) + 1) for n in shape)
+    ctrl = tf.random.stateless_uniform((1, *grid, channels), seed, -amplitude, amplitude)
+    return resize(ctrl, shape, align="corners")
+
+
+def random_disp(shape: tuple[int, ...], aug: Augmentation, seed):
+    """A random displacement `(1, *shape, N)` (voxels, pull) for one scan."""
+    import tensorflow as tf
+
+    from tfreg.layers import affine_to_disp
+
+    ndims = len(shape)
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    matrix = tf.eye(ndims)
+    if aug.rotate:
+        n_angles = 1 if ndims == 2 else 3
+        angles = tf.random.stateless_uniform((n_angles,), seeds[0], -aug.rotate, aug.rotate)
+        matrix = _rotation(angles * (math.pi / 180.0), ndims)
+    if aug.shear:
+        shear = tf.random.stateless_uniform((ndims, ndims), seeds[1], -aug.shear, aug.shear)
+        matrix = matrix @ (tf.eye(ndims) + shear * (1.0 - tf.eye(ndims)))
+    if aug.scale:
+        scale = tf.random.stateless_uniform((ndims,), seeds[2], 1 - aug.scale, 1 + aug.scale)
+        matrix = matrix @ tf.linalg.diag(scale)
+    shift = tf.random.stateless_uniform((ndims, 1), seeds[3], -aug.shift, aug.shift) \
+        if aug.shift else tf.zeros((ndims, 1))
+    disp = affine_to_disp(tf.concat([matrix, shift], axis=1)[None], shape)
+    if aug.max_disp:
+        disp = disp + _smooth_noise(shape, ndims, aug.spacing, aug.max_disp, seeds[4])
+    return disp
+
+
+def _intensity(image, aug: Augmentation, seed):
+    """Gamma, bias field and noise on a `(*S, 1)` image."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    shape = tuple(image.shape[:-1])
+    if aug.gamma:
+        lo, hi = tf.reduce_min(image), tf.reduce_max(image)
+        span = tf.maximum(hi - lo, 1e-6)
+        gamma = tf.exp(tf.random.stateless_normal((), seeds[0]) * aug.gamma)
+        image = lo + span * tf.pow(tf.clip_by_value((image - lo) / span, 0.0, 1.0), gamma)
+    if aug.bias:
+        spacing = max(max(shape) / 3.0, 2.0)
+        image = image * tf.exp(_smooth_noise(shape, 1, spacing, aug.bias, seeds[1])[0])
+    if aug.noise:
+        image = image + tf.random.stateless_normal(tf.shape(image), seeds[2]) * aug.noise
+    return image
+
+
+def augment_scan(image, labels, aug: Augmentation, seed):
+    """Augment one scan.
+
+    Args:
+        image: `(*S, 1)` float32.
+        labels: `(*S, 1)` int32 or None.
+        aug: settings.
+        seed: `(2,)` int32/int64 stateless seed.
+
+    Returns:
+        `(image, labels)` of the same shapes and dtypes.
+    """
+    import tensorflow as tf
+
+    from tfreg.layers import warp
+
+    spatial_seed, intensity_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tuple(int(s) for s in image.shape[:-1])
+    if aug.spatial:
+        disp = random_disp(shape, aug, spatial_seed)
+        image = warp(image[None], disp, interp="linear", fill_value=None)[0]
+        if labels is not None:
+            labels = warp(labels[None], disp, interp="nearest", fill_value=None)[0]
+    if any((aug.gamma, aug.noise, aug.bias)):
+        image = _intensity(image, aug, intensity_seed)
+    return image, labels

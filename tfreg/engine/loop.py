@@ -1,0 +1,472 @@
+"""The custom training loop: stages, distributed steps, checkpoints, interruption and logging.
+
+One training step, per replica (`strategy.run`):
+
+1. the stage's sub-model maps the batch's ``{"fixed", "moving"}`` to its outputs (cast to
+   float32, also under ``mixed_float16``);
+2. the method's `LossFn` returns named, already weighted terms; their sum, divided by the number
+   of replicas, is the replica's share of the global-batch loss;
+3. gradients of the trainable, non-frozen variables are summed over replicas, clipped by their
+   global norm if asked, and applied by one Adam optimizer (wrapped in a `LossScaleOptimizer`
+   under ``mixed_float16``).
+
+The learning rate is set from Python before each step from the stage's base rate and the
+schedule, so one optimizer (one checkpointed state) serves every stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfreg.config import dump_yaml
+from tfreg.errors import ConfigError, TfregError
+
+from .checkpoint import Checkpointer, RunState, atomic_save
+from .logging import TrainLogger, write_versions
+from .strategy import check_global_batch, is_chief, make_strategy
+
+__all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "LR_SCHEDULES",
+           "PRECISIONS"]
+
+#: ``train.lr_schedule`` values.
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+#: ``train.precision`` values.
+PRECISIONS = ("float32", "mixed_float16")
+
+
+class TrainingInterrupted(TfregError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint (message: how to resume)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        step: training steps done over all stages.
+        finished: True when every stage completed (False never happens without an exception).
+        losses: loss terms and ``total`` of the last step.
+        history: per step ``{"step", "stage", "total", <terms>..., "lr"}`` for the steps run by
+            this call.
+        model: the trained Keras model (all outputs).
+        strategy: the `tf.distribute.Strategy` used.
+    """
+
+    run_dir: Path
+    step: int
+    finished: bool
+    losses: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: keras.Model | None = None
+    strategy: Any = None
+
+
+def learning_rate_at(train_cfg: dict, base: float, step: int, total: int) -> float:
+    """Learning rate at `step` of a stage of `total` steps with base rate `base`.
+
+    ``constant``: `base`; ``cosine``: ``base * (1 + cos(pi * step / total)) / 2``;
+    ``exponential``: ``base * lr_decay_rate ** (step / lr_decay_steps)``.
+    """
+    schedule = train_cfg.get("lr_schedule", "constant")
+    if schedule == "constant":
+        return float(base)
+    if schedule == "cosine":
+        return float(base) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    if schedule == "exponential":
+        rate = float(train_cfg["lr_decay_rate"])
+        return float(base) * rate ** (step / float(train_cfg["lr_decay_steps"]))
+    raise ConfigError(f"train.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, "
+                      f"got '{schedule}'")
+
+
+def _check_train_config(tcfg: dict) -> None:
+    """One-line `ConfigError` for values the engine cannot use."""
+    def positive_int(key: str, allow_zero: bool = False) -> None:
+        value = tcfg.get(key)
+        low = 0 if allow_zero else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"train.{key}: expected an integer >= {low}, got {value!r}")
+
+    def positive_number(key: str, nullable: bool = False) -> None:
+        value = tcfg.get(key)
+        if nullable and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"train.{key}: expected a number > 0, got {value!r}")
+
+    for key in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
+                "steps_per_epoch", "lr_decay_steps"):
+        positive_int(key)
+    positive_int("steps", allow_zero=True)
+    if tcfg.get("epochs") is not None:
+        positive_int("epochs", allow_zero=True)
+    for key in ("learning_rate", "lr_decay_rate"):
+        positive_number(key)
+    positive_number("clip_norm", nullable=True)
+    if tcfg.get("lr_schedule") not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, "
+                          f"got {tcfg.get('lr_schedule')!r}")
+    if tcfg.get("precision") not in PRECISIONS:
+        raise ConfigError(f"train.precision: expected one of {', '.join(PRECISIONS)}, "
+                          f"got {tcfg.get('precision')!r}")
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps (so a checkpoint is
+    never taken in the middle of an update); a second SIGINT raises `KeyboardInterrupt`."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+@contextmanager
+def _dtype_policy(name: str):
+    """Temporarily set the global Keras dtype policy (layers keep the policy they were built
+    with)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _submodel(model: keras.Model, outputs: tuple[str, ...] | None) -> keras.Model:
+    """A model computing only `outputs` of `model`, sharing its layers and weights."""
+    if outputs is None:
+        return model
+    structure = getattr(model, "output", None)
+    if not isinstance(structure, dict):
+        raise ConfigError(f"stage outputs {list(outputs)}: the model has no named outputs")
+    missing = [name for name in outputs if name not in structure]
+    if missing:
+        raise ConfigError(f"stage outputs: '{missing[0]}' is not a model output "
+                          f"(outputs: {', '.join(structure)})")
+    return keras.Model(model.input, {name: structure[name] for name in outputs},
+                       name=f"{model.name}_stage")
+
+
+def _trainable(model: keras.Model, frozen: tuple[str, ...]) -> list:
+    """Trainable variables of `model` whose path does not start with a frozen prefix."""
+    return [v for v in model.trainable_variables
+            if not any(v.path.startswith(prefix) for prefix in frozen)]
+
+
+def _to_float32(outputs: dict) -> dict:
+    return {k: tf.cast(v, tf.float32) if v.dtype.is_floating else v for k, v in outputs.items()}
+
+
+def _make_step(strategy: tf.distribute.Strategy, model: keras.Model, variables: list,
+               loss_fn: Callable, stage: Any, optimizer: keras.optimizers.Optimizer,
+               clip_norm: float | None, mixed: bool, jit_compile: bool) -> Callable:
+    """A `tf.function` running one distributed training step on a distributed batch and
+    returning the loss terms (with ``"total"``) of the global batch."""
+    replicas = strategy.num_replicas_in_sync
+
+    def forward_backward(batch: dict) -> tuple[dict, list]:
+        inputs = {"fixed": batch["fixed"], "moving": batch["moving"]}
+        with tf.GradientTape() as tape:
+            outputs = _to_float32(model(inputs, training=True))
+            terms = {k: tf.cast(v, tf.float32) for k, v in loss_fn(batch, outputs, stage).items()}
+            total = tf.add_n(list(terms.values())) if terms else tf.constant(0.0)
+            share = total / replicas
+            scaled = optimizer.scale_loss(share) if mixed else share
+        grads = tape.gradient(scaled, variables)
+        terms = {k: v / replicas for k, v in terms.items()}
+        terms["total"] = share
+        return terms, grads
+
+    if jit_compile:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(batch: dict) -> dict:
+        terms, grads = forward_backward(batch)
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        grads = [g for g, _ in pairs]
+        used = [v for _, v in pairs]
+        if clip_norm and grads:
+            ctx = tf.distribute.get_replica_context()
+            if replicas > 1:  # clip the norm of the summed gradient, not each replica's share
+                grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            scale = optimizer.dynamic_scale if mixed else 1.0
+            grads = [g / scale for g in grads]
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+            # the optimizer sums over replicas again: hand it each replica's share
+            grads = [g * (scale / replicas) for g in grads]
+        if grads:
+            optimizer.apply(grads, used)
+        return terms
+
+    @tf.function
+    def step(dist_batch: Any) -> dict:
+        per_replica = strategy.run(replica_step, args=(dist_batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
+
+    return step
+
+
+def _inshape(dataset_fn: Callable, spec: Any) -> tuple[int, ...]:
+    """Spatial input shape: from the pipeline's element spec, else ``spec.shape``."""
+    element = dataset_fn(None).element_spec
+    shape = tuple(element["fixed"].shape[1:-1])
+    if all(isinstance(s, int) for s in shape) and shape:
+        return shape
+    fallback = getattr(spec, "shape", None)
+    if fallback is None:
+        raise ConfigError("data: the pipeline does not give a fixed spatial shape; set 'shape' "
+                          "in the data spec")
+    return tuple(int(s) for s in fallback)
+
+
+def _dataset_function(method: Any, spec: Any, global_batch: int, seed: int) -> Callable:
+    """``input_context -> tf.data.Dataset`` of per-replica batches (the method's pipeline or
+    `tfreg.data.make_dataset`)."""
+    pipeline = method.data_pipeline
+    if pipeline is None:
+        from tfreg.data import make_dataset as pipeline
+
+    def dataset_fn(input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+        batch = (input_context.get_per_replica_batch_size(global_batch)
+                 if input_context is not None else global_batch)
+        return pipeline(spec, split="train", batch_size=batch, seed=seed, shuffle=True,
+                        repeat=True, input_context=input_context)
+
+    return dataset_fn
+
+
+def _preprocessing(spec: Any) -> dict | None:
+    """The data spec's preprocessing settings as a plain dict (None if it has none)."""
+    prep = getattr(spec, "preprocessing", None)
+    if hasattr(prep, "to_dict"):
+        return prep.to_dict()
+    return dict(prep) if isinstance(prep, dict) else None
+
+
+def _first_replica(value: Any, strategy: tf.distribute.Strategy) -> Any:
+    """The local batch of the first replica of a distributed value."""
+    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], value)
+
+
+def _save_final_model(model: keras.Model, run_dir: Path, log: TrainLogger) -> None:
+    """``model.weights.h5`` and ``model.keras``, each written atomically."""
+    atomic_save(run_dir / "model.weights.h5", model.save_weights)
+    try:
+        atomic_save(run_dir / "model.keras", model.save)
+    except Exception as err:  # noqa: BLE001 - the weights suffice for export; say why
+        log.message(f"warning: model.keras not written ({type(err).__name__}: {err}); "
+                    "model.weights.h5 holds the trained weights")
+
+
+def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
+          devices: list[str] | None = None, resume: bool = False,
+          strategy: tf.distribute.Strategy | None = None, verbose: int = 1) -> TrainResult:
+    """Train `method` on `spec` with a resolved `config`, writing everything into `run_dir`.
+
+    Args:
+        method: a `tfreg.registry.LoadedMethod` (or `Method`).
+        config: resolved config (``train:`` section as `tfreg.config.TRAIN_DEFAULTS`).
+        spec: the data spec handed to the data pipeline (`tfreg.data.DataSpec`).
+        run_dir: run directory; created if needed.
+        devices: ``["cpu:0", "cpu:1"]``, ``["gpu:0", ...]`` or None (one device); ignored when
+            `strategy` is given. With ``TF_CONFIG`` set, multi-worker training.
+        resume: continue from the newest checkpoint of `run_dir`.
+        strategy: an existing `tf.distribute.Strategy` to use instead of `devices`.
+        verbose: 1 shows a progress bar, 0 nothing.
+
+    Returns:
+        `TrainResult`.
+
+    Raises:
+        ConfigError: invalid ``train:`` values, batch not divisible by the replicas, or a run
+            directory that already has checkpoints without `resume`.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
+    """
+    loaded = method
+    method = getattr(loaded, "method", loaded)
+    run_dir = Path(run_dir).resolve()
+    tcfg = config["train"]
+    _check_train_config(tcfg)
+    strategy = strategy or make_strategy(devices)
+    chief = is_chief(strategy)
+    global_batch = int(tcfg["batch_size"])
+    check_global_batch(global_batch, strategy)
+    stages = method.resolve_stages(config)
+
+    state = RunState.load(run_dir) if resume else None
+    if not resume and (run_dir / "checkpoints" / "checkpoint").exists():
+        raise ConfigError(f"{run_dir}: already holds checkpoints; resume it (--resume) or "
+                          "choose another output folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed = int(tcfg["seed"])
+    keras.utils.set_random_seed(seed)
+    if tcfg["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+    mixed = tcfg["precision"] == "mixed_float16"
+    # a resumed run sees other data than the first attempt: shift the pipeline seed
+    data_seed = seed + (state.step if state else 0)
+    dataset_fn = _dataset_function(method, spec, global_batch, data_seed)
+    inshape = _inshape(dataset_fn, spec)
+
+    with strategy.scope():
+        with _dtype_policy("mixed_float16" if mixed else "float32"):
+            model = method.build_model(config, inshape)
+        optimizer = keras.optimizers.Adam(learning_rate=float(tcfg["learning_rate"]))
+        if mixed:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+        loss_fn = method.build_loss(config)
+    ckpt = Checkpointer(run_dir, model, optimizer, keep=tcfg["keep_checkpoints"], chief=chief)
+
+    step, stage_index, stage_step = 0, 0, 0
+    if resume:
+        restored = ckpt.restore()
+        if restored is not None:
+            step, stage_index, stage_step = restored
+
+    if chief:
+        dump_yaml(config, run_dir / "config.yaml")
+        write_versions(run_dir, loaded if hasattr(loaded, "method") else None)
+    log = TrainLogger(run_dir / "logs", enabled=chief, verbose=verbose)
+    names = [s.name for s in stages]
+    run_state = RunState(step=step, stage=stage_index, stage_step=stage_step,
+                         stages=names, inshape=list(inshape),
+                         stage_name=names[stage_index] if stage_index < len(stages) else "",
+                         checkpoint=state.checkpoint if state else None,
+                         preprocessing=_preprocessing(spec))
+    remaining = sum(max(s.steps - (stage_step if i == stage_index else 0), 0)
+                    for i, s in enumerate(stages) if i >= stage_index)
+    if resume and remaining == 0:
+        log.message(f"{run_dir}: training already complete at step {step}")
+
+    last_saved = step if resume and ckpt.latest else -1
+    history: list[dict[str, float]] = []
+    last_terms: dict[str, float] = {}
+
+    def save(stage_i: int, stage_s: int) -> None:
+        nonlocal last_saved
+        if step == last_saved:
+            return
+        path = ckpt.save(step, stage_i, stage_s)
+        last_saved = step
+        if chief:
+            run_state.step, run_state.stage, run_state.stage_step = step, stage_i, stage_s
+            run_state.stage_name = names[stage_i] if stage_i < len(names) else ""
+            run_state.checkpoint = path
+            run_state.save(run_dir)
+
+    iterator = None
+    try:
+        with _StopRequest() as stop:
+            for index, stage in enumerate(stages):
+                if index < stage_index:
+                    continue
+                start = stage_step if index == stage_index else 0
+                if start >= stage.steps:
+                    continue
+                if iterator is None:
+                    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+                sub = _submodel(model, stage.outputs)
+                base_lr = stage.learning_rate if stage.learning_rate is not None \
+                    else tcfg["learning_rate"]
+                steps_fns: dict[bool, Callable] = {}
+                log.start_stage(stage.name, index, len(stages), stage.steps, start, step)
+                for s in range(start, stage.steps):
+                    frozen = bool(stage.frozen) and s < stage.freeze_steps
+                    if frozen not in steps_fns:
+                        variables = _trainable(sub, stage.frozen if frozen else ())
+                        steps_fns[frozen] = _make_step(
+                            strategy, sub, variables, loss_fn, stage, optimizer,
+                            tcfg["clip_norm"], mixed, bool(tcfg.get("jit_compile", False)))
+                    lr = learning_rate_at(tcfg, base_lr, s, stage.steps)
+                    optimizer.learning_rate = lr
+                    batch = next(iterator)
+                    terms = {k: float(v) for k, v in steps_fns[frozen](batch).items()}
+                    step += 1
+                    stage_step = s + 1
+                    last_terms = terms
+                    history.append({"step": step, "stage": index, **terms, "lr": lr})
+                    shown = {k: v for k, v in terms.items() if k != "total"}
+                    log.update(stage_step, {**shown, "total": terms["total"]})
+                    if step % tcfg["log_every"] == 0 or stage_step == stage.steps:
+                        log.scalars(step, shown, terms["total"], lr)
+                    if chief and step % tcfg["image_every"] == 0:
+                        _log_images(log, model, _first_replica(batch, strategy), step)
+                    if step % tcfg["checkpoint_every"] == 0:
+                        save(index, stage_step)
+                    if stop.signum is not None:
+                        save(index, stage_step)
+                        raise _interrupted(stop.signum, run_dir, step)
+                # a stage boundary is a resume point; a resumed run that finds stage_step ==
+                # stage.steps moves on to the next stage (or extends the last one if its steps grew)
+                save(index, stage.steps)
+    except KeyboardInterrupt:
+        log.flush()
+        raise TrainingInterrupted(
+            f"interrupted twice at step {step}: stopped without saving; the newest checkpoint "
+            f"in {run_dir / 'checkpoints'} is kept", signal.SIGINT) from None
+    finally:
+        log.flush()
+        if not chief:
+            ckpt.close()
+
+    if chief:
+        _save_final_model(model, run_dir, log)
+        run_state.step, run_state.finished = step, True
+        run_state.save(run_dir)
+        log.message(f"finished {step} steps; run directory: {run_dir}")
+    log.close()
+    return TrainResult(run_dir=run_dir, step=step, finished=True, losses=last_terms,
+                       history=history, model=model, strategy=strategy)
+
+
+def _interrupted(signum: int, run_dir: Path, step: int) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    return TrainingInterrupted(
+        f"{name}: training stopped at step {step}, checkpoint saved; continue with: "
+        f"tfreg train --resume {run_dir}", signum)
+
+
+def _log_images(log: TrainLogger, model: keras.Model, batch: dict, step: int) -> None:
+    """Mid slices of fixed, moving and warped of the first sample of `batch`."""
+    inputs = {"fixed": batch["fixed"][:1], "moving": batch["moving"][:1]}
+    outputs = model(inputs, training=False)
+    images = {"fixed": inputs["fixed"].numpy(), "moving": inputs["moving"].numpy()}
+    if "warped" in outputs:
+        images["warped"] = tf.cast(outputs["warped"], tf.float32).numpy()
+    log.images(step, images)

@@ -1,0 +1,348 @@
+"""Export a trained run as a self-contained model directory, and load it back.
+
+Model directory (`export`)::
+
+    saved_model/        TF SavedModel, loadable with plain `tf.saved_model.load` (no tfreg):
+                          register(fixed, moving) -> {"warped", "displacement"}
+                            fixed, moving: float32 (B, *S, 1); warped (B, *S, 1);
+                            displacement (B, *S, N): voxels, fixed grid, channel d along array
+                            axis d, pull: warped(x) = moving(x + displacement(x))
+                          warp(image, displacement) -> {"warped"}
+                            nearest-neighbour (for label maps cast to float32),
+                            image (B, *S, C), nearest border outside
+    model.keras         the Keras model (needs tfreg and the method's plugin to load)
+    model.weights.h5    its weights (for rebuilding with changed settings, `load_model(overrides)`)
+    config.yaml         the run's resolved config
+    tfreg_model.json    {method, inshape, ndims, preprocessing, tfreg_version, ...}
+
+Inputs must already be preprocessed the way `preprocessing` says (shape, intensity
+normalisation); ``tfreg register`` does that for files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfreg
+from tfreg.errors import ConfigError, InputError
+
+__all__ = ["export", "load_model", "RegistrationModel", "MODEL_INFO", "build_from_run"]
+
+#: Name of the JSON description inside a model directory.
+MODEL_INFO = "tfreg_model.json"
+
+
+class _Exported(tf.Module):
+    """The SavedModel's root: the Keras model and two signature functions."""
+
+    def __init__(self, model: keras.Model, inshape: tuple[int, ...]):
+        super().__init__(name="tfreg_model")
+        self.model = model
+        ndims = len(inshape)
+        image = tf.TensorSpec((None, *inshape, 1), tf.float32)
+        self.register = tf.function(
+            self._register, input_signature=[image, image])
+        self.warp = tf.function(
+            self._warp, input_signature=[tf.TensorSpec((None, *inshape, None), tf.float32),
+                                         tf.TensorSpec((None, *inshape, ndims), tf.float32)])
+
+    def _register(self, fixed: tf.Tensor, moving: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = self.model({"fixed": fixed, "moving": moving}, training=False)
+        return {"warped": tf.cast(outputs["warped"], tf.float32),
+                "displacement": tf.cast(outputs["disp"], tf.float32)}
+
+    def _warp(self, image: tf.Tensor, displacement: tf.Tensor) -> dict[str, tf.Tensor]:
+        from tfreg.layers import warp
+
+        return {"warped": warp(image, displacement, interp="nearest")}
+
+
+def _read_run(run_dir: Path) -> tuple[dict, dict]:
+    """The run's config.yaml and state.json (``{}`` when absent)."""
+    from tfreg.config import load_yaml
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml (not a tfreg run directory)")
+    config = load_yaml(config_path)
+    state_path = run_dir / "state.json"
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
+    return config, state
+
+
+def _run_inshape(run_dir: Path, config: dict, state: dict) -> tuple[int, ...]:
+    if state.get("inshape"):
+        return tuple(int(s) for s in state["inshape"])
+    spec = _load_spec(config)
+    shape = getattr(spec, "shape", None)
+    if shape is None:
+        raise ConfigError(f"{run_dir}: cannot tell the model's input shape (no state.json)")
+    return tuple(int(s) for s in shape)
+
+
+def _load_spec(config: dict) -> Any:
+    from tfreg.data import DataSpec
+
+    if not config.get("data"):
+        raise ConfigError("config.yaml: data: no data spec recorded")
+    return DataSpec.from_yaml(config["data"])
+
+
+def _preprocessing(state: dict, config: dict) -> dict | None:
+    """Preprocessing settings recorded by the engine, else read from the data spec."""
+    if state.get("preprocessing") is not None:
+        return state["preprocessing"]
+    try:
+        prep = getattr(_load_spec(config), "preprocessing", None)
+    except ConfigError:
+        return None
+    return prep.to_dict() if hasattr(prep, "to_dict") else prep
+
+
+def build_from_run(run_dir: str | Path, checkpoint: str | None = None
+                   ) -> tuple[Any, keras.Model, dict, dict]:
+    """Rebuild a run's model (float32) with its trained weights.
+
+    Weights come from `checkpoint` (a checkpoint prefix) if given, else ``model.weights.h5``,
+    else the newest checkpoint.
+
+    Returns:
+        `(loaded_method, model, config, state)`.
+
+    Raises:
+        ConfigError: not a run directory, or no trained weights in it.
+        MethodError: the run's method is not installed.
+    """
+    from tfreg.registry import discover
+
+    run_dir = Path(run_dir)
+    config, state = _read_run(run_dir)
+    loaded = discover().get(config.get("method"))
+    inshape = _run_inshape(run_dir, config, state)
+    with _float32_policy():
+        model = loaded.method.build_model(config, inshape)
+    weights = run_dir / "model.weights.h5"
+    if checkpoint is None and weights.is_file():
+        model.load_weights(str(weights))
+    else:
+        prefix = checkpoint or tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+        if prefix is None:
+            raise ConfigError(f"{run_dir}: no trained weights (neither model.weights.h5 nor a "
+                              "checkpoint)")
+        if not tf.io.gfile.exists(f"{prefix}.index"):
+            raise ConfigError(f"--checkpoint {prefix}: no such checkpoint")
+        tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    return loaded, model, config, {**state, "inshape": list(inshape)}
+
+
+class _float32_policy:
+    """Context manager building layers with the float32 policy (exported models compute in
+    float32 whatever precision they were trained with)."""
+
+    def __enter__(self) -> None:
+        self._previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+
+    def __exit__(self, *exc: Any) -> None:
+        keras.config.set_dtype_policy(self._previous)
+
+
+def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None = None) -> Path:
+    """Write the model directory described in the module docstring, atomically.
+
+    Args:
+        run_dir: a training run directory.
+        model_dir: output folder; replaced if it is an earlier export, refused if it is another
+            non-empty folder.
+        checkpoint: export this checkpoint prefix instead of the final weights.
+
+    Returns:
+        `model_dir`.
+    """
+    from tfreg.config import dump_yaml
+
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    if model_dir.exists() and (not model_dir.is_dir() or (
+            any(model_dir.iterdir()) and not (model_dir / MODEL_INFO).is_file())):
+        raise ConfigError(f"{model_dir}: exists and is not an exported tfreg model; choose "
+                          "another output folder")
+    loaded, model, config, state = build_from_run(run_dir, checkpoint)
+    inshape = tuple(state["inshape"])
+    info = {
+        "method": loaded.method.name,
+        "inshape": list(inshape),
+        "ndims": len(inshape),
+        "preprocessing": _preprocessing(state, config),
+        "tfreg_version": tfreg.__version__,
+        "plugin": {"distribution": loaded.dist_name, "version": loaded.dist_version},
+        "step": state.get("step"),
+        "signatures": {
+            "register": "(fixed, moving) float32 (B, *S, 1) -> {warped (B, *S, 1), "
+                        "displacement (B, *S, N) voxels, pull}",
+            "warp": "(image (B, *S, C), displacement (B, *S, N)) -> {warped}, nearest",
+        },
+    }
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir.with_name(f".tmp-{os.getpid()}-{model_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        module = _Exported(model, inshape)
+        tf.saved_model.save(module, str(tmp / "saved_model"),
+                            signatures={"register": module.register, "warp": module.warp})
+        model.save_weights(str(tmp / "model.weights.h5"))
+        model.save(str(tmp / "model.keras"))
+        dump_yaml(config, tmp / "config.yaml")
+        (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if model_dir.exists():
+            old = model_dir.with_name(f".old-{os.getpid()}-{model_dir.name}")
+            os.replace(model_dir, old)
+            os.replace(tmp, model_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model_dir
+
+
+class RegistrationModel:
+    """A loaded model directory.
+
+    Attributes:
+        inshape: spatial input shape `S`.
+        ndims: 2 or 3.
+        config: the resolved training config (with overrides applied).
+        method: the method's name.
+        preprocessing: preprocessing settings the inputs must follow (dict or None).
+        info: the whole ``tfreg_model.json``.
+    """
+
+    def __init__(self, model_dir: Path, info: dict, config: dict, register_fn, warp_fn,
+                 keras_model: keras.Model | None = None):
+        self.model_dir = model_dir
+        self.info = info
+        self.config = config
+        self.method = info["method"]
+        self.inshape = tuple(info["inshape"])
+        self.ndims = len(self.inshape)
+        self.preprocessing = info.get("preprocessing")
+        self.keras_model = keras_model
+        self._register = register_fn
+        self._warp = warp_fn
+
+    def _batched(self, array: Any, name: str, channels: int | None = 1) -> tuple[tf.Tensor, bool]:
+        """`(*S)` or `(B, *S, C)` → float32 `(B, *S, C)` and whether a batch axis was given."""
+        array = np.asarray(array)
+        if array.shape == self.inshape:
+            array, batched = array[None, ..., None], False
+        elif array.ndim == self.ndims + 2 and tuple(array.shape[1:-1]) == self.inshape:
+            batched = True
+        else:
+            want = f"({', '.join(map(str, self.inshape))})"
+            raise InputError(f"{name}: expected shape {want} or (B, *{want}, C), got "
+                             f"{tuple(array.shape)}")
+        if channels is not None and array.shape[-1] != channels:
+            raise InputError(f"{name}: expected {channels} channel(s), got {array.shape[-1]}")
+        return tf.convert_to_tensor(array.astype(np.float32)), batched
+
+    def register(self, fixed: Any, moving: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Register `moving` to `fixed` (preprocessed arrays at `inshape`).
+
+        Args:
+            fixed, moving: `(*S)` or `(B, *S, 1)` arrays.
+
+        Returns:
+            `(warped, displacement)`: `(*S)` and `(*S, N)` for unbatched inputs, else
+            `(B, *S, 1)` and `(B, *S, N)`; displacement in voxels, pull convention.
+        """
+        fixed_t, batched = self._batched(fixed, "fixed")
+        moving_t, _ = self._batched(moving, "moving")
+        if fixed_t.shape[0] != moving_t.shape[0]:
+            raise InputError(f"moving: batch of {moving_t.shape[0]} does not match fixed's "
+                             f"{fixed_t.shape[0]}")
+        out = self._register(fixed=fixed_t, moving=moving_t)
+        warped, disp = out["warped"].numpy(), out["displacement"].numpy()
+        if not batched:
+            return warped[0, ..., 0], disp[0]
+        return warped, disp
+
+    def warp(self, image: Any, displacement: Any) -> np.ndarray:
+        """Nearest-neighbour warp (label maps): `(*S)` or `(B, *S, C)` image, `(*S, N)` or
+        `(B, *S, N)` displacement; returns the image's layout (float32)."""
+        image_t, batched = self._batched(image, "image", channels=None)
+        disp = np.asarray(displacement, dtype=np.float32)
+        if disp.ndim == self.ndims + 1:
+            disp = disp[None]
+        out = self._warp(image=image_t, displacement=tf.convert_to_tensor(disp))["warped"]
+        out = out.numpy()
+        return out if batched else out[0, ..., 0]
+
+
+def _apply_overrides(config: dict, method: Any, overrides: dict) -> dict:
+    """`config` with dotted `overrides`, validated against the method's defaults."""
+    from tfreg.config import method_defaults, resolve
+
+    sources = {key: f"overrides {key}={value!r}" for key, value in overrides.items()}
+    return resolve(method_defaults(method), config, dict(overrides), file_source="config.yaml",
+                   override_sources=sources)
+
+
+def load_model(model_dir: str | Path, overrides: dict | None = None) -> RegistrationModel:
+    """Load an exported model directory.
+
+    Args:
+        model_dir: written by `export`.
+        overrides: dotted config keys to change (e.g. ``{"model.cascades": 5}``). None: the
+            SavedModel is used (the method's plugin is not needed). Otherwise the Keras model is
+            rebuilt through the method's ``build_model`` with the changed config and the saved
+            weights are loaded.
+
+    Raises:
+        ConfigError: not a model directory, or an invalid override.
+    """
+    model_dir = Path(model_dir)
+    info_path = model_dir / MODEL_INFO
+    if not info_path.is_file():
+        raise ConfigError(f"{model_dir}: not an exported tfreg model (no {MODEL_INFO})")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    from tfreg.config import load_yaml
+
+    config = load_yaml(model_dir / "config.yaml")
+    if not overrides:
+        saved = tf.saved_model.load(str(model_dir / "saved_model"))
+        return RegistrationModel(model_dir, info, config, saved.signatures["register"],
+                                 saved.signatures["warp"])
+
+    from tfreg.layers import warp
+    from tfreg.registry import discover
+
+    loaded = discover().get(info["method"])
+    config = _apply_overrides(copy.deepcopy(config), loaded.method, overrides)
+    inshape = tuple(info["inshape"])
+    with _float32_policy():
+        model = loaded.method.build_model(config, inshape)
+    model.load_weights(str(model_dir / "model.weights.h5"))
+
+    @tf.function
+    def register_fn(fixed, moving):
+        out = model({"fixed": fixed, "moving": moving}, training=False)
+        return {"warped": tf.cast(out["warped"], tf.float32),
+                "displacement": tf.cast(out["disp"], tf.float32)}
+
+    @tf.function
+    def warp_fn(image, displacement):
+        return {"warped": warp(image, displacement, interp="nearest")}
+
+    return RegistrationModel(model_dir, info, config, register_fn, warp_fn, keras_model=model)

@@ -1,0 +1,498 @@
+"""Instance optimisation: register one pair without a trained network.
+
+Pipeline (all on arrays already on the fixed grid, 2D or 3D):
+
+1. **Moments** – a translation that aligns the intensity centres of mass.
+2. **Affine** – a centred affine `y = A (x - c) + b + c` (voxels of the fixed grid, `c = (shape-1)/2`,
+   as in `tfreg.layers.affine_to_disp`) fitted by Adam on a coarse image pyramid level.
+3. **Diffeomorphic** – a stationary velocity field `v` optimised coarse to fine on an image pyramid
+   (levels are average-pooled by 2 per level); the displacement is `u = exp(v)` by scaling and
+   squaring. The loss is `similarity(fixed, moving o T) + lambda * mean |grad v|^2`, and the
+   gradient of `v` is smoothed by a Gaussian before each Adam step (a demons-like preconditioner
+   that keeps the updates smooth without a large `lambda`).
+
+The total transform maps a fixed-grid point `x` to the moving-grid point `A (x + u(x) - c) + b + c`,
+so the final displacement (pull, voxels of the fixed grid, channel `d` along array axis `d`) is
+`disp(x) = A (x + u(x) - c) + b + c - x`: the affine and the deformable part are combined
+analytically and the moving image is interpolated only once.
+
+Pyramid geometry: level `k` has `ceil(n / 2**k)` voxels per axis; its voxel `q` sits at the
+full-resolution voxel `x = 2**k q` (average pooling with a 3-voxel window centred on the even voxels,
+`tfreg.losses.avg_pool_half`). Displacements at level `k` are in level voxels: multiply by `2**k` to
+get full-resolution voxels.
+
+Every optimisation step is one `tf.function` per level shape (XLA-compiled when `jit` is on, which
+pays on CPU for the gather-heavy warping); images and parameters are passed as arguments, never
+captured as constants, so a compiled step is reused for every pair of the same shape in a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from tfreg import layers, losses
+from tfreg.errors import ConfigError, InputError
+
+__all__ = ["InstanceConfig", "InstanceResult", "PRESETS", "make_config", "register_arrays",
+           "moments_init", "normalize_image"]
+
+SIMILARITIES = ("ncc", "mse")
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Settings of the instance optimisation (see `PRESETS` for tuned values).
+
+    Attributes:
+        levels: pyramid levels of the diffeomorphic stage, coarse to fine, as downsampling
+            exponents (`2` = quarter resolution, `1` = half, `0` = full).
+        iterations: Adam steps per level (same length as `levels`).
+        learning_rate: Adam step size per level, in level voxels of velocity.
+        lam: weight of the smoothness penalty `mean |grad v|^2` (level voxels per level voxel).
+        grad_sigma: Gaussian sigma (level voxels) of the smoothing applied to the velocity
+            gradient before each Adam step; 0 = off.
+        int_steps: scaling-and-squaring steps per level.
+        similarity: `"ncc"` (local normalised cross-correlation; robust to intensity scaling) or
+            `"mse"` (same modality, same intensity scale).
+        ncc_win: NCC window per level, in level voxels.
+        affine: run the affine stage (after the moments initialisation).
+        affine_level: pyramid level of the affine stage.
+        affine_iterations: Adam steps of the affine stage.
+        affine_lr: Adam step size of the affine parameters (matrix entries; the translation is
+            in units of `affine_scale` voxels).
+        jit: XLA-compile the optimisation steps (`True`/`False`), or `"auto"`: on for CPU and GPU.
+    """
+
+    levels: tuple[int, ...] = (2, 1)
+    iterations: tuple[int, ...] = (150, 80)
+    learning_rate: tuple[float, ...] = (0.2, 0.2)
+    lam: float = 0.5
+    grad_sigma: float = 1.0
+    int_steps: int = 5
+    similarity: str = "ncc"
+    ncc_win: tuple[int, ...] = (5, 5)
+    affine: bool = True
+    affine_level: int = 2
+    affine_iterations: int = 100
+    affine_lr: float = 0.01
+    jit: bool | str = "auto"
+
+    def validate(self, source: str = "instance") -> "InstanceConfig":
+        """Check types and ranges; raise `ConfigError` naming the bad option."""
+        n = len(self.levels)
+        if n == 0 and not self.affine:
+            raise ConfigError(f"{source}: nothing to do (no levels and no affine stage)")
+        for name in ("iterations", "learning_rate", "ncc_win"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(f"{source}: {name}: expected {n} values (one per level), "
+                                  f"got {len(getattr(self, name))}")
+        if any(not isinstance(k, int) or k < 0 or k > 6 for k in self.levels):
+            raise ConfigError(f"{source}: levels: expected integers in 0..6, got {self.levels}")
+        if list(self.levels) != sorted(self.levels, reverse=True):
+            raise ConfigError(f"{source}: levels: must go from coarse to fine, got {self.levels}")
+        if any(i < 0 for i in self.iterations) or self.affine_iterations < 0:
+            raise ConfigError(f"{source}: iterations must be >= 0")
+        if self.lam < 0 or self.grad_sigma < 0:
+            raise ConfigError(f"{source}: lambda and grad_sigma must be >= 0")
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(f"{source}: similarity: expected one of {', '.join(SIMILARITIES)}, "
+                              f"got {self.similarity!r}")
+        if any(w < 1 for w in self.ncc_win):
+            raise ConfigError(f"{source}: ncc_win must be >= 1")
+        if not 0 <= self.int_steps <= 12:
+            raise ConfigError(f"{source}: int_steps: expected 0..12, got {self.int_steps}")
+        return self
+
+
+#: tuned settings; "accurate" is the default of `tfreg register`.
+PRESETS: dict[str, InstanceConfig] = {
+    "accurate": InstanceConfig(),
+    "fast": InstanceConfig(levels=(2,), iterations=(120,), learning_rate=(0.2,), ncc_win=(5,)),
+}
+
+
+def make_config(preset: str = "accurate", **overrides) -> InstanceConfig:
+    """A preset with some fields replaced (None values are ignored).
+
+    `iterations`, `learning_rate` and `ncc_win` may be given as one number for all levels.
+    `levels` may be given as a count `n` (the `n` finest of quarter.. levels: 3 -> (2, 1, 0)).
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    cfg = PRESETS[preset]
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "levels" in changes and isinstance(changes["levels"], int):
+        count = changes["levels"]
+        if not 1 <= count <= 4:
+            raise ConfigError(f"--levels: expected 1..4, got {count}")
+        changes["levels"] = tuple(range(count - 1, -1, -1)) if count > 2 else tuple(
+            range(count, 0, -1))
+    n = len(changes.get("levels", cfg.levels))
+    for name in ("iterations", "learning_rate", "ncc_win"):
+        value = changes.get(name)
+        if value is None and name in ("iterations", "learning_rate", "ncc_win") and \
+                len(getattr(cfg, name)) != n:
+            old = getattr(cfg, name)
+            value = tuple(old[min(i, len(old) - 1)] for i in range(n))
+        if value is not None and not isinstance(value, (tuple, list)):
+            value = (value,) * n
+        if value is not None:
+            changes[name] = tuple(value)
+    try:
+        cfg = dataclasses.replace(cfg, **changes)
+    except TypeError as err:
+        raise ConfigError(f"instance optimisation: {err}") from None
+    return cfg.validate()
+
+
+@dataclass
+class InstanceResult:
+    """Result of `register_arrays`.
+
+    Attributes:
+        disp: `(*S, N)` float32 displacement, pull, voxels of the fixed grid.
+        affine: `(N, N+1)` centred affine `[A | b]` of the affine stage (identity without it).
+        similarity: final local NCC (signed, in [-1, 1], higher is better) at full resolution.
+        initial_similarity: the same before registration.
+        stage_seconds: wall time per stage (includes tracing/compilation).
+    """
+
+    disp: np.ndarray
+    affine: np.ndarray
+    similarity: float
+    initial_similarity: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def normalize_image(image: np.ndarray, low: float = 0.0, high: float = 99.9) -> np.ndarray:
+    """Scale intensities to [0, 1] by robust percentiles (`low`, `high`, in percent) and clip."""
+    image = np.asarray(image, np.float32)
+    lo, hi = np.percentile(image, [low, high])
+    if not hi > lo:
+        hi = lo + 1.0
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def moments_init(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """Translation aligning the intensity centres of mass, as a centred affine `(N, N+1)`.
+
+    Intensities below 10% of the maximum are ignored (background). Returns `[I | b]` with
+    `b = com_moving - com_fixed` (voxels), so that `y = x - c + b + c` maps the fixed centre of mass
+    onto the moving one.
+    """
+    def com(img: np.ndarray) -> np.ndarray:
+        w = np.where(img > 0.1 * img.max(), img, 0.0).astype(np.float64)
+        total = w.sum()
+        if total <= 0:
+            return (np.asarray(img.shape) - 1) / 2.0
+        grids = np.meshgrid(*[np.arange(n) for n in img.shape], indexing="ij", sparse=True)
+        return np.array([(w * g).sum() / total for g in grids])
+
+    ndims = fixed.ndim
+    out = np.zeros((ndims, ndims + 1), np.float32)
+    out[:, :ndims] = np.eye(ndims)
+    out[:, ndims] = com(moving) - com(fixed)
+    return out
+
+
+def _pyramid(image: tf.Tensor, depth: int) -> list[tf.Tensor]:
+    """`[level 0 (input), level 1, ..., level depth]`, each average-pooled by 2 (3-voxel window)."""
+    out = [image]
+    for _ in range(depth):
+        out.append(losses.avg_pool_half(out[-1]))
+    return out
+
+
+def _level_grid(shape: Sequence[int], factor: float, centre: np.ndarray) -> tf.Tensor:
+    """Full-resolution centred coordinates `factor * q - c` of the level voxels, `(1, *shape, N)`."""
+    axes = [tf.range(n, dtype=tf.float32) * factor - float(c) for n, c in zip(shape, centre)]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)[None]
+
+
+def _apply_affine(points: tf.Tensor, affine: tf.Tensor, centre: np.ndarray) -> tf.Tensor:
+    """`A p + b + c` for centred points `p (1, *S, N)`; returns uncentred full-resolution voxels."""
+    ndims = points.shape[-1]
+    matrix, trans = affine[:, :ndims], affine[:, ndims]
+    moved = tf.tensordot(points, tf.transpose(matrix), axes=1) + trans
+    return moved + tf.constant(centre, tf.float32)
+
+
+def _upsample(field_: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+    """Linear interpolation of a level-`k` array onto level `k-1` (voxel `p` -> `p / 2`).
+
+    Values are not rescaled. `field_`: `(1, *S, C)`; returns `(1, *shape, C)`.
+    """
+    out = field_
+    for d, n_out in enumerate(shape):
+        n_in = out.shape[d + 1]
+        c = np.clip(np.arange(n_out) / 2.0, 0, n_in - 1)
+        low = np.minimum(np.floor(c), max(n_in - 2, 0)).astype(np.int32)
+        high = np.minimum(low + 1, n_in - 1).astype(np.int32)
+        w = (c - low).astype(np.float32).reshape([-1 if i == d + 1 else 1
+                                                  for i in range(len(shape) + 2)])
+        v0 = tf.gather(out, low, axis=d + 1)
+        v1 = tf.gather(out, high, axis=d + 1)
+        out = v0 + w * (v1 - v0)
+    return out
+
+
+def _gaussian_smooth(x: tf.Tensor, sigma: float) -> tf.Tensor:
+    """Approximate Gaussian smoothing (sigma in voxels) by three passes of a separable box filter."""
+    if sigma <= 0:
+        return x
+    # variance of a box of width w is (w^2 - 1) / 12; three passes add up
+    width = max(1, int(round(math.sqrt(4.0 * sigma * sigma + 1.0))))
+    if width % 2 == 0:
+        width += 1
+    ndims = len(x.shape) - 2
+    win = (width,) * ndims
+    norm = 1.0 / float(width ** ndims)
+    for _ in range(3):
+        x = losses.box_sum(x, win) * norm
+    return x
+
+
+def _similarity_fn(cfg: InstanceConfig, win: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """Loss (lower is better) between fixed and warped images `(1, *S, 1)`."""
+    if cfg.similarity == "mse":
+        return lambda f, w: tf.reduce_mean(tf.square(f - w)) * 100.0
+    ncc = losses.NCC(win=win, squared=False, eps=1e-3, eps_mode="add")
+    return ncc
+
+
+def _grad_l2(v: tf.Tensor) -> tf.Tensor:
+    """`mean |grad v|^2` by forward differences, averaged over axes."""
+    ndims = len(v.shape) - 2
+    terms = []
+    for d in range(ndims):
+        hi = [slice(None)] * (ndims + 2)
+        lo = [slice(None)] * (ndims + 2)
+        hi[d + 1] = slice(1, None)
+        lo[d + 1] = slice(None, -1)
+        terms.append(tf.reduce_mean(tf.square(v[tuple(hi)] - v[tuple(lo)])))
+    return tf.add_n(terms) / ndims
+
+
+def _adam(param, grad, m, s, t, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam update (Kingma & Ba 2015) on tensors; `t` is the 1-based step (float32)."""
+    m = beta1 * m + (1 - beta1) * grad
+    s = beta2 * s + (1 - beta2) * tf.square(grad)
+    m_hat = m / (1 - beta1 ** t)
+    s_hat = s / (1 - beta2 ** t)
+    return param - lr * m_hat / (tf.sqrt(s_hat) + eps), m, s
+
+
+# ------------------------------------------------------------------------ compiled step cache
+_STEPS: dict[tuple, Callable] = {}
+
+
+def _compiled(key: tuple, build: Callable[[], Callable], jit: bool) -> Callable:
+    """One `tf.function` per key (shape and static settings), reused across pairs."""
+    key = key + (jit,)
+    if key not in _STEPS:
+        _STEPS[key] = tf.function(build(), jit_compile=jit, reduce_retracing=True)
+    return _STEPS[key]
+
+
+def _affine_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], factor: float,
+                    centre: np.ndarray, scale: float) -> Callable:
+    ndims = len(shape)
+    sim = _similarity_fn(cfg, cfg.ncc_win[0] if cfg.ncc_win else 5)
+    grid = None  # built inside the function (never captured as a large constant)
+
+    def step(params, m, s, t, fixed, moving, init):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            affine = _params_to_affine(params, init, ndims, scale)
+            pts = _level_grid(shape, factor, centre)
+            loc = _apply_affine(pts, affine, centre) / factor
+            disp = loc - _level_grid(shape, 1.0, np.zeros(ndims))
+            warped = layers.warp(moving, disp)
+            loss = sim(fixed, warped)
+        grad = tape.gradient(loss, params)
+        params, m, s = _adam(params, grad, m, s, t, cfg.affine_lr)
+        return params, m, s, loss
+
+    del grid
+    return step
+
+
+def _params_to_affine(params: tf.Tensor, init: tf.Tensor, ndims: int, scale: float) -> tf.Tensor:
+    """`params (N*(N+1),)`: matrix increments and translation in units of `scale` voxels."""
+    delta = tf.reshape(params, (ndims, ndims + 1))
+    weights = tf.constant([[1.0] * ndims + [scale]] * ndims, tf.float32)
+    return init + delta * weights
+
+
+def _svf_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, index: int,
+                 centre: np.ndarray) -> Callable:
+    ndims = len(shape)
+    factor = float(2 ** level)
+    sim = _similarity_fn(cfg, cfg.ncc_win[index])
+    lr = cfg.learning_rate[index]
+
+    def step(v, m, s, t, fixed, moving, affine):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            u = layers.integrate_svf(v, cfg.int_steps)
+            pts = _level_grid(shape, factor, centre) + u * factor
+            loc = _apply_affine(pts, affine, centre) / factor
+            disp = loc - _level_grid(shape, 1.0, np.zeros(ndims))
+            warped = layers.warp(moving, disp)
+            sim_loss = sim(fixed, warped)
+            loss = sim_loss + cfg.lam * _grad_l2(v)
+        grad = tape.gradient(loss, v)
+        grad = _gaussian_smooth(grad, cfg.grad_sigma)
+        v, m, s = _adam(v, grad, m, s, t, lr)
+        return v, m, s, sim_loss
+
+    return step
+
+
+def _final_fn(shape: tuple[int, ...], level: int, int_steps: int, centre: np.ndarray) -> Callable:
+    """velocity at `level` -> full-resolution displacement of the whole transform."""
+    ndims = len(shape)
+    factor = float(2 ** level)
+
+    def final(v, affine):
+        u = layers.integrate_svf(v, int_steps) * factor
+        for k in range(level, 0, -1):
+            target = tuple(int(math.ceil(n / 2 ** (k - 1))) for n in shape)
+            u = _upsample(u, target)
+        pts = _level_grid(shape, 1.0, centre) + u
+        return _apply_affine(pts, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims))
+
+    return final
+
+
+def _local_ncc(fixed: tf.Tensor, warped: tf.Tensor, win: int = 7) -> float:
+    return float(losses.NCC(win=win, squared=False, eps=1e-3, eps_mode="add").local_cc(
+        fixed, warped).numpy().mean())
+
+
+def _use_jit(cfg: InstanceConfig) -> bool:
+    if isinstance(cfg.jit, bool):
+        return cfg.jit
+    return True
+
+
+# ------------------------------------------------------------------------------- main entry
+def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig | None = None, *,
+                    init_affine: np.ndarray | None = None,
+                    init_disp: np.ndarray | None = None,
+                    progress: Callable[[str, int, int, float], None] | None = None,
+                    ) -> InstanceResult:
+    """Register `moving` to `fixed` (same grid) by instance optimisation.
+
+    Args:
+        fixed, moving: `(*S,)` float arrays on the same grid, 2D or 3D, intensities roughly in
+            [0, 1] (see `normalize_image`).
+        cfg: settings; defaults to `PRESETS["accurate"]`.
+        init_affine: optional `(N, N+1)` centred affine to start from (skips the moments step).
+        init_disp: optional `(*S, N)` displacement (voxels) used as initial velocity (an
+            approximation: a displacement is not the exponential of itself, but close for small,
+            smooth fields); the affine stage is then skipped.
+        progress: called as `progress(stage, step, total, loss)` every few steps.
+
+    Returns:
+        `InstanceResult` with the full-resolution displacement.
+    """
+    cfg = (cfg or PRESETS["accurate"]).validate()
+    fixed = np.asarray(fixed, np.float32)
+    moving = np.asarray(moving, np.float32)
+    if fixed.shape != moving.shape:
+        raise InputError(f"moving: shape {moving.shape} differs from fixed shape {fixed.shape} "
+                         "(resample onto the fixed grid first)")
+    if fixed.ndim not in (2, 3):
+        raise InputError(f"fixed: expected a 2D or 3D image, got shape {fixed.shape}")
+    shape = fixed.shape
+    ndims = len(shape)
+    centre = (np.asarray(shape, np.float64) - 1) / 2.0
+    jit = _use_jit(cfg)
+    depth = max(list(cfg.levels) + ([cfg.affine_level] if cfg.affine else []) + [0])
+    if min(shape) < 2 ** depth * 2:
+        raise InputError(f"fixed: shape {shape} is too small for {depth} pyramid levels")
+    report = progress or (lambda *a: None)
+    times: dict[str, float] = {}
+
+    f_pyr = _pyramid(tf.constant(fixed[None, ..., None]), depth)
+    m_pyr = _pyramid(tf.constant(moving[None, ..., None]), depth)
+
+    # 1. moments / initial affine
+    t0 = time.perf_counter()
+    affine = np.asarray(init_affine, np.float32) if init_affine is not None else (
+        moments_init(fixed, moving) if cfg.affine and init_disp is None else
+        np.concatenate([np.eye(ndims), np.zeros((ndims, 1))], axis=1).astype(np.float32))
+    affine = tf.constant(affine)
+
+    # 2. affine stage
+    if cfg.affine and init_disp is None and cfg.affine_iterations > 0:
+        lvl = cfg.affine_level
+        lshape = tuple(f_pyr[lvl].shape[1:-1])
+        scale = float(max(shape)) / 10.0
+        step = _compiled(("affine", lshape, lvl, tuple(centre), cfg), lambda: _affine_step_fn(
+            cfg, lshape, float(2 ** lvl), centre, scale), jit)
+        params = tf.zeros((ndims * (ndims + 1),), tf.float32)
+        m = tf.zeros_like(params)
+        s = tf.zeros_like(params)
+        for it in range(cfg.affine_iterations):
+            params, m, s, loss = step(params, m, s, tf.constant(it + 1.0), f_pyr[lvl], m_pyr[lvl],
+                                      affine)
+            if it % 10 == 0 or it == cfg.affine_iterations - 1:
+                report("affine", it + 1, cfg.affine_iterations, float(loss))
+        affine = _params_to_affine(params, affine, ndims, scale)
+    times["affine"] = time.perf_counter() - t0
+
+    # 3. diffeomorphic stage, coarse to fine
+    v = None
+    if init_disp is not None:
+        lvl0 = cfg.levels[0] if cfg.levels else 0
+        v = tf.constant(np.asarray(init_disp, np.float32)[None])
+        for _ in range(lvl0):
+            v = losses.avg_pool_half(v) * 0.5
+    prev_level = None
+    for index, lvl in enumerate(cfg.levels):
+        t0 = time.perf_counter()
+        lshape = tuple(f_pyr[lvl].shape[1:-1])
+        if v is None:
+            v = tf.zeros((1, *lshape, ndims), tf.float32)
+        elif prev_level is not None:
+            for k in range(prev_level, lvl, -1):
+                target = tuple(f_pyr[k - 1].shape[1:-1])
+                v = _upsample(v, target) * 2.0
+        step = _compiled(("svf", lshape, lvl, index, tuple(centre), cfg), lambda: _svf_step_fn(
+            cfg, lshape, lvl, index, centre), jit)
+        m = tf.zeros_like(v)
+        s = tf.zeros_like(v)
+        total = cfg.iterations[index]
+        for it in range(total):
+            v, m, s, loss = step(v, m, s, tf.constant(it + 1.0), f_pyr[lvl], m_pyr[lvl], affine)
+            if it % 10 == 0 or it == total - 1:
+                report(f"level {index + 1}/{len(cfg.levels)} ({'x'.join(map(str, lshape))})",
+                       it + 1, total, float(loss))
+        prev_level = lvl
+        times[f"level{index + 1}"] = time.perf_counter() - t0
+
+    # 4. full-resolution displacement
+    t0 = time.perf_counter()
+    if v is None:
+        v = tf.zeros((1, *shape, ndims), tf.float32)
+        prev_level = 0
+    final = _compiled(("final", shape, prev_level, cfg.int_steps, tuple(centre)),
+                      lambda: _final_fn(shape, prev_level, cfg.int_steps, centre), jit)
+    disp = final(v, affine)
+    warped = layers.warp(m_pyr[0], disp)
+    sim_after = _local_ncc(f_pyr[0], warped)
+    sim_before = _local_ncc(f_pyr[0], m_pyr[0])
+    times["final"] = time.perf_counter() - t0
+    return InstanceResult(disp=disp.numpy()[0], affine=np.asarray(affine),
+                          similarity=sim_after, initial_similarity=sim_before,
+                          stage_seconds=times)

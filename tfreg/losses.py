@@ -1,0 +1,459 @@
+"""Training losses for registration: image similarity, field regularisers and soft Dice.
+
+Every loss is a callable ``loss(y_true, y_pred) -> scalar float32 tensor``; lower is better.
+Inputs are channels-last ``(batch, *spatial, channels)``, 2D or 3D, and are cast to float32 first,
+so the losses stay in float32 under a ``mixed_float16`` policy. All losses work eagerly, inside
+``tf.function`` and inside ``tf.function(jit_compile=True)``, and are differentiable.
+
+Summary (``N`` = spatial rank, ``C`` = channels, means run over the batch too):
+
+=================  ============================================================================
+``NCC``            local (windowed) normalised cross-correlation, voxelmorph's definition by
+                   default: ``-mean(cc)`` with ``cc = cross^2 / (var_I * var_J)`` (squared).
+``MultiResolutionNCC``  weighted sum of ``NCC`` on successively average-pooled images (LapIRN).
+``GlobalNCC``      ``-mean_batch(pearson(I, J))`` over the whole volume.
+``MSE``            ``mean((I - J)^2) / sigma^2``.
+``Grad``           mean forward-difference ``|du|`` (l1) or ``du^2`` (l2), averaged over axes.
+``BendingEnergy``  mean over voxels and components of the squared Frobenius norm of the Hessian.
+``Dice``           ``-mean`` soft Dice over batch and one-hot channels.
+=================  ============================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+__all__ = [
+    "NCC",
+    "MultiResolutionNCC",
+    "GlobalNCC",
+    "MSE",
+    "Grad",
+    "BendingEnergy",
+    "Dice",
+    "one_hot",
+    "box_sum",
+    "avg_pool_half",
+]
+
+
+def _f32(x) -> tf.Tensor:
+    """Cast to float32 (losses never run in float16)."""
+    return ops.cast(x, "float32")
+
+
+def _ndims(x, name: str) -> int:
+    rank = len(x.shape)
+    if rank not in (4, 5):
+        raise ValueError(f"`{name}` must have shape (batch, *spatial, channels) with 2 or 3 spatial "
+                         f"axes. Received: {name}.shape={tuple(x.shape)}")
+    return rank - 2
+
+
+def _window(win: int | Sequence[int], ndims: int) -> tuple[int, ...]:
+    """Normalise a window given as an int or one int per spatial axis."""
+    if isinstance(win, (int, np.integer)):
+        win = (int(win),) * ndims
+    win = tuple(win)
+    if len(win) != ndims:
+        raise ValueError(f"`win` needs one size per spatial axis ({ndims}). Received: win={win}")
+    return win
+
+
+def _check_window(win) -> None:
+    values = (win,) if isinstance(win, (int, np.integer)) else tuple(win)
+    if not values or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1
+                         for w in values):
+        raise ValueError(f"`win` must be a positive int or a sequence of positive ints. Received: win={win!r}")
+
+
+def box_sum(x: tf.Tensor, win: Sequence[int]) -> tf.Tensor:
+    """Sum over a sliding box window with zero padding ('same' output size), per channel.
+
+    Implemented as one 1-D stride-1 average pool per axis (separable), which is fast with and
+    without XLA, unlike a dense ``conv3d`` whose gradient is very slow under XLA on CPU. For an even
+    window the extra padded voxel goes after the sample, as TensorFlow's ``'SAME'`` padding does.
+
+    Args:
+        x: `(batch, *spatial, channels)` float tensor, 2 or 3 spatial axes.
+        win: window size per spatial axis, in voxels.
+
+    Returns:
+        Tensor of the shape of `x`: ``out[p] = sum of x over the window centred at p``.
+    """
+    ndims = len(x.shape) - 2
+    for axis, w in enumerate(win):
+        if w == 1:
+            continue
+        before = (w - 1) // 2
+        paddings = [[0, 0]] * (ndims + 2)
+        paddings[axis + 1] = [before, w - 1 - before]
+        ksize = [1] * (ndims + 2)
+        ksize[axis + 1] = w
+        x = _avg_pool(tf.pad(x, paddings), ksize, [1] * (ndims + 2)) * float(w)
+    return x
+
+
+def _avg_pool(x: tf.Tensor, ksize: list[int], strides: list[int]) -> tf.Tensor:
+    """'VALID' average pooling, 2D or 3D, channels-last.
+
+    Calls the rank-specific ops with an explicit data format: the gradient of the generic
+    ``tf.nn.avg_pool`` fails in eager mode for 5-D inputs (missing ``data_format`` attribute).
+    """
+    if len(x.shape) == 5:
+        return tf.nn.avg_pool3d(x, ksize, strides, "VALID", data_format="NDHWC")
+    return tf.nn.avg_pool2d(x, ksize, strides, "VALID", data_format="NHWC")
+
+
+def avg_pool_half(x: tf.Tensor) -> tf.Tensor:
+    """Average pooling with kernel 3, stride 2, one voxel of padding, padding not counted.
+
+    This matches PyTorch's ``avg_pool3d(kernel_size=3, stride=2, padding=1, count_include_pad=False)``
+    used by LapIRN between the scales of its multi-resolution NCC: output voxel ``q`` averages the
+    input voxels ``2q-1, 2q, 2q+1`` that lie inside the volume (per axis).
+
+    Args:
+        x: `(batch, *spatial, channels)` float tensor.
+
+    Returns:
+        `(batch, *ceil(spatial / 2), channels)`.
+    """
+    ndims = len(x.shape) - 2
+    paddings = [[0, 0]] + [[1, 1]] * ndims + [[0, 0]]
+    ksize = [1] + [3] * ndims + [1]
+    strides = [1] + [2] * ndims + [1]
+    total = _avg_pool(tf.pad(x, paddings), ksize, strides)
+    ones = tf.ones_like(x[:1, ..., :1])
+    count = _avg_pool(tf.pad(ones, paddings), ksize, strides)
+    return total / count
+
+
+class NCC:
+    """Local normalised cross-correlation over a sliding window.
+
+    For each voxel ``p`` the window sums ``S_I, S_J, S_II, S_JJ, S_IJ`` over the ``n`` voxels of the
+    box centred at ``p`` (zero padding outside the volume, so ``n`` is the full window size
+    everywhere; channels are summed into the same window, so ``n = prod(win) * channels``) give::
+
+        cross = S_IJ - S_I S_J / n,   var_I = S_II - S_I^2 / n,   var_J = S_JJ - S_J^2 / n
+
+    With the defaults (``squared=True, eps_mode="clamp"``) this is exactly voxelmorph's ``NCC``:
+    ``cross``, ``var_I``, ``var_J`` are each clamped to ``>= eps`` and
+    ``cc = (cross / var_I) * (cross / var_J)``, the *squared* local correlation, in ``[0, 1]``; negative
+    correlation is clamped to about 0, so anti-correlated structures are not rewarded.
+    The loss is ``-mean(cc)`` over voxels and batch (−1 for a perfect local linear match).
+
+    Options:
+        - ``squared=False``: signed correlation ``cc = cross / sqrt(var_I * var_J)`` (``cross`` not
+          clamped), in ``[-1, 1]``.
+        - ``eps_mode="add"``: no clamping; ``eps`` is added to the denominator instead:
+          ``cross^2 / (var_I var_J + eps)`` (LapIRN's form), or ``cross / sqrt(var_I var_J + eps)``.
+
+    Args:
+        win: window size in voxels, an int (all axes) or one int per spatial axis. Defaults to 9.
+        squared: squared (default, voxelmorph) or signed correlation.
+        eps: stabiliser. Defaults to 1e-5.
+        eps_mode: ``"clamp"`` (voxelmorph, default) or ``"add"``.
+
+    Input shape:
+        ``y_true``, ``y_pred``: `(batch, *spatial, channels)`, 2 or 3 spatial axes.
+    Returns:
+        Scalar float32 tensor.
+
+    Example:
+    >>> x = np.random.default_rng(0).random((1, 16, 16, 1)).astype("float32")
+    >>> round(float(NCC(win=5)(x, 2 * x)), 4)
+    -1.0
+    """
+
+    def __init__(self, win: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5,
+                 eps_mode: str = "clamp"):
+        _check_window(win)
+        if not eps > 0:
+            raise ValueError(f"`eps` must be > 0. Received: eps={eps!r}")
+        if eps_mode not in ("clamp", "add"):
+            raise ValueError(f"`eps_mode` must be 'clamp' or 'add'. Received: eps_mode={eps_mode!r}")
+        self.win = win
+        self.squared = bool(squared)
+        self.eps = float(eps)
+        self.eps_mode = eps_mode
+
+    def local_cc(self, y_true, y_pred) -> tf.Tensor:
+        """Per-voxel correlation map `(batch, *spatial, 1)` (squared or signed, see class doc)."""
+        i, j = _f32(y_true), _f32(y_pred)
+        ndims = _ndims(j, "y_pred")
+        win = _window(self.win, ndims)
+        n = float(np.prod(win) * j.shape[-1])
+        stacked = tf.concat([i, j, i * i, j * j, i * j], axis=-1)
+        sums = box_sum(stacked, win)
+        c = i.shape[-1]
+        s_i, s_j, s_ii, s_jj, s_ij = (tf.reduce_sum(sums[..., k * c:(k + 1) * c], axis=-1, keepdims=True)
+                                      for k in range(5))
+        mean_i, mean_j = s_i / n, s_j / n
+        # the same algebra as voxelmorph: cross = S_IJ - mJ S_I - mI S_J + mI mJ n
+        cross = s_ij - mean_j * s_i - mean_i * s_j + mean_i * mean_j * n
+        var_i = s_ii - 2.0 * mean_i * s_i + mean_i * mean_i * n
+        var_j = s_jj - 2.0 * mean_j * s_j + mean_j * mean_j * n
+        if self.eps_mode == "clamp":
+            var_i = tf.maximum(var_i, self.eps)
+            var_j = tf.maximum(var_j, self.eps)
+            if self.squared:
+                cross = tf.maximum(cross, self.eps)
+                return (cross / var_i) * (cross / var_j)
+            return cross / tf.sqrt(var_i * var_j)
+        if self.squared:
+            return cross * cross / (var_i * var_j + self.eps)
+        return cross / tf.sqrt(tf.maximum(var_i * var_j, 0.0) + self.eps)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        return -tf.reduce_mean(self.local_cc(y_true, y_pred))
+
+    def get_config(self) -> dict:
+        return {"win": self.win, "squared": self.squared, "eps": self.eps, "eps_mode": self.eps_mode}
+
+    def __repr__(self) -> str:
+        return f"NCC({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
+
+
+class MultiResolutionNCC:
+    """Weighted sum of local NCC losses over an image pyramid (LapIRN's multi-resolution NCC).
+
+    Scale ``s`` (``s = 0, 1, ...``) evaluates ``NCC(win=wins[s])`` on both images average-pooled
+    ``s`` times by :func:`avg_pool_half` (kernel 3, stride 2, padding not counted), and the loss is
+    ``sum_s weights[s] * NCC_s``. LapIRN's finest level uses ``wins=(7, 5, 3)``,
+    ``weights=(1, 1/2, 1/4)`` with ``NCC(squared=True, eps_mode="add")``.
+
+    Args:
+        wins: window size per scale (each an int or one int per axis). Defaults to (7, 5, 3).
+        weights: weight per scale; defaults to ``2**-s``.
+        squared, eps, eps_mode: passed to every :class:`NCC`.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+
+    def __init__(self, wins: Sequence[int | Sequence[int]] = (7, 5, 3),
+                 weights: Sequence[float] | None = None, squared: bool = True, eps: float = 1e-5,
+                 eps_mode: str = "clamp"):
+        wins = list(wins)
+        if not wins:
+            raise ValueError("`wins` must name at least one window. Received: wins=[]")
+        if weights is None:
+            weights = [2.0 ** -s for s in range(len(wins))]
+        weights = [float(w) for w in weights]
+        if len(weights) != len(wins):
+            raise ValueError(f"`weights` needs one value per window ({len(wins)}). Received: weights={weights}")
+        self.wins = wins
+        self.weights = weights
+        self.terms = [NCC(win=w, squared=squared, eps=eps, eps_mode=eps_mode) for w in wins]
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        i, j = _f32(y_true), _f32(y_pred)
+        total = tf.constant(0.0, "float32")
+        for s, (term, weight) in enumerate(zip(self.terms, self.weights)):
+            if s > 0:
+                i, j = avg_pool_half(i), avg_pool_half(j)
+            total = total + weight * term(i, j)
+        return total
+
+
+class GlobalNCC:
+    """Global normalised cross-correlation (Pearson's r over the whole volume, per sample).
+
+    ``r_b = cov(I_b, J_b) / sqrt((var(I_b) + eps) (var(J_b) + eps))`` over all voxels and channels of
+    sample ``b`` (population moments); the loss is ``-mean_b r_b`` (−1 for ``J = a I + c``, ``a > 0``).
+    Recursive cascaded networks minimise ``1 - r`` (the same up to a constant).
+
+    Args:
+        eps: added to each variance. Defaults to 1e-6.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        if not eps >= 0:
+            raise ValueError(f"`eps` must be >= 0. Received: eps={eps!r}")
+        self.eps = float(eps)
+
+    def correlation(self, y_true, y_pred) -> tf.Tensor:
+        """Pearson correlation per sample, `(batch,)`."""
+        i, j = _f32(y_true), _f32(y_pred)
+        axes = list(range(1, len(j.shape)))
+        di = i - tf.reduce_mean(i, axis=axes, keepdims=True)
+        dj = j - tf.reduce_mean(j, axis=axes, keepdims=True)
+        cov = tf.reduce_mean(di * dj, axis=axes)
+        var_i = tf.reduce_mean(di * di, axis=axes)
+        var_j = tf.reduce_mean(dj * dj, axis=axes)
+        return cov / tf.sqrt((var_i + self.eps) * (var_j + self.eps))
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        return -tf.reduce_mean(self.correlation(y_true, y_pred))
+
+
+class MSE:
+    """Mean squared error scaled by the image noise: ``mean((y_true - y_pred)^2) / sigma^2``.
+
+    Args:
+        sigma: image noise standard deviation (voxelmorph's ``image_sigma``). Defaults to 1.
+
+    Returns:
+        Scalar float32 tensor (mean over batch, voxels and channels).
+    """
+
+    def __init__(self, sigma: float = 1.0):
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0. Received: sigma={sigma!r}")
+        self.sigma = float(sigma)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        diff = _f32(y_true) - _f32(y_pred)
+        return tf.reduce_mean(diff * diff) / (self.sigma ** 2)
+
+
+class Grad:
+    """Smoothness of a field by forward differences (voxelmorph's ``Grad``).
+
+    For each spatial axis ``d``: ``D_d = u[.., x+1 along d, ..] - u[.., x, ..]`` (all channels), and the
+    loss is ``loss_mult * (1/N) * sum_d mean(|D_d|)`` (``penalty="l1"``) or ``mean(D_d^2)`` (``"l2"``).
+    Each mean runs over its own difference array (one voxel shorter along ``d``), batch included.
+
+    Args:
+        penalty: ``"l1"`` (default, as voxelmorph) or ``"l2"``.
+        loss_mult: factor applied to the result (voxelmorph scales by the integration downsampling,
+            e.g. 2 for a half-resolution velocity field). Defaults to 1.
+
+    Input shape:
+        ``y_pred``: `(batch, *spatial, channels)` field; ``y_true`` is ignored.
+    Returns:
+        Scalar float32 tensor.
+    """
+
+    def __init__(self, penalty: str = "l1", loss_mult: float = 1.0):
+        if penalty not in ("l1", "l2"):
+            raise ValueError(f"`penalty` must be 'l1' or 'l2'. Received: penalty={penalty!r}")
+        self.penalty = penalty
+        self.loss_mult = float(loss_mult)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        u = _f32(y_pred)
+        ndims = _ndims(u, "y_pred")
+        terms = []
+        for d in range(ndims):
+            axis = d + 1
+            n = u.shape[axis]
+            diff = tf.gather(u, tf.range(1, n), axis=axis) - tf.gather(u, tf.range(0, n - 1), axis=axis)
+            terms.append(tf.reduce_mean(tf.abs(diff) if self.penalty == "l1" else diff * diff))
+        return tf.add_n(terms) / float(ndims) * self.loss_mult
+
+
+class BendingEnergy:
+    """Bending energy of a field: mean squared second derivatives (thin-plate energy density).
+
+    Per voxel and field component ``c``::
+
+        BE = sum_i (d2u_c/dx_i^2)^2 + 2 * sum_{i<j} (d2u_c/dx_i dx_j)^2
+
+    (the squared Frobenius norm of the Hessian; the mixed terms appear twice, hence the factor 2),
+    averaged over the interior voxels (one voxel cropped on every side), the components and the batch.
+    Derivatives are central differences in voxel units: ``u(x+e_i) - 2u(x) + u(x-e_i)`` and
+    ``(u(x+e_i+e_j) - u(x+e_i-e_j) - u(x-e_i+e_j) + u(x-e_i-e_j)) / 4``, exact for quadratic fields.
+
+    Input shape:
+        ``y_pred``: `(batch, *spatial, channels)` field, every spatial size >= 3; ``y_true`` is ignored.
+    Returns:
+        Scalar float32 tensor (units: voxel^-2 times the field's unit squared).
+    """
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        u = _f32(y_pred)
+        ndims = _ndims(u, "y_pred")
+        shape = u.shape[1:-1]
+        if any(s is not None and s < 3 for s in shape):
+            raise ValueError(f"BendingEnergy needs every spatial size >= 3. Received: shape={tuple(u.shape)}")
+
+        def crop(offsets):
+            # u shifted by `offsets` (each -1, 0 or +1) on the interior grid
+            idx = [slice(None)]
+            for o, n in zip(offsets, shape):
+                idx.append(slice(1 + o, n - 1 + o))
+            idx.append(slice(None))
+            return u[tuple(idx)]
+
+        energy = 0.0
+        zero = [0] * ndims
+        centre = crop(zero)
+        for i in range(ndims):
+            plus, minus = list(zero), list(zero)
+            plus[i], minus[i] = 1, -1
+            d2 = crop(plus) - 2.0 * centre + crop(minus)
+            energy = energy + d2 * d2
+            for j in range(i + 1, ndims):
+                pp, pm, mp, mm = (list(zero) for _ in range(4))
+                pp[i], pp[j] = 1, 1
+                pm[i], pm[j] = 1, -1
+                mp[i], mp[j] = -1, 1
+                mm[i], mm[j] = -1, -1
+                dij = (crop(pp) - crop(pm) - crop(mp) + crop(mm)) / 4.0
+                energy = energy + 2.0 * dij * dij
+        return tf.reduce_mean(energy)
+
+
+class Dice:
+    """Soft multi-label Dice, negated (voxelmorph's ``Dice``).
+
+    ``dice_{b,k} = 2 sum(t p) / sum(t + p)`` over the spatial axes for sample ``b`` and channel ``k``
+    (0 where the denominator is 0); the loss is ``-mean_{b,k} dice_{b,k}``. Every channel counts,
+    background included if it is one of them.
+
+    Input shape:
+        ``y_true``, ``y_pred``: `(batch, *spatial, K)` one-hot or probabilities (see :func:`one_hot`).
+    Returns:
+        Scalar float32 tensor in ``[-1, 0]``.
+    """
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        t, p = _f32(y_true), _f32(y_pred)
+        ndims = _ndims(p, "y_pred")
+        axes = list(range(1, ndims + 1))
+        top = 2.0 * tf.reduce_sum(t * p, axis=axes)
+        bottom = tf.reduce_sum(t + p, axis=axes)
+        return -tf.reduce_mean(tf.math.divide_no_nan(top, bottom))
+
+
+def one_hot(labels, label_values: int | Sequence[int]) -> tf.Tensor:
+    """One-hot encode an integer label map with arbitrary (non-contiguous) label values.
+
+    Args:
+        labels: `(batch, *spatial, 1)` integer label map (a float map holding integers is rounded).
+        label_values: the label values, one output channel each in this order, or an int ``K``
+            meaning ``range(K)``. Voxels whose label is not listed are all-zero.
+
+    Returns:
+        `(batch, *spatial, K)` float32.
+
+    Example:
+    >>> one_hot(np.array([[[4], [0], [7]]]), [0, 4, 7]).numpy()[0].tolist()
+    [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    if isinstance(label_values, (int, np.integer)):
+        if label_values < 1:
+            raise ValueError(f"`label_values` must be >= 1 as a count. Received: label_values={label_values}")
+        values = list(range(int(label_values)))
+    else:
+        values = [int(v) for v in label_values]
+        if not values:
+            raise ValueError("`label_values` must not be empty.")
+        if len(set(values)) != len(values):
+            raise ValueError(f"`label_values` has duplicates. Received: label_values={values}")
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank is not None and labels.shape[-1] != 1:
+        raise ValueError(f"`labels` must end in a channel axis of size 1. Received: shape={tuple(labels.shape)}")
+    if labels.dtype.is_floating:
+        labels = tf.round(labels)
+    labels = tf.cast(labels, "int32")
+    return tf.cast(tf.equal(labels, tf.constant(values, "int32")), "float32")
