@@ -185,8 +185,8 @@ def _load_spec(path: Path, divisible_by: int):
     from tfreg.data import DataSpec
 
     spec = DataSpec.from_yaml(path)
-    validate = getattr(spec, "validate", None)
-    if callable(validate):
-        validate()
     spec.check_divisible(divisible_by)
+    spec.validate(deep=True)
+    for note in getattr(spec, "notes", []):
+        click.echo(f"note: {note}")
     return spec

@@ -4,8 +4,12 @@ the light commands stay fast and one broken command module cannot take the other
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
+
+# TensorFlow's C++ start-up chatter is noise on a command line; users can still raise it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tfreg
 

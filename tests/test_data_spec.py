@@ -308,3 +308,25 @@ def test_user_errors_exit_non_zero_with_one_line(col):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "images: 'nothing/*.nii.gz' matched no files" in lines[0]
     assert issubclass(ConfigError, TfregError) and issubclass(InputError, TfregError)
+
+
+def test_readme_examples_use_only_known_keys():
+    """Every YAML example in configs/data/README.md parses and uses valid keys and sections."""
+    import re
+
+    import yaml
+
+    from tfreg.data import Augmentation, Preprocessing
+    from tfreg.data.spec import SPEC_KEYS
+    from tfreg_configs import config_path
+
+    text = config_path("data/README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        d = yaml.safe_load(block)
+        assert set(d) <= set(SPEC_KEYS), set(d) - set(SPEC_KEYS)
+        if "preprocess" in d:
+            Preprocessing.from_dict({"shape": d.get("shape", [8, 8, 8]), **d["preprocess"]}, "x")
+        if "augment" in d:
+            assert Augmentation.from_dict(d["augment"], "x").enabled

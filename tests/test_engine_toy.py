@@ -159,3 +159,15 @@ def read_events(log_dir: str | Path) -> dict[str, dict[int, np.ndarray]]:
 def weights_by_name(model: keras.Model) -> dict[str, np.ndarray]:
     """``{variable path: value}`` of a model's weights."""
     return {v.path: np.array(v.numpy()) for v in model.weights}
+
+
+#: ``tfreg train`` options for a tiny VoxelMorph (16^3 volumes, 4 features per level).
+TINY_VXM = ["--set", "model.enc_features=[4, 4, 4, 4]",
+            "--set", "model.dec_features=[4, 4, 4, 4, 4, 4, 4]"]
+
+
+def write_tiny_data(folder: str | Path, n: int = 4) -> Path:
+    """Synthetic 16^3 subjects with labels and their data spec; returns the spec path."""
+    from tfreg.synthetic import write_collection
+
+    return write_collection(folder, n=n, shape=(16, 16, 16), seed=0)

@@ -191,6 +191,13 @@ def test_ncc_window_rank_mismatch():
         losses.NCC(win=(3, 3, 3))(_rand((8, 8)), _rand((8, 8)))
 
 
+@pytest.mark.parametrize("loss", [losses.NCC(), losses.GlobalNCC(), losses.MSE(), losses.Dice()])
+def test_shape_mismatch_is_refused(loss):
+    with pytest.raises(ValueError, match=r"^`y_true` and `y_pred` must have the same shape. Received: "
+                                         r"y_true.shape=\(1, 8, 8, 1\), y_pred.shape=\(1, 8, 6, 1\)$"):
+        loss(np.zeros((1, 8, 8, 1), "float32"), np.zeros((1, 8, 6, 1), "float32"))
+
+
 # ---------------------------------------------------------------- global NCC, MSE
 
 @pytest.mark.parametrize("ndims", [2, 3])

@@ -34,6 +34,7 @@ __all__ = [
     "affine_to_disp",
     "integrate_svf",
     "compose",
+    "compose_affine",
     "rescale_field",
     "resize_field",
     "resize",
@@ -172,7 +173,8 @@ def _sample(
             c = tf.clip_by_value(coords[d], 0.0, float(n - 1))
             # lower corner in [0, n-2] so that the upper corner (low + 1) stays inside; w in [0, 1]
             low = tf.stop_gradient(tf.minimum(tf.floor(c), float(max(n - 2, 0))))
-            weights.append(tf.expand_dims(c - low, -1))
+            w = tf.expand_dims(c - low, -1)
+            weights.append((1.0 - w, w))
             base = base + tf.cast(low, tf.int32) * strides[d]
         steps = [strides[d] if in_shape[d] > 1 else 0 for d in range(ndims)]
         corners = {}
@@ -182,8 +184,8 @@ def _sample(
         for d in reversed(range(ndims)):  # blend along the last axis first
             merged = {}
             for bits in itertools.product((0, 1), repeat=d):
-                v0, v1 = corners[bits + (0,)], corners[bits + (1,)]
-                merged[bits] = v0 + weights[d] * (v1 - v0)
+                # (1-w) v0 + w v1, not v0 + w (v1 - v0): exact at w = 0 and w = 1
+                merged[bits] = weights[d][0] * corners[bits + (0,)] + weights[d][1] * corners[bits + (1,)]
             corners = merged
         out = corners[()]
 
@@ -311,6 +313,33 @@ def compose(first, second, interp: str = "linear") -> tf.Tensor:
     return second + warp(first, second, interp=interp)
 
 
+def compose_affine(first, second) -> tf.Tensor:
+    """Affine of applying ``first``, then ``second`` (both centred the same way).
+
+    A point ``x`` of the fixed grid samples ``T_first(T_second(x))``, so the product is
+    ``H_first @ H_second`` in homogeneous form.
+
+    Args:
+        first, second: `(B, N, N+1)` (or `(B, N+1, N+1)`) matrices.
+
+    Returns:
+        `(B, N, N+1)` float32 matrix.
+    """
+    first, second = _as_float(first), _as_float(second, None)
+    second = _as_float(second, first.dtype)
+    ndims = first.shape[-1] - 1
+    if not (is_affine(first.shape, ndims) and is_affine(second.shape, ndims)):
+        raise ValueError(
+            "`first` and `second` must be affines (batch, N, N+1) of one N. "
+            f"Received: first.shape={tuple(first.shape)}, second.shape={tuple(second.shape)}"
+        )
+    a1, b1 = first[:, :ndims, :ndims], first[:, :ndims, ndims]
+    a2, b2 = second[:, :ndims, :ndims], second[:, :ndims, ndims]
+    matrix = tf.matmul(a1, a2)
+    trans = tf.linalg.matvec(a1, b2) + b1
+    return tf.concat([matrix, trans[..., None]], axis=-1)
+
+
 def _resize_coords(n_in: int, n_out: int, align: str) -> np.ndarray:
     if align == "corners":
         return np.linspace(0.0, n_in - 1.0, n_out) if n_out > 1 else np.zeros(1)
@@ -365,9 +394,7 @@ def resize(image, factor_or_shape, *, align: str = "corners") -> tf.Tensor:
         wshape = [1] * (len(spatial) + 2)
         wshape[d + 1] = n_out
         w = tf.constant(w.reshape(wshape), dtype=out.dtype)
-        v0 = tf.gather(out, low, axis=d + 1)
-        v1 = tf.gather(out, high, axis=d + 1)
-        out = v0 + w * (v1 - v0)
+        out = (1.0 - w) * tf.gather(out, low, axis=d + 1) + w * tf.gather(out, high, axis=d + 1)
     return out
 
 
@@ -594,12 +621,14 @@ class ComposeTransform(keras.layers.Layer):
 
     ``u = second + warp(first, second)``, so ``warp(warp(img, first), second)`` equals
     ``warp(img, u)`` up to interpolation (voxelmorph's ``ComposeTransform([first, second])``).
-    Either input may be an affine `(batch, ndims, ndims + 1)`; it is made dense first.
+    Either input may be an affine `(batch, ndims, ndims + 1)`; it is made dense first. Two affines
+    give an affine: the matrix product ``H_first @ H_second`` (homogeneous, same centre).
 
     Input shape:
         ``[first, second]``, each `(batch, *spatial, ndims)` (or an affine).
     Output shape:
-        `(batch, *spatial, ndims)` displacement in voxels.
+        `(batch, *spatial, ndims)` displacement in voxels; `(batch, ndims, ndims + 1)` for two
+        affines.
 
     Example:
     >>> z = np.zeros((1, 8, 8, 3), "float32")
@@ -624,6 +653,8 @@ class ComposeTransform(keras.layers.Layer):
                 f"ComposeTransform expects inputs [first, second]. Received: input_shape={input_shape}"
             )
         shapes = [_shape_list(s) for s in input_shape]
+        if self._both_affine(shapes):
+            return
         spatial = self._spatial(shapes)
         ndims = len(spatial)
         for s in shapes:
@@ -637,6 +668,9 @@ class ComposeTransform(keras.layers.Layer):
 
     def call(self, inputs):
         first, second = inputs
+        ndims = first.shape[-1] - 1
+        if is_affine(first.shape, ndims) and is_affine(second.shape, ndims):
+            return compose_affine(first, second)
         spatial = self._spatial([first.shape, second.shape])
         ndims = len(spatial)
         if is_affine(first.shape, ndims):
@@ -645,8 +679,16 @@ class ComposeTransform(keras.layers.Layer):
             second = affine_to_disp(second, spatial)
         return compose(first, second)
 
+    @staticmethod
+    def _both_affine(shapes) -> bool:
+        ndims = (shapes[0][-1] or 0) - 1
+        return all(is_affine(s, ndims) for s in shapes)
+
     def compute_output_shape(self, input_shape):
         shapes = [tuple(s) for s in input_shape]
+        if self._both_affine(shapes):
+            ndims = shapes[0][-1] - 1
+            return (shapes[0][0], ndims, ndims + 1)
         spatial = self._spatial(shapes)
         return (shapes[0][0], *spatial, len(spatial))
 

@@ -54,6 +54,15 @@ def _ndims(x, name: str) -> int:
     return rank - 2
 
 
+def _pair(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:
+    """Both inputs as float32, with a clear error if their (static) shapes differ."""
+    t, p = _f32(y_true), _f32(y_pred)
+    if t.shape.rank is not None and p.shape.rank is not None and not t.shape.is_compatible_with(p.shape):
+        raise ValueError("`y_true` and `y_pred` must have the same shape. "
+                         f"Received: y_true.shape={tuple(t.shape)}, y_pred.shape={tuple(p.shape)}")
+    return t, p
+
+
 def _window(win: int | Sequence[int], ndims: int) -> tuple[int, ...]:
     """Normalise a window given as an int or one int per spatial axis."""
     if isinstance(win, (int, np.integer)):
@@ -184,7 +193,7 @@ class NCC:
 
     def local_cc(self, y_true, y_pred) -> tf.Tensor:
         """Per-voxel correlation map `(batch, *spatial, 1)` (squared or signed, see class doc)."""
-        i, j = _f32(y_true), _f32(y_pred)
+        i, j = _pair(y_true, y_pred)
         ndims = _ndims(j, "y_pred")
         win = _window(self.win, ndims)
         n = float(np.prod(win) * j.shape[-1])
@@ -252,7 +261,7 @@ class MultiResolutionNCC:
         self.terms = [NCC(win=w, squared=squared, eps=eps, eps_mode=eps_mode) for w in wins]
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
-        i, j = _f32(y_true), _f32(y_pred)
+        i, j = _pair(y_true, y_pred)
         total = tf.constant(0.0, "float32")
         for s, (term, weight) in enumerate(zip(self.terms, self.weights)):
             if s > 0:
@@ -282,7 +291,7 @@ class GlobalNCC:
 
     def correlation(self, y_true, y_pred) -> tf.Tensor:
         """Pearson correlation per sample, `(batch,)`."""
-        i, j = _f32(y_true), _f32(y_pred)
+        i, j = _pair(y_true, y_pred)
         axes = list(range(1, len(j.shape)))
         di = i - tf.reduce_mean(i, axis=axes, keepdims=True)
         dj = j - tf.reduce_mean(j, axis=axes, keepdims=True)
@@ -311,7 +320,8 @@ class MSE:
         self.sigma = float(sigma)
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
-        diff = _f32(y_true) - _f32(y_pred)
+        t, p = _pair(y_true, y_pred)
+        diff = t - p
         return tf.reduce_mean(diff * diff) / (self.sigma ** 2)
 
 
@@ -417,7 +427,7 @@ class Dice:
     """
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
-        t, p = _f32(y_true), _f32(y_pred)
+        t, p = _pair(y_true, y_pred)
         ndims = _ndims(p, "y_pred")
         axes = list(range(1, ndims + 1))
         top = 2.0 * tf.reduce_sum(t * p, axis=axes)

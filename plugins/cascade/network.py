@@ -10,7 +10,7 @@ Graph of ``build(config, inshape)``::
                          agg_k = A f_k + agg_0          (k = 1 after the affine stem: exact)
                                = compose(agg_{k-1}, f_k) = f_k + agg_{k-1}(x + f_k)   (otherwise)
                          warped_k = warp(moving, agg_k)             (always from the original moving)
-      outputs: "warped" = warped_n, "disp" = agg_n, "flow_k" = f_k, "warped_k",
+      outputs: "warped" = warped_n, "disp" = agg_n, "flow_k" = f_k, "disp_k" = agg_k, "warped_k",
                "affine" (with the stem)
 
 Every field is a displacement in voxels of the fixed grid, channel ``d`` along array axis ``d``,
@@ -401,8 +401,9 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
     Returns:
         ``keras.Model`` with dict inputs ``{"moving", "fixed"}`` `(B, *S, 1)` and dict outputs
         ``"warped"`` `(B, *S, 1)`, ``"disp"`` `(B, *S, N)` (voxels, pull, fixed grid),
-        ``"flow_k"`` (cascade k's own flow) and ``"warped_k"`` for k = 1..n, plus ``"affine"``
-        `(B, N, N+1)` and ``"warped_0"`` with the affine stem.
+        ``"flow_k"`` (cascade k's own flow), ``"disp_k"`` (composed field after k cascades) and
+        ``"warped_k"`` for k = 1..n, plus ``"affine"`` `(B, N, N+1)`, ``"disp_0"`` and
+        ``"warped_0"`` with the affine stem.
 
     Raises:
         ConfigError: an invalid ``model.<key>`` or a shape the network cannot take.
@@ -421,6 +422,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         outputs["affine"] = affine
         agg = AffineToField(shape, name="affine_field")(affine)
         warped = transformer([moving, agg])
+        outputs["disp_0"] = agg
         outputs["warped_0"] = warped
 
     make = vtn if arch.base == "vtn" else unet
@@ -440,6 +442,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         else:
             agg = ComposeTransform(name=f"compose_{k}")([agg, flow])
         warped = transformer([moving, agg])
+        outputs[f"disp_{k}"] = agg
         outputs[f"warped_{k}"] = warped
 
     outputs["disp"] = keras.layers.Identity(name="disp", dtype="float32")(agg)

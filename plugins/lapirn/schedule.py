@@ -37,7 +37,8 @@ def stages(config: dict) -> list[Stage]:
         ``train.learning_rate``.
 
     Raises:
-        ConfigError: a step count is not an integer (``level*_steps`` >= 1, ``freeze_steps`` >= 0).
+        ConfigError: a step count is not an integer >= 0. ``level{l}_steps: 0`` skips that level's
+            training (e.g. to train only the coarse levels of a quick run).
     """
     section = config.get("schedule") or {}
     variant = model_options(config).variant
@@ -45,7 +46,7 @@ def stages(config: dict) -> list[Stage]:
     out = []
     for level in range(1, LEVELS + 1):
         frozen = tuple(f"lapirn_l{lower}" for lower in range(1, level))
-        out.append(Stage(name=f"level{level}", steps=_count(section, f"level{level}_steps", 1),
+        out.append(Stage(name=f"level{level}", steps=_count(section, f"level{level}_steps", 0),
                          outputs=level_outputs(level, variant), frozen=frozen,
                          freeze_steps=freeze if frozen else 0))
     return out

@@ -142,6 +142,12 @@ class TrainLogger:
             write_scalar("learning_rate", lr, step)
             write_scalar("steps_per_sec", rate, step)
 
+    def value(self, tag: str, value: float, step: int) -> None:
+        """Write one scalar (e.g. ``val/dice``)."""
+        if self.enabled:
+            with self.writer.as_default(step=step):
+                write_scalar(tag, value, step)
+
     def images(self, step: int, images: dict[str, np.ndarray]) -> None:
         """Write mid slices of the given `(B, *S, C)` volumes (first sample)."""
         if not self.enabled:

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from tfreg.errors import ConfigError, TfregError
 from .checkpoint import Checkpointer, RunState, atomic_save
 from .logging import TrainLogger, write_versions
 from .strategy import check_global_batch, is_chief, make_strategy
+from .validation import ValDice
 
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "LR_SCHEDULES",
            "PRECISIONS"]
@@ -64,8 +66,9 @@ class TrainResult:
         step: training steps done over all stages.
         finished: True when every stage completed (False never happens without an exception).
         losses: loss terms and ``total`` of the last step.
-        history: per step ``{"step", "stage", "total", <terms>..., "lr"}`` for the steps run by
-            this call.
+        history: per step ``{"step", "stage", "total", <terms>..., "lr", "time"}`` for the steps
+            run by this call (``time``: seconds since the call started, at the end of the step).
+        validation: ``(step, mean val Dice)`` at each checkpoint (empty without validation).
         model: the trained Keras model (all outputs).
         strategy: the `tf.distribute.Strategy` used.
     """
@@ -75,6 +78,7 @@ class TrainResult:
     finished: bool
     losses: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
     model: keras.Model | None = None
     strategy: Any = None
 
@@ -378,7 +382,10 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     history: list[dict[str, float]] = []
     last_terms: dict[str, float] = {}
 
-    def save(stage_i: int, stage_s: int) -> None:
+    validator = ValDice.create(method, spec, int(tcfg["val_pairs"])) if chief else None
+    validation: list[tuple[int, float]] = []
+
+    def save(stage_i: int, stage_s: int, validate: bool = True) -> None:
         nonlocal last_saved
         if step == last_saved:
             return
@@ -389,8 +396,13 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
             run_state.stage_name = names[stage_i] if stage_i < len(names) else ""
             run_state.checkpoint = path
             run_state.save(run_dir)
+        if validator is not None and validate:
+            score = validator(model)
+            validation.append((step, score))
+            log.value("val/dice", score, step)
 
     iterator = None
+    started = time.perf_counter()
     try:
         with _StopRequest() as stop:
             for index, stage in enumerate(stages):
@@ -420,7 +432,8 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                     step += 1
                     stage_step = s + 1
                     last_terms = terms
-                    history.append({"step": step, "stage": index, **terms, "lr": lr})
+                    history.append({"step": step, "stage": index, **terms, "lr": lr,
+                                    "time": time.perf_counter() - started})
                     shown = {k: v for k, v in terms.items() if k != "total"}
                     log.update(stage_step, {**shown, "total": terms["total"]})
                     if step % tcfg["log_every"] == 0 or stage_step == stage.steps:
@@ -430,7 +443,7 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                     if step % tcfg["checkpoint_every"] == 0:
                         save(index, stage_step)
                     if stop.signum is not None:
-                        save(index, stage_step)
+                        save(index, stage_step, validate=False)
                         raise _interrupted(stop.signum, run_dir, step)
                 # a stage boundary is a resume point; a resumed run that finds stage_step ==
                 # stage.steps moves on to the next stage (or extends the last one if its steps grew)
@@ -449,10 +462,11 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
         _save_final_model(model, run_dir, log)
         run_state.step, run_state.finished = step, True
         run_state.save(run_dir)
-        log.message(f"finished {step} steps; run directory: {run_dir}")
+        log.message(f"finished: {step} steps ({time.perf_counter() - started:.1f} s in this call)")
     log.close()
     return TrainResult(run_dir=run_dir, step=step, finished=True, losses=last_terms,
-                       history=history, model=model, strategy=strategy)
+                       history=history, validation=validation, model=model,
+                       strategy=strategy)
 
 
 def _interrupted(signum: int, run_dir: Path, step: int) -> TrainingInterrupted:

@@ -1,0 +1,169 @@
+"""Training throughput benchmark: VoxelMorph (default network) steps/s and peak memory.
+
+For each volume shape and device setting, a fresh process trains the VoxelMorph plugin with its
+default config (U-Net 16/32 features, SVF with 7 squarings at half resolution, MSE + Grad) on
+synthetic phantoms through `tfreg.engine.train`, one sample per replica:
+
+* ``cpu1``: one device (the CPU), batch 1;
+* ``cpu2``: two logical CPU devices (MirroredStrategy), global batch 2 -- both share the same
+  physical cores, so this measures the cost of the multi-replica path, not a speed-up;
+* ``gpu1``: the first GPU, batch 1 (only where TensorFlow sees a GPU);
+* ``gpu1-xla``: the same with ``train.jit_compile: true``.
+
+Reported per setting: seconds per step and steps/s over the timed steps (after `--warmup` steps
+that include tracing), samples/s, the first step's time (tracing + first batch), peak resident
+memory of the process (``ru_maxrss``) and, on GPU, TensorFlow's peak GPU memory.
+
+Usage::
+
+    python benchmarks/bench_train.py                              # 96x112x96, cpu1 + cpu2
+    python benchmarks/bench_train.py --shapes 96x112x96,160x192x224 --settings cpu1,cpu2
+    python benchmarks/bench_train.py --settings gpu1,gpu1-xla --steps 20
+
+Results: a table on stdout and ``benchmarks/results/bench_train.json`` (``--json`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = ("cpu1", "cpu2", "gpu1", "gpu1-xla")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.lower().split("x"))
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement in this (fresh) process."""
+    setting = args.setting
+    devices = {"cpu1": ["cpu:0"], "cpu2": ["cpu:0", "cpu:1"],
+               "gpu1": ["gpu:0"], "gpu1-xla": ["gpu:0"]}[setting]
+    from tfreg.engine import configure_devices, make_strategy
+
+    configure_devices(devices)
+    strategy = make_strategy(devices)
+
+    import tensorflow as tf
+
+    from tfreg.config import method_defaults
+    from tfreg.data import DataSpec
+    from tfreg.engine import train
+    from tfreg.registry import discover
+
+    loaded = discover().get("voxelmorph")
+    config = method_defaults(loaded.method)
+    replicas = strategy.num_replicas_in_sync
+    config["train"].update({
+        "steps": args.warmup + args.steps, "batch_size": replicas, "checkpoint_every": 10**6,
+        "log_every": 10**6, "image_every": 10**6, "jit_compile": setting.endswith("xla"),
+    })
+    spec = DataSpec.from_yaml(args.data)
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = train(loaded, config, spec, run_dir, strategy=strategy, verbose=0)
+    times = [h["time"] for h in result.history]
+    timed = times[-1] - times[args.warmup - 1]
+    sec_per_step = timed / args.steps
+    out = {
+        "shape": list(_shape(args.shape)), "setting": setting, "replicas": replicas,
+        "global_batch": replicas, "timed_steps": args.steps,
+        "sec_per_step": round(sec_per_step, 4), "steps_per_s": round(1 / sec_per_step, 4),
+        "samples_per_s": round(replicas / sec_per_step, 4),
+        "first_step_s": round(times[0], 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "final_loss": round(result.history[-1]["total"], 6),
+    }
+    if setting.startswith("gpu"):
+        info = tf.config.experimental.get_memory_info("GPU:0")
+        out["peak_gpu_gib"] = round(info["peak"] / 2**30, 3)
+        out["gpu"] = tf.config.experimental.get_device_details(
+            tf.config.list_physical_devices("GPU")[0]).get("device_name")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="96x112x96",
+                        help="comma-separated volume shapes, e.g. 96x112x96,160x192x224")
+    parser.add_argument("--settings", default="cpu1,cpu2",
+                        help=f"comma-separated settings among {', '.join(SETTINGS)}")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (tracing)")
+    parser.add_argument("--json", default=str(HERE / "results" / "bench_train.json"),
+                        help="where to write the results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    from tfreg.synthetic import write_collection
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+    results = []
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in args.shapes.split(","):
+            shape = _shape(text)
+            spec = write_collection(Path(tmp) / text, n=3, shape=shape, seed=0)
+            for setting in settings:
+                started = time.perf_counter()
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--worker", "--setting", setting, "--shape", text,
+                     "--data", str(spec), "--steps", str(args.steps), "--warmup",
+                     str(args.warmup)], env=env, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{text} {setting}: failed ({tail})", flush=True)
+                    results.append({"shape": list(shape), "setting": setting, "error": tail})
+                    continue
+                row = json.loads(lines[-1][len("RESULT "):])
+                row["process_wall_s"] = round(time.perf_counter() - started, 1)
+                results.append(row)
+                print(f"{text:>12} {setting:>9}: {row['sec_per_step']:8.3f} s/step "
+                      f"{row['samples_per_s']:7.3f} samples/s  first step {row['first_step_s']:6.1f} s"
+                      f"  peak RSS {row['peak_rss_gib']:.2f} GiB"
+                      + (f"  peak GPU {row['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in row
+                         else ""), flush=True)
+
+    import tensorflow as tf
+
+    report = {
+        "benchmark": "bench_train",
+        "method": "voxelmorph (default config)",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "tensorflow": tf.__version__},
+        "warmup_steps": args.warmup,
+        "results": results,
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    tmp_path.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_path, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
