@@ -17,7 +17,7 @@ from tfreg_cli.common import user_errors
                    "final weights [default: model.weights.h5, else the newest checkpoint].")
 @user_errors
 def export(run_dir: str, model_dir: str, checkpoint: str | None) -> None:
-    """Export the model trained in RUN_DIR.
+    """Export the model trained in RUN_DIR into the model directory given by -o.
 
     \b
     MODEL_DIR gets:

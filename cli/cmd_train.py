@@ -10,7 +10,7 @@ import click
 
 from tfreg_cli.common import user_errors
 
-PRECISIONS = ("float32", "mixed_float16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _shortcuts(steps, epochs, batch_size, seed, learning_rate, precision, deterministic,
@@ -84,7 +84,8 @@ def _devices(devices: str | None, gpus: str | None) -> list[str] | None:
               help="Shortcut for --set train.learning_rate=LR.")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="Shortcut for --set train.precision=...; mixed_float16 computes layers in "
-                   "float16, fields and losses in float32, with loss scaling.")
+                   "float16 with loss scaling (GPU), mixed_bfloat16 in bfloat16 (CPUs with "
+                   "bfloat16 support); fields and losses stay float32.")
 @click.option("--deterministic", is_flag=True, default=None,
               help="Shortcut for --set train.deterministic=true (TensorFlow op determinism; "
                    "slower).")
@@ -111,6 +112,10 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
     stage; TensorBoard logs to RUN_DIR/logs; the final model to RUN_DIR/model.keras and
     RUN_DIR/model.weights.h5. Ctrl-C (or SIGTERM) saves a checkpoint and stops; continue with
     'tfreg train --resume RUN_DIR'.
+
+    With several devices the global batch (--batch-size) is split evenly over the replicas,
+    each replica reading its own batches. With TF_CONFIG set, start the same command on every
+    worker; the chief (or worker 0) writes RUN_DIR.
 
     \b
     Examples:

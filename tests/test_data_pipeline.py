@@ -54,7 +54,8 @@ def test_unshuffled_pass_matches_the_pair_list_and_the_files(spec):
     for batch, pair in zip(batches, pairs):
         np.testing.assert_allclose(batch["fixed"][0, ..., 0], _minmax(pair.fixed), atol=1e-6)
         np.testing.assert_allclose(batch["moving"][0, ..., 0], _minmax(pair.moving), atol=1e-6)
-        np.testing.assert_array_equal(batch["moving_labels"][0, ..., 0], _labels(pair.moving_labels))
+        np.testing.assert_array_equal(batch["moving_labels"][0, ..., 0],
+                                      _labels(pair.moving_labels))
 
 
 def _fingerprints(batches) -> list[tuple[float, float]]:
@@ -127,7 +128,8 @@ def _blob_spec(folder: Path, shape, augment) -> DataSpec:
         mask = (sum(g**2 for g in grid) <= radius**2).astype(np.float32)
         mask[tuple(slice(0, n // 2) for n in shape)] = 1.0  # asymmetric: rotations show
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(folder / "img" / f"s{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(mask.astype(np.int16), np.eye(4)), str(folder / "seg" / f"s{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask.astype(np.int16), np.eye(4)),
+                 str(folder / "seg" / f"s{i}.nii.gz"))
     return DataSpec.from_dict({"images": "img/*.nii.gz", "labels": "seg/*.nii.gz",
                                "shape": list(shape), "preprocess": {"normalize": "none"},
                                "augment": augment}, folder)
@@ -165,3 +167,29 @@ def test_augmentation_off_by_default_and_intensity_only_changes_images(tmp_path)
     assert np.abs(batch["fixed"][0, ..., 0] - image).mean() > 0.01
     plain = DataSpec.from_dict({"images": "img/*.nii.gz", "shape": [16, 16]}, tmp_path)
     assert plain.augmentation is None
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_random_affine_displacement_is_exactly_affine_and_bounded(ndims):
+    from tfreg.data.augment import Augmentation, random_disp
+
+    shape = (13, 10, 9)[:ndims]
+    aug = Augmentation(rotate=20, scale=0.1, shift=3, shear=0.05)
+    disp = random_disp(shape, aug, tf.constant([4, 2], tf.int64)).numpy()[0]
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
+    x = grid.reshape(-1, ndims) - (np.array(shape) - 1) / 2
+    y = x + disp.reshape(-1, ndims)
+    # least-squares affine fit y = x M + t: residual ~ 0 (float32), so the field is affine
+    design = np.concatenate([x, np.ones((len(x), 1))], 1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    assert np.abs(design @ coef - y).max() < 1e-4
+    matrix, shift = coef[:ndims].T, coef[ndims]
+    assert np.all(np.abs(shift) <= 3 + 1e-4)
+    # singular values of rotation @ shear @ scale stay within the scale and shear ranges
+    sv = np.linalg.svd(matrix, compute_uv=False)
+    assert sv.max() < (1.1) * (1 + 0.05 * ndims) and sv.min() > 0.9 * (1 - 0.05 * ndims)
+    assert not np.allclose(matrix, np.eye(ndims), atol=1e-3)
+    # deformation only: |u| <= max_disp everywhere (convex combinations of control values)
+    deform = random_disp(shape, Augmentation(max_disp=1.5, spacing=4), tf.constant([1, 1],
+                                                                                  tf.int64))
+    assert np.abs(deform.numpy()).max() <= 1.5 + 1e-6 and np.abs(deform.numpy()).max() > 0.5

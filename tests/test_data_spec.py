@@ -60,7 +60,8 @@ def test_path_forms_list_textfile_template(col):
     spec = _spec(col, "images: train.txt\nlabels: labels/{stem}.nii.gz\nshape: [16, 16, 16]\n")
     assert _names(s.image for s in spec.scans) == ["sub-00.nii.gz", "sub-02.nii.gz"]
     assert _names(s.labels for s in spec.scans) == ["sub-00.nii.gz", "sub-02.nii.gz"]
-    spec = _spec(col, "images: [images/sub-03.nii.gz, 'images/sub-0[12].nii.gz']\nshape: [16,16,16]\n")
+    spec = _spec(col, "images: [images/sub-03.nii.gz, 'images/sub-0[12].nii.gz']\n"
+                      "shape: [16, 16, 16]\n")
     assert _names(s.image for s in spec.scans) == ["sub-03.nii.gz", "sub-01.nii.gz",
                                                    "sub-02.nii.gz"]
 
@@ -98,7 +99,8 @@ def test_shipped_oasis_spec_parses_a_learn2reg_layout(tmp_path):
                  str(tmp_path / "labelsTr" / name))
         entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     meta = {"training": entries, "registration_val": [
-        {"fixed": "./imagesTr/OASIS_0003_0000.nii.gz", "moving": "./imagesTr/OASIS_0004_0000.nii.gz"}]}
+        {"fixed": "./imagesTr/OASIS_0003_0000.nii.gz",
+         "moving": "./imagesTr/OASIS_0004_0000.nii.gz"}]}
     (tmp_path / "OASIS_dataset.json").write_text(json.dumps(meta))
     shutil.copy(config_path("data/oasis.yaml"), tmp_path / "oasis.yaml")
     spec = DataSpec.from_yaml(tmp_path / "oasis.yaml")
@@ -278,7 +280,8 @@ def test_shape_not_divisible(col):
     spec = _spec(col, "images: images/*.nii.gz\nshape: [16, 20, 12]\n")
     spec.check_divisible(4)
     with pytest.raises(ConfigError, match=r"data\.yaml: shape: \[16, 20, 12\] is not divisible "
-                                          r"by 8, which the method needs; use e\.g\. \[16, 24, 16\]"):
+                                          r"by 8, which the method needs; "
+                                          r"use e\.g\. \[16, 24, 16\]"):
         spec.check_divisible(8)
 
 

@@ -158,18 +158,33 @@ def test_interrupt_saves_checkpoint_then_resume_finishes(tmp_path, monkeypatch):
         str(run / "checkpoints" / "ckpt-6")).expect_partial()
     assert int(ckpt_opt.iterations.numpy()) == 6
 
-    # resuming a finished run does nothing more
+    # resuming a finished run does nothing more; with more steps it trains further
     again = train(toy_method(), config, SPEC, run, resume=True, verbose=0)
     assert again.step == 6 and again.history == []
+    longer = toy_config(steps=8, checkpoint_every=100)
+    again = train(toy_method(), longer, SPEC, run, resume=True, verbose=0)
+    assert [h["step"] for h in again.history] == [7, 8]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 8
 
 
-def test_mixed_precision_trains_without_nan(tmp_path):
-    config = toy_config(steps=3, precision="mixed_float16", learning_rate=1e-2)
+@pytest.fixture(scope="module")
+def float32_history(tmp_path_factory):
+    config = toy_config(steps=3, learning_rate=1e-2)
+    return train(toy_method(), config, SPEC, tmp_path_factory.mktemp("f32"), verbose=0).history
+
+
+@pytest.mark.parametrize("precision, compute, rtol", [("mixed_float16", "float16", 1e-2),
+                                                       ("mixed_bfloat16", "bfloat16", 5e-2)])
+def test_mixed_precision_trains_without_nan(tmp_path, float32_history, precision, compute, rtol):
+    """3 steps without NaN; the first step's loss (same weights and batch) matches float32 to the
+    compute type's precision (rtol 1e-2 for float16, 5e-2 for bfloat16's 8-bit mantissa)."""
+    config = toy_config(steps=3, precision=precision, learning_rate=1e-2)
     result = train(toy_method(), config, SPEC, tmp_path / "run", verbose=0)
     assert all(math.isfinite(h["total"]) for h in result.history)
     assert all(np.isfinite(w).all() for w in weights_by_name(result.model).values())
     enc = result.model.get_layer("enc")
-    assert enc.compute_dtype == "float16" and enc.kernel.dtype == "float32"
+    assert enc.compute_dtype == compute and enc.kernel.dtype == "float32"
+    assert result.history[0]["sim"] == pytest.approx(float32_history[0]["sim"], rel=rtol)
     out = result.model({"fixed": toy_images(SPEC)[:1], "moving": toy_images(SPEC)[1:2]})
     assert out["disp"].dtype == "float32" and out["warped"].dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"  # global policy restored
@@ -208,7 +223,7 @@ def test_learning_rate_schedules():
     ("lr_schedule", "linear", "train.lr_schedule: expected one of constant, cosine, "
                               "exponential, got 'linear'"),
     ("precision", "float16", "train.precision: expected one of float32, mixed_float16, "
-                             "got 'float16'"),
+                             "mixed_bfloat16, got 'float16'"),
     ("batch_size", 0, "train.batch_size: expected an integer >= 1, got 0"),
     ("clip_norm", -1.0, "train.clip_norm: expected a number > 0, got -1.0"),
 ])

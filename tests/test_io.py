@@ -233,7 +233,8 @@ def test_anisotropic_resampling_of_a_linear_ramp_is_exact_inside(ndims):
     src_affine = _affine((1.0, 1.0, 1.0), (-10.0, -12.0, -8.0))
     src_shape = (21, 25, 17)[:ndims]
     src = (_world(src_affine, src_shape)[..., :3] @ coef + 5.0).astype(np.float32)
-    dst_affine = _affine((2.0, 0.7, 3.0), (-8.3, -10.1, -8.0 if ndims == 2 else -6.0))  # 2D: same plane
+    z = -8.0 if ndims == 2 else -6.0  # 2D grids share the slice plane
+    dst_affine = _affine((2.0, 0.7, 3.0), (-8.3, -10.1, z))
     dst_shape = (8, 30, 5)[:ndims]
     out = resample_to_grid(Volume(src, src_affine), dst_affine, dst_shape, order=1)
     want = _world(dst_affine, dst_shape)[..., :3] @ coef + 5.0

@@ -20,8 +20,9 @@ from tfreg_plugins.lapirn import losses, network, schedule
 #: the method as discovered through its entry point (default_config resolved to the shipped YAML)
 METHOD = discover().get("lapirn").method
 
-#: a small network for the engine tests (the architecture tests use the default size)
-TINY_MODEL = {"features": 4, "res_blocks": 1}
+#: a small network for the engine tests (the architecture tests use the default size); two
+#: squaring steps keep the graphs of the training steps, traced once per stage, small
+TINY_MODEL = {"features": 4, "res_blocks": 1, "int_steps": 2}
 
 
 def _config(**sections) -> dict:
@@ -267,7 +268,7 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-SHAPE_3D = (16, 16, 16)
+SHAPE_TINY = (16, 16)
 STAGED = {"level1_steps": 2, "level2_steps": 4, "level3_steps": 1, "freeze_steps": 2}
 
 
@@ -281,7 +282,7 @@ def _engine_config() -> dict:
 def tiny_images() -> np.ndarray:
     from tfreg.synthetic import deformed_subject
 
-    return np.stack([deformed_subject(SHAPE_3D, 40 + i)[0] for i in range(4)])
+    return np.stack([deformed_subject(SHAPE_TINY, 40 + i)[0] for i in range(4)])
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +292,7 @@ def staged_run(tmp_path_factory, tiny_images):
     method = dataclasses.replace(METHOD, data_pipeline=_images_pipeline(tiny_images))
     run_dir = tmp_path_factory.mktemp("lapirn_staged")
     result = train(method, _engine_config(), None, run_dir, verbose=0)
-    return result, _checkpoint_weights(run_dir, _engine_config(), SHAPE_3D)
+    return result, _checkpoint_weights(run_dir, _engine_config(), SHAPE_TINY)
 
 
 def test_engine_stages_freeze_lower_levels_for_freeze_steps(staged_run):
@@ -318,7 +319,7 @@ def test_engine_resumes_mid_level_inside_the_freeze_window(tmp_path, tiny_images
     method = dataclasses.replace(METHOD, data_pipeline=_images_pipeline(tiny_images))
     result = train(method, _engine_config(), None, run_dir, resume=True, verbose=0)
     assert result.step == 7 and json.loads((run_dir / "state.json").read_text())["finished"]
-    ckpt = _checkpoint_weights(run_dir, _engine_config(), SHAPE_3D)
+    ckpt = _checkpoint_weights(run_dir, _engine_config(), SHAPE_TINY)
     # the first three steps are those of the uninterrupted run (same seed and data order)
     _, reference = staged_run
     for level in (1, 2, 3):

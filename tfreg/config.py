@@ -48,7 +48,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "clip_norm": None,         # global-norm gradient clipping
         "seed": 0,
         "deterministic": False,    # tf.config.experimental.enable_op_determinism()
-        "precision": "float32",    # float32 | mixed_float16
+        "precision": "float32",    # float32 | mixed_float16 | mixed_bfloat16
         "checkpoint_every": 500,
         "keep_checkpoints": 3,
         "log_every": 10,           # TensorBoard scalars

@@ -282,7 +282,7 @@ def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:
     if steps == 0:
         return disp
     _, disp = tf.while_loop(lambda i, d: i < steps, lambda i, d: (i + 1, d + layers.warp(d, d)),
-                            (tf.constant(0), disp))
+                            (tf.constant(0), disp), maximum_iterations=steps)
     return disp
 
 
@@ -320,29 +320,6 @@ def _compiled(key: tuple, build: Callable[[], Callable], jit: bool) -> Callable:
     return _STEPS[key]
 
 
-def _affine_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], factor: float,
-                    centre: np.ndarray, scale: float) -> Callable:
-    ndims = len(shape)
-    sim = _similarity_fn(cfg, cfg.ncc_win[0] if cfg.ncc_win else 5)
-    grid = None  # built inside the function (never captured as a large constant)
-
-    def step(params, m, s, t, fixed, moving, init):
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            affine = _params_to_affine(params, init, ndims, scale)
-            pts = _level_grid(shape, factor, centre)
-            loc = _apply_affine(pts, affine, centre) / factor
-            disp = loc - _level_grid(shape, 1.0, np.zeros(ndims))
-            warped = layers.warp(moving, disp)
-            loss = sim(fixed, warped)
-        grad = tape.gradient(loss, params)
-        params, m, s = _adam(params, grad, m, s, t, cfg.affine_lr)
-        return params, m, s, loss
-
-    del grid
-    return step
-
-
 def _params_to_affine(params: tf.Tensor, init: tf.Tensor, ndims: int, scale: float) -> tf.Tensor:
     """`params (N*(N+1),)`: matrix increments and translation in units of `scale` voxels."""
     delta = tf.reshape(params, (ndims, ndims + 1))
@@ -350,16 +327,22 @@ def _params_to_affine(params: tf.Tensor, init: tf.Tensor, ndims: int, scale: flo
     return init + delta * weights
 
 
-def _svf_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, index: int,
-                 centre: np.ndarray) -> Callable:
+def _step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
+             centre: np.ndarray, scale: float) -> Callable:
+    """One Adam step on the affine parameters and the velocity parameters at one pyramid level.
+
+    The learning rates are arguments, so the same compiled step serves the affine stage (velocity
+    rate 0) and the deformable stage (affine rate 0).
+    """
     ndims = len(shape)
     factor = float(2 ** level)
-    sim = _similarity_fn(cfg, cfg.ncc_win[index])
-    lr = cfg.learning_rate[index]
+    sim = _similarity_fn(cfg, win)
 
-    def step(w, m, s, t, fixed, moving, affine):
+    def step(theta, w, state, t, lrs, fixed, moving, init):
+        m_a, s_a, m_w, s_w = state
         with tf.GradientTape() as tape:
-            tape.watch(w)
+            tape.watch([theta, w])
+            affine = _params_to_affine(theta, init, ndims, scale)
             v = _gaussian_smooth(w, cfg.param_sigma)
             if cfg.exact_grad:
                 u = _integrate(v, cfg.int_steps)
@@ -372,10 +355,11 @@ def _svf_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, index:
             warped = layers.warp(moving, disp)
             sim_loss = sim(fixed, warped)
             loss = sim_loss + cfg.lam * _grad_l2(v)
-        grad = tape.gradient(loss, w)
-        grad = _gaussian_smooth(grad, cfg.grad_sigma)
-        w, m, s = _adam(w, grad, m, s, t, lr)
-        return w, m, s, sim_loss
+        g_a, g_w = tape.gradient(loss, [theta, w])
+        g_w = _gaussian_smooth(g_w, cfg.grad_sigma)
+        theta, m_a, s_a = _adam(theta, g_a, m_a, s_a, t[0], lrs[0])
+        w, m_w, s_w = _adam(w, g_w, m_w, s_w, t[1], lrs[1])
+        return theta, w, (m_a, s_a, m_w, s_w), sim_loss
 
     return step
 
@@ -450,75 +434,82 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
 
     f_pyr = _pyramid(tf.constant(fixed[None, ..., None]), depth)
     m_pyr = _pyramid(tf.constant(moving[None, ..., None]), depth)
+    shapes = [tuple(x.shape[1:-1]) for x in f_pyr]
+    scale = float(max(shape)) / 10.0
 
-    # 1. moments / initial affine
-    t0 = time.perf_counter()
-    affine = np.asarray(init_affine, np.float32) if init_affine is not None else (
-        moments_init(fixed, moving) if cfg.affine and init_disp is None else
-        np.concatenate([np.eye(ndims), np.zeros((ndims, 1))], axis=1).astype(np.float32))
-    affine = tf.constant(affine)
+    # 1. moments (or the given affine)
+    if init_affine is not None:
+        affine = np.asarray(init_affine, np.float32)
+    elif cfg.affine and init_disp is None:
+        affine = moments_init(fixed, moving)
+    else:
+        affine = np.concatenate([np.eye(ndims), np.zeros((ndims, 1))], axis=1).astype(np.float32)
+    affine = tf.constant(affine, tf.float32)
+    theta = tf.zeros((ndims * (ndims + 1),), tf.float32)
 
-    # 2. affine stage
-    if cfg.affine and init_disp is None and cfg.affine_iterations > 0:
-        lvl = cfg.affine_level
-        lshape = tuple(f_pyr[lvl].shape[1:-1])
-        scale = float(max(shape)) / 10.0
-        step = _compiled(("affine", lshape, lvl, tuple(centre), cfg), lambda: _affine_step_fn(
-            cfg, lshape, float(2 ** lvl), centre, scale), jit)
-        params = tf.zeros((ndims * (ndims + 1),), tf.float32)
-        m = tf.zeros_like(params)
-        s = tf.zeros_like(params)
-        for it in range(cfg.affine_iterations):
-            params, m, s, loss = step(params, m, s, tf.constant(it + 1.0), f_pyr[lvl], m_pyr[lvl],
-                                      affine)
-            if it % 10 == 0 or it == cfg.affine_iterations - 1:
-                report("affine", it + 1, cfg.affine_iterations, float(loss))
-        affine = _params_to_affine(params, affine, ndims, scale)
-    times["affine"] = time.perf_counter() - t0
-
-    # 3. diffeomorphic stage, coarse to fine
-    v = None
+    # velocity parameters and the level they live on
+    w, w_level = None, None
     if init_disp is not None:
-        lvl0 = cfg.levels[0] if cfg.levels else 0
-        v = tf.constant(np.asarray(init_disp, np.float32)[None])
-        for _ in range(lvl0):
-            v = losses.avg_pool_half(v) * 0.5
-    prev_level = None
-    for index, lvl in enumerate(cfg.levels):
-        t0 = time.perf_counter()
-        lshape = tuple(f_pyr[lvl].shape[1:-1])
-        if v is None:
-            v = tf.zeros((1, *lshape, ndims), tf.float32)
-        elif prev_level is not None:
-            for k in range(prev_level, lvl, -1):
-                target = tuple(f_pyr[k - 1].shape[1:-1])
-                v = _upsample(v, target) * 2.0
-        step = _compiled(("svf", lshape, lvl, index, tuple(centre), cfg), lambda: _svf_step_fn(
-            cfg, lshape, lvl, index, centre), jit)
-        m = tf.zeros_like(v)
-        s = tf.zeros_like(v)
-        total = cfg.iterations[index]
-        for it in range(total):
-            v, m, s, loss = step(v, m, s, tf.constant(it + 1.0), f_pyr[lvl], m_pyr[lvl], affine)
-            if it % 10 == 0 or it == total - 1:
-                report(f"level {index + 1}/{len(cfg.levels)} ({'x'.join(map(str, lshape))})",
-                       it + 1, total, float(loss))
-        prev_level = lvl
-        times[f"level{index + 1}"] = time.perf_counter() - t0
+        w = tf.constant(np.asarray(init_disp, np.float32)[None])
+        w_level = 0
 
-    # 4. full-resolution displacement
+    stages = []
+    if cfg.affine and init_disp is None and cfg.affine_iterations > 0:
+        win = cfg.ncc_win[0] if cfg.levels else 5
+        stages.append(("affine", cfg.affine_level, win, cfg.affine_iterations, cfg.affine_lr, 0.0))
+    for index, lvl in enumerate(cfg.levels):
+        stages.append((f"level {index + 1}/{len(cfg.levels)}", lvl, cfg.ncc_win[index],
+                       cfg.iterations[index], 0.0, cfg.learning_rate[index]))
+
+    for name, lvl, win, total, lr_a, lr_w in stages:
+        t0 = time.perf_counter()
+        lshape = shapes[lvl]
+        w = _move_to_level(w, w_level, lvl, shapes, ndims)
+        w_level = lvl
+        step = _compiled(("step", lshape, lvl, win, tuple(centre), scale, cfg),
+                         lambda: _step_fn(cfg, lshape, lvl, win, centre, scale), jit)
+        state = (tf.zeros_like(theta), tf.zeros_like(theta), tf.zeros_like(w), tf.zeros_like(w))
+        lrs = tf.constant([lr_a, lr_w], tf.float32)
+        label = f"{name} ({'x'.join(map(str, lshape))})"
+        for it in range(total):
+            t = tf.constant([it + 1.0, it + 1.0], tf.float32)
+            theta, w, state, loss = step(theta, w, state, t, lrs, f_pyr[lvl], m_pyr[lvl], affine)
+            if it % 10 == 0 or it == total - 1:
+                report(label, it + 1, total, float(loss))
+        times[name] = time.perf_counter() - t0
+
+    # 4. full-resolution displacement (eager: runs once, no compilation to wait for)
     t0 = time.perf_counter()
-    if v is None:
-        v = tf.zeros((1, *shape, ndims), tf.float32)
-        prev_level = 0
-    final = _compiled(("final", shape, prev_level, cfg.int_steps, tuple(centre), cfg.param_sigma),
-                      lambda: _final_fn(shape, prev_level, cfg.int_steps, centre,
-                                        cfg.param_sigma), jit)
-    disp = final(v, affine)
+    affine = _params_to_affine(theta, affine, ndims, scale)
+    if w is None:
+        disp = _apply_affine(_level_grid(shape, 1.0, centre), affine, centre) - \
+            _level_grid(shape, 1.0, np.zeros(ndims))
+    else:
+        u = _integrate(_gaussian_smooth(w, cfg.param_sigma), cfg.int_steps) * float(2 ** w_level)
+        for k in range(w_level, 0, -1):
+            u = _upsample(u, shapes[k - 1])
+        pts = _level_grid(shape, 1.0, centre) + u
+        disp = _apply_affine(pts, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims))
     warped = layers.warp(m_pyr[0], disp)
     sim_after = _local_ncc(f_pyr[0], warped)
     sim_before = _local_ncc(f_pyr[0], m_pyr[0])
     times["final"] = time.perf_counter() - t0
-    return InstanceResult(disp=disp.numpy()[0], affine=np.asarray(affine),
+    return InstanceResult(disp=disp.numpy()[0], affine=affine.numpy(),
                           similarity=sim_after, initial_similarity=sim_before,
                           stage_seconds=times)
+
+
+def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[tuple[int, ...]],
+                   ndims: int) -> tf.Tensor:
+    """Velocity parameters from pyramid level `src` to `dst` (values in level voxels).
+
+    None gives zeros. Finer levels are reached by linear upsampling (x2 values per level),
+    coarser ones by average pooling (x0.5 values per level).
+    """
+    if w is None:
+        return tf.zeros((1, *shapes[dst], ndims), tf.float32)
+    for k in range(src, dst, -1):
+        w = _upsample(w, shapes[k - 1]) * 2.0
+    for _ in range(src, dst):
+        w = losses.avg_pool_half(w) * 0.5
+    return w

@@ -227,7 +227,8 @@ def load_volume(path: str | Path, *, label: bool = False, allow_vector: bool = F
             if np.abs(data - rounded).max(initial=0.0) > 1e-3:
                 raise InputError(f"{path}: label map has non-integer values (is it an image?)")
             data = rounded
-        if data.size and (data.min() < np.iinfo(np.int32).min or data.max() > np.iinfo(np.int32).max):
+        limits = np.iinfo(np.int32)
+        if data.size and (data.min() < limits.min or data.max() > limits.max):
             raise InputError(f"{path}: label values do not fit in int32")
         data = data.astype(np.int32, copy=False)
     else:

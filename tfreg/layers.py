@@ -102,6 +102,13 @@ def _as_float(x, dtype=None) -> tf.Tensor:
     return x if x.dtype == dtype else tf.cast(x, dtype)
 
 
+def _common_float(*xs) -> list[tf.Tensor]:
+    """float64 if any input is float64, else float32."""
+    xs = [tf.convert_to_tensor(x) for x in xs]
+    dtype = tf.float64 if any(x.dtype == tf.float64 for x in xs) else tf.float32
+    return [_as_float(x, dtype) for x in xs]
+
+
 def _grid(spatial: Sequence[int], dtype=tf.float32) -> tf.Tensor:
     """Voxel coordinates ``(*spatial, ndims)``, ij indexing."""
     axes = [tf.range(n, dtype=dtype) for n in spatial]
@@ -119,38 +126,40 @@ def is_affine(transform_shape: Sequence[int | None], ndims: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 def _sample(
     image: tf.Tensor,
-    loc: tf.Tensor,
+    disp: tf.Tensor,
     interp: str,
     fill_value: float | None,
     rounding: str = "half_even",
 ) -> tf.Tensor:
-    """Sample ``image (B,*Si,C)`` at voxel coordinates ``loc (B,*So,N)`` (float32).
+    """Sample ``image (B,*Si,C)`` at ``x + disp(x)``, ``disp (B,*So,N)`` in voxels of ``image``.
 
     Flattened formulation: one int32 base index into the flattened ``(B*prod(Si),)`` volume per
     output voxel (lower corner), plus a constant offset per corner, then ``2**N`` (linear) or 1
     (nearest) gathers; linear blends the corners axis by axis (``2**N - 1`` lerps). Single-channel
-    images are gathered as a 1-D table, which is much faster than a ``(P, 1)`` table without XLA.
+    images are gathered from a 1-D table, much faster than a ``(P, 1)`` table without XLA.
     """
     in_shape = _static_spatial(image, "image")
+    out_shape = tuple(disp.shape[1:-1])
     ndims = len(in_shape)
     channels = image.shape[-1]
     n_in = int(np.prod(in_shape))
+    static_batch = image.shape[0] or 1
+    if static_batch * n_in >= 2**31:
+        raise ValueError(
+            "int32 indexing: batch * voxels must be < 2**31. "
+            f"Received: image.shape={tuple(image.shape)}"
+        )
     strides = [int(np.prod(in_shape[d + 1:])) for d in range(ndims)]  # row-major
-    batch = tf.shape(loc)[0]
+    batch = tf.shape(disp)[0]
     offset = tf.reshape(tf.range(batch, dtype=tf.int32) * n_in, (-1,) + (1,) * ndims)
-    coords = tf.unstack(loc, num=ndims, axis=-1)
+    # coordinates per axis: disp_d + x_d with x_d broadcast along its axis (no meshgrid)
+    coords = []
+    for d, u in enumerate(tf.unstack(disp, num=ndims, axis=-1)):
+        axis = tf.range(out_shape[d], dtype=disp.dtype)
+        coords.append(u + tf.reshape(axis, [-1 if a == d else 1 for a in range(ndims)]))
 
-    if channels == 1:
-        table = tf.reshape(image, (-1,))
-
-        def gather(index):
-            return tf.expand_dims(tf.gather(table, index), -1)
-
-    else:
-        table = tf.reshape(image, (-1, tf.shape(image)[-1]))
-
-        def gather(index):
-            return tf.gather(table, index)
+    single = channels == 1
+    table = tf.reshape(image, (-1,) if single else (-1, tf.shape(image)[-1]))
 
     if fill_value is not None:
         outside = None
@@ -164,7 +173,7 @@ def _sample(
             c = tf.clip_by_value(coords[d], 0.0, float(in_shape[d] - 1))
             c = tf.round(c) if rounding == "half_even" else tf.floor(c + 0.5)
             index = index + tf.cast(c, tf.int32) * strides[d]
-        out = gather(index)
+        out = tf.gather(table, index)
     else:
         base = offset
         weights = []
@@ -173,14 +182,18 @@ def _sample(
             c = tf.clip_by_value(coords[d], 0.0, float(n - 1))
             # lower corner in [0, n-2] so that the upper corner (low + 1) stays inside; w in [0, 1]
             low = tf.stop_gradient(tf.minimum(tf.floor(c), float(max(n - 2, 0))))
-            w = tf.expand_dims(c - low, -1)
+            w = c - low
+            if not single:
+                w = tf.expand_dims(w, -1)
             weights.append((1.0 - w, w))
-            base = base + tf.cast(low, tf.int32) * strides[d]
+            low_i = tf.cast(low, tf.int32)
+            base = base + (low_i * strides[d] if strides[d] != 1 else low_i)
         steps = [strides[d] if in_shape[d] > 1 else 0 for d in range(ndims)]
-        corners = {}
-        for bits in itertools.product((0, 1), repeat=ndims):
-            shift = sum(s for s, b in zip(steps, bits) if b)
-            corners[bits] = gather(base + shift if shift else base)
+        bit_list = list(itertools.product((0, 1), repeat=ndims))
+        shifts = [sum(s for s, b in zip(steps, bits) if b) for bits in bit_list]
+        # the gradient of each gather w.r.t. the image is a scatter-add: much slower than the gather
+        # (a row-scatter into a (Q, 2**N) cell table was tried: faster only for 1-channel under XLA)
+        corners = {bits: tf.gather(table, base + s if s else base) for bits, s in zip(bit_list, shifts)}
         for d in reversed(range(ndims)):  # blend along the last axis first
             merged = {}
             for bits in itertools.product((0, 1), repeat=d):
@@ -189,6 +202,8 @@ def _sample(
             corners = merged
         out = corners[()]
 
+    if single:
+        out = tf.expand_dims(out, -1)
     if fill_value is not None:
         fill = tf.cast(fill_value, out.dtype)
         out = tf.where(tf.expand_dims(outside, -1), fill, out)
@@ -236,8 +251,7 @@ def warp(
             f"`disp` must have shape (batch, *spatial, {ndims}) for a {ndims}D image. "
             f"Received: disp.shape={tuple(disp.shape)}, image.shape={tuple(image.shape)}"
         )
-    loc = _grid(out_shape, disp.dtype) + disp
-    return _sample(image, loc, interp, fill_value, rounding)
+    return _sample(image, disp, interp, fill_value, rounding)
 
 
 def affine_to_disp(affine, shape: Sequence[int]) -> tf.Tensor:
@@ -302,9 +316,7 @@ def compose(first, second, interp: str = "linear") -> tf.Tensor:
     Returns:
         `(B, *S, N)` float32 displacement.
     """
-    first, second = tf.convert_to_tensor(first), tf.convert_to_tensor(second)
-    dtype = tf.float64 if tf.float64 in (first.dtype, second.dtype) else tf.float32
-    first, second = _as_float(first, dtype), _as_float(second, dtype)
+    first, second = _common_float(first, second)
     if tuple(first.shape[1:]) != tuple(second.shape[1:]):
         raise ValueError(
             "`first` and `second` must have the same shape (batch, *spatial, ndims). "
@@ -325,8 +337,7 @@ def compose_affine(first, second) -> tf.Tensor:
     Returns:
         `(B, N, N+1)` float32 matrix.
     """
-    first, second = _as_float(first), _as_float(second, None)
-    second = _as_float(second, first.dtype)
+    first, second = _common_float(first, second)
     ndims = first.shape[-1] - 1
     if not (is_affine(first.shape, ndims) and is_affine(second.shape, ndims)):
         raise ValueError(

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tfreg.errors import InputError
+from tfreg.errors import ConfigError, InputError
 
 __all__ = ["VxmFile", "ConvWeights", "read_h5", "vxm_to_config", "load_weights_by_role",
            "build_model", "import_voxelmorph", "DEFAULT_UNET_FEATURES"]
@@ -244,7 +244,7 @@ def _conv_layers(model: Any) -> list[Any]:
     """The convolution layers of a tfreg model, in graph order."""
     import keras
 
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D | keras.layers.Conv3D)]
+    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D))]
 
 
 def load_weights_by_role(model: Any, vxm: VxmFile) -> None:
@@ -281,66 +281,81 @@ def build_model(path: str | Path, overrides: Mapping[str, Any] | None = None
                 ) -> tuple[Any, dict[str, Any], tuple[int, ...]]:
     """Read a voxelmorph ``.h5`` file and build the equivalent tfreg model with its weights.
 
+    Args:
+        path: the ``.h5`` file.
+        overrides: VxmDense arguments replacing the stored ones.
+
     Returns:
-        ``(keras_model, config, inshape)``: the config is the full resolved ``voxelmorph``
-        config (method defaults with the file's ``model:`` section).
+        ``(keras_model, config, inshape)``: `config` is the full resolved ``voxelmorph`` config
+        (method defaults with the ``model:`` section mapped from the file).
+
+    Raises:
+        InputError: see `read_h5`, `vxm_to_config` and `load_weights_by_role`.
     """
+    return _build(read_h5(path), overrides)
+
+
+def _build(vxm: VxmFile, overrides: Mapping[str, Any] | None
+           ) -> tuple[Any, dict[str, Any], tuple[int, ...]]:
     from tfreg.config import method_defaults, resolve
     from tfreg.registry import discover
 
-    vxm = read_h5(path)
     mapped, inshape = vxm_to_config(vxm, overrides)
     loaded = discover().get("voxelmorph")
-    config = resolve(method_defaults(loaded.method), mapped, file_source=str(path))
-    from tfreg.errors import ConfigError
-
     try:
+        config = resolve(method_defaults(loaded.method), mapped, file_source=str(vxm.path))
         model = loaded.method.build_model(config, inshape)
     except ConfigError as err:
-        raise InputError(f"{path}: cannot build the network: {err}") from None
+        raise InputError(f"{vxm.path}: cannot build the equivalent network: {err}") from None
     load_weights_by_role(model, vxm)
     return model, config, inshape
 
 
 def import_voxelmorph(path: str | Path, model_dir: str | Path,
                       overrides: Mapping[str, Any] | None = None, *,
-                      normalize: str | None = None, force: bool = False) -> Path:
+                      normalize: str = "minmax") -> Path:
     """Convert a voxelmorph ``.h5`` model into a tfreg model directory.
 
     Args:
-        path: the ``.h5`` file written by voxelmorph's ``model.save`` (or ``save_weights``, then
-            `overrides` must give ``inshape`` and any non-default argument).
-        model_dir: output folder (``saved_model/``, ``model.keras``, ``config.yaml``,
-            ``tfreg_model.json``), usable with ``tfreg register --model``.
+        path: the ``.h5`` file written by voxelmorph's ``model.save`` (or ``save_weights``; then
+            `overrides` must give ``inshape`` and every non-default VxmDense argument).
+        model_dir: output folder (``saved_model/``, ``model.keras``, ``model.weights.h5``,
+            ``config.yaml``, ``tfreg_model.json``), usable with ``tfreg register --model``.
+            Replaced if it holds an earlier export; another non-empty folder is refused.
         overrides: VxmDense arguments replacing the stored ones.
-        normalize: intensity normalisation recorded for ``register``; None = the export default.
-        force: replace an existing ``model_dir``.
+        normalize: intensity normalisation ``tfreg register`` applies to inputs (recorded in
+            ``tfreg_model.json``): ``"minmax"`` (default: voxelmorph models expect intensities in
+            [0, 1]), ``"zscore"``, ``"percentile"`` or ``"none"``.
 
     Returns:
         The model directory.
 
     Raises:
-        InputError: unreadable file, unsupported class/option, weights that do not match.
+        InputError: unreadable file, unsupported class or option, weights that do not match.
+        ConfigError: invalid `normalize`, or `model_dir` is another non-empty folder.
     """
     from tfreg.config import dump_yaml
-    from tfreg.export import export
+    from tfreg.data.preprocess import Preprocessing
+    from tfreg.export import MODEL_INFO, export
 
-    model_dir = Path(model_dir)
-    if model_dir.exists() and any(model_dir.iterdir()) and not force:
-        raise InputError(f"{model_dir}: exists and is not empty (use --force to replace it)")
-    model, config, inshape = build_model(path, overrides)
-    work = Path(tempfile.mkdtemp(prefix="vxm-import-"))
+    vxm = read_h5(path)
+    model, config, inshape = _build(vxm, overrides)
+    preprocessing = Preprocessing.from_dict({"shape": list(inshape), "normalize": normalize},
+                                            source="--normalize").to_dict()
+    work = Path(tempfile.mkdtemp(prefix="tfreg-vxm-import-"))
     try:
         run_dir = work / "run"
         run_dir.mkdir()
-        config = {**config, "source": {"voxelmorph_h5": str(Path(path).resolve()),
-                                       "inshape": list(inshape)}}
         dump_yaml(config, run_dir / "config.yaml")
-        model.save_weights(run_dir / "model.weights.h5")
-        (run_dir / "state.json").write_text(json.dumps({"finished": True}))
-        if model_dir.exists() and force:
-            shutil.rmtree(model_dir)
+        model.save_weights(str(run_dir / "model.weights.h5"))
+        state = {"inshape": list(inshape), "preprocessing": preprocessing, "finished": True}
+        (run_dir / "state.json").write_text(json.dumps(state), encoding="utf-8")
         export(run_dir, model_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return model_dir
+    info_path = Path(model_dir) / MODEL_INFO
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info["imported_from"] = {"format": "voxelmorph-h5", "file": str(Path(path).resolve()),
+                             "keras_version": vxm.keras_version}
+    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return Path(model_dir)

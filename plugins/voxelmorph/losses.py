@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
@@ -64,6 +65,36 @@ def label_values(loss: Mapping[str, Any]) -> list[int] | None:
     return [int(v) for v in values]
 
 
+def labels_from_data(config: Mapping[str, Any], max_pairs: int = 3) -> list[int]:
+    """Label values for ``loss.labels: null``: the non-zero values found in the label maps of the
+    first `max_pairs` training pairs of the config's data spec.
+
+    Raises:
+        ConfigError: the config names no data spec, or the spec has no label maps.
+    """
+    data = config.get("data")
+    if not data:
+        raise ConfigError("loss.labels: null takes the label values from the data, but no data "
+                          "spec is given; set loss.labels, e.g. [1, 2, 3]")
+    from tfreg.data import DataSpec
+    from tfreg.io import load_volume
+
+    spec = DataSpec.from_yaml(data)
+    if not spec.has_labels:
+        raise ConfigError(f"loss.dice_weight: > 0 needs label maps, but {data} has none "
+                          "(set loss.dice_weight: 0)")
+    paths: dict[str, None] = {}
+    for pair in spec.pairs("train")[:max_pairs]:
+        paths.update(dict.fromkeys(p for p in (pair.fixed_labels, pair.moving_labels) if p))
+    values: set[int] = set()
+    for path in paths:
+        values.update(int(v) for v in np.unique(load_volume(path, label=True).data))
+    values.discard(0)
+    if not values:
+        raise ConfigError(f"loss.labels: the label maps of {data} hold only background (0)")
+    return sorted(values)
+
+
 def build(config: Mapping[str, Any]) -> LossFn:
     """Build the loss function of a resolved config.
 
@@ -102,8 +133,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
     dice_weight = _number(loss, "dice_weight")
     values = label_values(loss)
     if dice_weight > 0 and values is None:
-        raise ConfigError("loss.labels: label-supervised training (loss.dice_weight > 0) needs the "
-                          "list of label values, e.g. loss.labels: [1, 2, 3]")
+        values = labels_from_data(config)
     dice = Dice()
 
     def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],

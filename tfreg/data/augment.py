@@ -4,11 +4,16 @@ One random transform per scan is applied to its image (linear) and its label map
 the two stay consistent; fixed and moving scans get independent transforms. The spatial
 transform is the sum of two displacements on the scan's grid (voxels, pull convention):
 
-* a centred random affine (`tfreg.layers.affine_to_disp`): rotation (degrees, about each axis),
-  per-axis scaling ``1 +/- scale``, shear ``+/- shear`` (off-diagonal), shift ``+/- shift`` voxels;
+* a centred random affine ``y = A (x - c) + b + c`` (the convention of
+  `tfreg.layers.affine_to_disp`): rotation (degrees, about each axis), per-axis scaling
+  ``1 +/- scale``, shear ``+/- shear`` (off-diagonal), shift ``+/- shift`` voxels;
 * a smooth random deformation: uniform ``+/- max_disp`` voxels at control points every
   ``spacing`` voxels, linearly interpolated (`tfreg.layers.resize`). ``max_disp < spacing / 2``
   is required so the deformation alone cannot fold.
+
+Both are evaluated on the control grid and interpolated to full resolution once (exact for the
+affine part). The image and the label map are then warped with `tfreg.layers.warp` (linear and
+nearest), both taking the nearest border voxel outside the scan.
 
 Intensity (images only, after the spatial transform): gamma ``x -> lo + (hi-lo) t**g`` with
 ``t = (x-lo)/(hi-lo)``, ``log g ~ N(0, gamma)``; a multiplicative bias field ``exp(b)`` with
@@ -21,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
+
+import numpy as np
 
 from tfreg.data import _checks as chk
 
@@ -106,22 +113,31 @@ def _rotation(angles, ndims: int):
     return rx @ ry @ rz
 
 
+def _control_shape(shape: tuple[int, ...], spacing: float) -> tuple[int, ...]:
+    """Control points every `spacing` voxels (at least 2 per axis, first and last voxels)."""
+    return tuple(max(2, math.ceil((n - 1) / spacing) + 1) for n in shape)
+
+
 def _smooth_noise(shape: tuple[int, ...], channels: int, spacing: float, amplitude: float, seed):
     """`(1, *shape, channels)` uniform +/- amplitude at control points, linearly interpolated."""
     import tensorflow as tf
 
     from tfreg.layers import resize
 
-    grid = tuple(max(2, math.ceil((n - 1) / spacing) + 1) for n in shape)
-    ctrl = tf.random.stateless_uniform((1, *grid, channels), seed, -amplitude, amplitude)
+    ctrl = tf.random.stateless_uniform((1, *_control_shape(shape, spacing), channels), seed,
+                                       -amplitude, amplitude)
     return resize(ctrl, shape, align="corners")
 
 
 def random_disp(shape: tuple[int, ...], aug: Augmentation, seed):
-    """A random displacement `(1, *shape, N)` (voxels, pull) for one scan."""
+    """A random displacement `(1, *shape, N)` (voxels, pull) for one scan.
+
+    Both parts are built on the control grid and interpolated once: linear interpolation with the
+    first and last voxels as control points reproduces the affine part exactly.
+    """
     import tensorflow as tf
 
-    from tfreg.layers import affine_to_disp
+    from tfreg.layers import resize
 
     ndims = len(shape)
     seeds = tf.random.experimental.stateless_split(seed, 5)
@@ -136,12 +152,18 @@ def random_disp(shape: tuple[int, ...], aug: Augmentation, seed):
     if aug.scale:
         scale = tf.random.stateless_uniform((ndims,), seeds[2], 1 - aug.scale, 1 + aug.scale)
         matrix = matrix @ tf.linalg.diag(scale)
-    shift = tf.random.stateless_uniform((ndims, 1), seeds[3], -aug.shift, aug.shift) \
-        if aug.shift else tf.zeros((ndims, 1))
-    disp = affine_to_disp(tf.concat([matrix, shift], axis=1)[None], shape)
+    shift = tf.random.stateless_uniform((ndims,), seeds[3], -aug.shift, aug.shift) \
+        if aug.shift else tf.zeros((ndims,))
+    ctrl_shape = _control_shape(shape, aug.spacing) if aug.max_disp else (2,) * ndims
+    # centred voxel coordinates of the control points, (*ctrl_shape, N)
+    axes = [np.linspace(0.0, n - 1.0, g) - (n - 1) / 2.0 for n, g in zip(shape, ctrl_shape)]
+    points = tf.constant(np.stack(np.meshgrid(*axes, indexing="ij"), -1), tf.float32)
+    # centred affine y = A x + b, displacement y - x
+    ctrl = tf.einsum("ij,...j->...i", matrix, points) + shift - points
     if aug.max_disp:
-        disp = disp + _smooth_noise(shape, ndims, aug.spacing, aug.max_disp, seeds[4])
-    return disp
+        ctrl = ctrl + tf.random.stateless_uniform(ctrl.shape, seeds[4], -aug.max_disp,
+                                                  aug.max_disp)
+    return resize(ctrl[None], shape, align="corners")
 
 
 def _intensity(image, aug: Augmentation, seed):

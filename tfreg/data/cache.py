@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from tfreg.data.preprocess import Preprocessing, PrepRecord
+from tfreg.errors import InputError
 from tfreg.io import atomic_path, nifti_stem
 
 __all__ = ["VolumeCache", "default_cache_dir", "CACHE_VERSION"]
@@ -54,10 +55,24 @@ def _digest(payload: object, n: int = 12) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
 
 
+def _h5(path: Path, mode: str):
+    """Open an HDF5 file without HDF5's own file locks (entries are immutable once renamed into
+    place; the locks fail on some network file systems)."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode, locking=False)
+    except TypeError:  # h5py < 3.5
+        return h5py.File(path, mode)
+
+
 def _stat(path: Path | None) -> list[int] | None:
     if path is None:
         return None
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
@@ -87,13 +102,11 @@ class VolumeCache:
 
     def load(self, image: Path, labels: Path | None) -> Entry | None:
         """The cached `(image, labels or None, record)`, or None when absent or stale."""
-        import h5py
-
         path = self.entry_path(image, labels)
         if not path.is_file():
             return None
         try:
-            with h5py.File(path, "r") as h5:
+            with _h5(path, "r") as h5:
                 img = h5["image"][()]
                 lab = h5["labels"][()].astype(np.int32) if "labels" in h5 else None
                 record = PrepRecord.from_dict(json.loads(h5.attrs["record"]))
@@ -110,14 +123,12 @@ class VolumeCache:
         `stat_before`: `entry_path` taken before the sources were read; when the files changed
         while being read, nothing is stored (returns None).
         """
-        import h5py
-
         path = self.entry_path(image, labels)
         if stat_before is not None and str(path) != stat_before:
             return None
         img, lab, record = entry
         with atomic_path(path, suffix=".h5") as tmp:
-            with h5py.File(tmp, "w") as h5:
+            with _h5(tmp, "w") as h5:
                 h5.create_dataset("image", data=np.asarray(img, np.float32))
                 if lab is not None:
                     small = lab.size == 0 or (lab.min() >= -32768 and lab.max() <= 32767)

@@ -49,7 +49,8 @@ def _is_shift(matrix: np.ndarray) -> bool:
     """Whether a homogeneous voxel map is a translation by whole voxels."""
     n = matrix.shape[0] - 1
     shift = matrix[:n, n]
-    return bool(np.array_equal(matrix[:n, :n], np.eye(n)) and np.array_equal(shift, np.round(shift)))
+    return bool(np.array_equal(matrix[:n, :n], np.eye(n))
+                and np.array_equal(shift, np.round(shift)))
 
 
 def _regrid(data: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...], order: int,
@@ -258,7 +259,8 @@ class Preprocessing:
             zoom = np.asarray(self.spacing, np.float64) / np.asarray(volume.spacing, np.float64)
         centre = (np.asarray(src_shape, np.float64) - 1) / 2
         if self.fit == "foreground":
-            threshold = 0 if label else (self.threshold if self.threshold is not None else background)
+            threshold = self.threshold if self.threshold is not None else background
+            threshold = 0 if label else threshold
             mask = data > threshold
             if mask.any():
                 lo, hi = [], []

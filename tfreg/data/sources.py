@@ -146,7 +146,8 @@ def read_learn2reg(path: Path, source: str, key: str) -> Learn2RegDataset:
                             pairs("registration_test"), shape)
 
 
-def resolve_images(value: Any, base: Path, source: str) -> tuple[list[Path], Learn2RegDataset | None]:
+def resolve_images(value: Any, base: Path, source: str
+                   ) -> tuple[list[Path], Learn2RegDataset | None]:
     """The ``images`` key: paths, plus the parsed dataset JSON when one was given."""
     if isinstance(value, str) and not is_glob(value) and value.lower().endswith(".json"):
         dataset = read_learn2reg(_join(base, value), source, "images")

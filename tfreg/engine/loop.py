@@ -46,7 +46,7 @@ __all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "L
 #: ``train.lr_schedule`` values.
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 #: ``train.precision`` values.
-PRECISIONS = ("float32", "mixed_float16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class TrainingInterrupted(TfregError):
@@ -341,14 +341,15 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     keras.utils.set_random_seed(seed)
     if tcfg["deterministic"]:
         tf.config.experimental.enable_op_determinism()
-    mixed = tcfg["precision"] == "mixed_float16"
+    precision = tcfg["precision"]
+    mixed = precision == "mixed_float16"  # float16 needs loss scaling; bfloat16 does not
     # a resumed run sees other data than the first attempt: shift the pipeline seed
     data_seed = seed + (state.step if state else 0)
     dataset_fn = _dataset_function(method, spec, global_batch, data_seed)
     inshape = _inshape(dataset_fn, spec)
 
     with strategy.scope():
-        with _dtype_policy("mixed_float16" if mixed else "float32"):
+        with _dtype_policy(precision):
             model = method.build_model(config, inshape)
         optimizer = keras.optimizers.Adam(learning_rate=float(tcfg["learning_rate"]))
         if mixed:
@@ -428,7 +429,7 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                     lr = learning_rate_at(tcfg, base_lr, s, stage.steps)
                     optimizer.learning_rate = lr
                     batch = next(iterator)
-                    terms = {k: float(v) for k, v in steps_fns[frozen](batch).items()}
+                    terms = _run_step(steps_fns[frozen], batch, precision)
                     step += 1
                     stage_step = s + 1
                     last_terms = terms
@@ -467,6 +468,22 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     return TrainResult(run_dir=run_dir, step=step, finished=True, losses=last_terms,
                        history=history, validation=validation, model=model,
                        strategy=strategy)
+
+
+def _run_step(step_fn: Callable, batch: Any, precision: str) -> dict[str, float]:
+    """One step; a missing reduced-precision kernel becomes a one-line `ConfigError`."""
+    try:
+        return {k: float(v) for k, v in step_fn(batch).items()}
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as err:
+        text = str(err)
+        if precision == "float32" or "No OpKernel was registered" not in text:
+            raise
+        op = text.split("support Op '", 1)[-1].split("'", 1)[0]
+        half = "float16" if precision == "mixed_float16" else "bfloat16"
+        raise ConfigError(f"train.precision: {precision}: TensorFlow has no {half} kernel for "
+                          f"'{op}' on this device; use float32"
+                          + (" or mixed_bfloat16 (CPU)" if half == "float16" else "")
+                          + " or train on a GPU") from None
 
 
 def _interrupted(signum: int, run_dir: Path, step: int) -> TrainingInterrupted:

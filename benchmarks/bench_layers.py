@@ -1,0 +1,259 @@
+"""Speed and peak memory of tfreg's SpatialTransformer (warp) and VecInt, next to SciPy.
+
+Every case runs in its own subprocess so that its peak memory (VmHWM, reset after setup through
+/proc/self/clear_refs where the kernel allows it) belongs to that case alone: "peak MB" is the
+process peak (TensorFlow itself takes ~0.7 GB), "+case MB" the peak above the resident size after
+setup (data, imports). Per-call times exclude
+compilation/tracing, which is reported separately (first call minus the median steady call).
+
+Usage:
+    python benchmarks/bench_layers.py                      # 160x192x224, writes results JSON
+    python benchmarks/bench_layers.py --shape 64,64,64     # quicker
+    python benchmarks/bench_layers.py --cases warp_xla_fwd,scipy_fwd
+
+Data: one image channel (uniform noise) and a smooth 3-channel field of std ~1.5 voxels (random
+noise on a 1/8 grid, cubic zoom to full size, rescaled). VecInt integrates the same field as a
+velocity with 7 squaring steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_layers.json"
+
+#: case -> (op, compiled with XLA?, backward: False | "field" | "both")
+#: op "scipy" is map_coordinates(order=1); warp backward "field" = gradient w.r.t. the displacement
+#: only (training: the moving image is data), "both" adds the image gradient (a scatter-add).
+CASES = {
+    "scipy_fwd": ("scipy", None, False),
+    "warp_xla_fwd": ("warp", True, False),
+    "warp_tf_fwd": ("warp", False, False),
+    "warp_xla_fwdbwd": ("warp", True, "field"),
+    "warp_tf_fwdbwd": ("warp", False, "field"),
+    "warp_xla_fwdbwd_both": ("warp", True, "both"),
+    "warp_tf_fwdbwd_both": ("warp", False, "both"),
+    "vecint_xla_fwd": ("vecint", True, False),
+    "vecint_tf_fwd": ("vecint", False, False),
+    "vecint_xla_fwdbwd": ("vecint", True, True),
+    "vecint_tf_fwdbwd": ("vecint", False, True),
+}
+
+#: voxelmorph-TF on the same 2-core machine and shape (fixture README): seconds per call
+VXM_ANCHORS = {"warp_fwd": 0.445, "vecint_fwd": 3.25}
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _make_data(shape: tuple[int, ...], std: float, seed: int = 0):
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape, dtype=np.float32)
+    coarse = [max(2, n // 8) for n in shape]
+    field = np.stack(
+        [ndimage.zoom(rng.normal(size=coarse), [n / c for n, c in zip(shape, coarse)], order=3)
+         for _ in shape], axis=-1)
+    field = field[tuple(slice(0, n) for n in shape)]
+    field = (field * (std / field.std())).astype(np.float32)
+    return image, field
+
+
+def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict:
+    op, xla, backward = CASES[case]
+    image, field = _make_data(shape, std)
+    if op == "scipy":
+        import numpy as np
+        from scipy import ndimage
+
+        grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+        coords = np.stack([g + field[..., d] for d, g in enumerate(grid)])
+        del grid
+
+        def run():
+            return ndimage.map_coordinates(image, coords, order=1, mode="nearest")
+
+    else:
+        import tensorflow as tf
+
+        from tfreg import layers
+
+        img_t = tf.constant(image[None, ..., None])
+        field_t = tf.constant(field[None])
+
+        if op == "warp":
+            def forward(img, disp):
+                return layers.warp(img, disp)
+        else:
+            def forward(img, disp):
+                return layers.integrate_svf(disp, 7)
+
+        if backward:
+            def step(img, disp):
+                with tf.GradientTape() as tape:
+                    tape.watch([img, disp])
+                    loss = tf.reduce_sum(tf.square(forward(img, disp)))
+                grads = tape.gradient(loss, [img, disp] if backward == "both" else [disp])
+                return [loss, *grads]
+        else:
+            step = forward
+        fn = tf.function(step, jit_compile=xla)
+
+        def run():
+            return tf.nest.map_structure(lambda t: t.numpy(), fn(img_t, field_t))
+
+    rss_setup = _status_kb("VmRSS")
+    try:  # reset the peak-RSS mark so that it covers the case, not the setup
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        run()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    median = statistics.median(walls)
+    return {
+        "case": case,
+        "op": op,
+        "xla": xla,
+        "backward": backward,
+        "compile_s": max(0.0, first - median) if op != "scipy" else 0.0,
+        "wall_min_s": min(walls),
+        "wall_median_s": median,
+        "cpu_min_s": min(cpus),
+        "walls_s": walls,
+        "peak_rss_mb": (_status_kb("VmHWM") or 0) / 1024,
+        "setup_rss_mb": (rss_setup or 0) / 1024,
+        "peak_reset_after_setup": reset,
+    }
+
+
+def _run_case(case: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", case, "--shape", args.shape,
+           "--repeats", str(args.repeats), "--std", str(args.std)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    load_before = os.getloadavg()[0]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"case": case, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load_before"] = load_before
+    result["load_after"] = os.getloadavg()[0]
+    return result
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _table(results: list[dict]) -> str:
+    head = f"{'case':20s} {'min s':>8s} {'median s':>9s} {'cpu s':>7s} {'compile s':>9s} {'peak MB':>8s} {'+case MB':>8s} {'load':>5s}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['case']:20s} ERROR {r['error']}")
+            continue
+        lines.append(
+            f"{r['case']:20s} {r['wall_min_s']:8.3f} {r['wall_median_s']:9.3f} {r['cpu_min_s']:7.3f} "
+            f"{r['compile_s']:9.2f} {r['peak_rss_mb']:8.0f} "
+            f"{r['peak_rss_mb'] - r['setup_rss_mb']:8.0f} {r['load_before']:5.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _ratios(results: list[dict], shape: tuple[int, ...]) -> dict:
+    by = {r["case"]: r for r in results if "error" not in r}
+    out = {}
+    full = shape == (160, 192, 224)  # the voxelmorph anchors were measured at this shape only
+    if "scipy_fwd" in by:
+        ref = by["scipy_fwd"]["wall_min_s"]
+        for case in ("warp_xla_fwd", "warp_tf_fwd"):
+            if case in by:
+                out[f"scipy_fwd / {case}"] = ref / by[case]["wall_min_s"]
+    for case in ("warp_xla_fwd", "warp_tf_fwd"):
+        if case in by and full:
+            out[f"voxelmorph warp {VXM_ANCHORS['warp_fwd']} s / {case}"] = (
+                VXM_ANCHORS["warp_fwd"] / by[case]["wall_min_s"])
+    for case in ("vecint_xla_fwd", "vecint_tf_fwd"):
+        if case in by and full:
+            out[f"voxelmorph VecInt(7) {VXM_ANCHORS['vecint_fwd']} s / {case}"] = (
+                VXM_ANCHORS["vecint_fwd"] / by[case]["wall_min_s"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="160,192,224", help="spatial shape, e.g. 64,64,64")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case")
+    parser.add_argument("--std", type=float, default=1.5, help="field std in voxels")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    if args.worker:
+        print(json.dumps(_worker(args.worker, shape, args.repeats, args.std)))
+        return 0
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {list(CASES)}")
+    results = []
+    for case in args.cases.split(","):
+        results.append(_run_case(case, args))
+        print(_table(results[-1:]).splitlines()[-1], flush=True)
+    ratios = _ratios(results, shape)
+    print()
+    print(_table(results))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    from importlib.metadata import version
+
+    _write_json(args.out, {
+        "shape": list(shape),
+        "field_std_voxels": args.std,
+        "repeats": args.repeats,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "processor": platform.processor()},
+        "tensorflow": version("tensorflow"),
+        "note": "wall times on a shared machine; see load_before/load_after per case",
+        "results": results,
+        "ratios": ratios,
+        "voxelmorph_anchors_s": VXM_ANCHORS,
+    })
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
