@@ -162,6 +162,10 @@ class HalfPool(keras.layers.Layer):
     (1, 4, 4, 4, 1)
     """
 
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # images stay float32 under mixed precision
+        super().__init__(**kwargs)
+
     def build(self, input_shape):
         if len(input_shape) not in (4, 5):
             raise ValueError("HalfPool expects (batch, *spatial, channels) with 2 or 3 spatial "

@@ -1,0 +1,191 @@
+"""``tfreg register``: register one pair of images, with or without a trained model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tfreg_cli.common import user_errors
+
+
+class StageProgress:
+    """Stage progress on stderr: one click progress bar per stage (affine, level 1/3, ...)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.stage: str | None = None
+        self.bar = None
+        self.done = 0
+        self.loss = float("nan")
+
+    def __call__(self, stage: str, step: int, total: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.done = 0
+            self.bar = click.progressbar(length=max(total, 1), label=f"  {stage:<28}",
+                                         file=sys.stderr, width=24,
+                                         item_show_func=self._loss_text)
+            self.bar.__enter__()
+        self.loss = loss
+        if self.bar is not None and step > self.done:
+            self.bar.update(step - self.done, current_item=loss)
+            self.done = step
+
+    def _loss_text(self, loss) -> str | None:
+        if loss is None or loss != loss:  # NaN: no loss for this stage
+            return None
+        return f"loss {loss:+.4f}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def parse_per_level(text: str | None, name: str, kind=int):
+    """`"200"` -> 200; `"200,100,50"` -> (200, 100, 50); None -> None."""
+    from tfreg.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number or comma-separated numbers (one per "
+                          f"level), got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name}: expected at least one value, got {text!r}")
+    if any(v < 0 for v in values):
+        raise ConfigError(f"{name}: values must be >= 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def instance_options(func):
+    """The instance-optimisation options shared by `register` and `evaluate`."""
+    options = [
+        click.option("--preset", type=click.Choice(["accurate", "fast"]), default="accurate",
+                     show_default=True,
+                     help="Instance-optimisation settings: 'accurate' (quarter- and "
+                          "half-resolution levels) or 'fast' (fewer steps)."),
+        click.option("--iterations", metavar="N[,N...]",
+                     help="Optimisation steps per level, one number for all levels or one per "
+                          "level, coarse to fine (default: from the preset)."),
+        click.option("--levels", type=click.IntRange(1, 4),
+                     help="Number of pyramid levels of the deformable stage: 1 = quarter "
+                          "resolution, 2 = quarter+half, 3 = quarter+half+full, 4 = "
+                          "eighth..full (default: from the preset)."),
+        click.option("--lambda", "lam", type=click.FloatRange(min=0),
+                     help="Weight of the smoothness penalty mean|grad v|^2 on the velocity "
+                          "(larger = smoother, default: from the preset)."),
+        click.option("--lr", "learning_rate", metavar="LR[,LR...]",
+                     help="Adam step size per level, in voxels of velocity (default: preset)."),
+        click.option("--similarity", type=click.Choice(["ncc", "mse"]),
+                     help="Image similarity: 'ncc' local normalised cross-correlation (default; "
+                          "robust to intensity differences) or 'mse' (same contrast only)."),
+        click.option("--no-affine", is_flag=True, default=False,
+                     help="Skip the moments + affine initialisation (inputs already aligned)."),
+        click.option("--affine-iterations", type=click.IntRange(min=0),
+                     help="Adam steps of the affine stage (default: from the preset)."),
+        click.option("--xla/--no-xla", "xla", default=None,
+                     help="XLA-compile the optimisation steps (default: on; compiles once "
+                          "per image shape, then runs several times faster on CPU)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_config(preset: str, iterations, levels, lam, learning_rate, similarity, no_affine,
+                 affine_iterations, xla):
+    """An `InstanceConfig` from the command-line options (None = keep the preset's value)."""
+    from tfreg import instance
+
+    return instance.make_config(
+        preset,
+        iterations=parse_per_level(iterations, "--iterations", int),
+        levels=levels,
+        lam=lam,
+        learning_rate=parse_per_level(learning_rate, "--lr", float),
+        similarity=similarity,
+        affine=False if no_affine else None,
+        affine_iterations=affine_iterations,
+        jit=xla,
+    )
+
+
+@click.command("register", short_help="Register a moving image to a fixed image.")
+@click.argument("fixed", type=click.Path(dir_okay=False))
+@click.argument("moving", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="tfreg-out",
+              show_default=True,
+              help="Output folder: warped.nii.gz, disp.nii.gz, warped_labels.nii.gz, "
+                   "report.json (existing files are replaced).")
+@click.option("--moving-labels", type=click.Path(dir_okay=False),
+              help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
+@click.option("--fixed-labels", type=click.Path(dir_okay=False),
+              help="Label map of FIXED: Dice and HD95 per label go into report.json "
+                   "(needs --moving-labels).")
+@click.option("--model", type=click.Path(file_okay=False),
+              help="Exported model folder (tfreg export); without it the pair is registered "
+                   "by instance optimisation, no training needed.")
+@click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --model: N instance-optimisation steps that refine the network's "
+                   "field (a diffeomorphic correction composed with it).")
+@instance_options
+@click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
+              help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
+@user_errors
+def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetune, preset,
+             iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
+             xla, device, quiet):
+    """Register MOVING to FIXED (NIfTI files, 2D or 3D).
+
+    Without --model the pair is registered by instance optimisation: a moments and affine
+    initialisation, then a multi-resolution diffeomorphic (stationary velocity field) stage
+    maximising local NCC. MOVING may be on another grid or orientation: it is resampled onto
+    FIXED's grid by the two affines first. Every output is on FIXED's grid with its affine; the
+    displacement is in voxels, pull convention: warped(x) = moving(x + disp(x)).
+    """
+    from tfreg.errors import ConfigError
+
+    if finetune and not model:
+        raise ConfigError("--finetune: needs --model (instance optimisation without a model "
+                          "is the default; use --iterations to change its steps)")
+    cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
+                       affine_iterations, xla)
+    from tfreg.register import register_files
+
+    progress = StageProgress(enabled=not quiet)
+    click.echo(f"registering {moving} -> {fixed}"
+               + (f" with model {model}" if model else f" (instance optimisation, {preset})"),
+               err=True)
+    try:
+        report, written = register_files(fixed, moving, out_dir, fixed_labels=fixed_labels,
+                                         moving_labels=moving_labels, config=cfg, model=model,
+                                         finetune=finetune, device=device, progress=progress)
+    finally:
+        progress.close()
+    click.echo(summary_text(report, written))
+
+
+def summary_text(report: dict, written: dict) -> str:
+    """A few lines: quality figures, runtime and where the outputs are."""
+    lines = [f"runtime {report['runtime_seconds']:.1f} s on {report['device']} "
+             "(excluding file I/O, including compilation)",
+             f"similarity (local NCC) {report['similarity_before']:.3f} -> "
+             f"{report['similarity']:.3f}; folding {report['folding_percent']:.3f}% of voxels; "
+             f"SDlogJ {report['sdlogj']:.3f}"]
+    if report.get("mean_dice") is not None:
+        hd = report.get("mean_hd95_mm")
+        lines.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f} "
+                     f"over {len(report['dice'])} labels"
+                     + (f"; mean HD95 {hd:.2f} mm" if hd is not None else ""))
+    for name, path in written.items():
+        lines.append(f"{name + ':':<15}{Path(path)}")
+    return "\n".join(lines)
