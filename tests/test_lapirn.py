@@ -400,3 +400,37 @@ def test_exported_model_registers_a_pair_in_one_pass(learned, tmp_path):
     reloaded = keras.saving.load_model(model_dir / "model.keras")
     again = reloaded({"fixed": images[i][None, ..., None], "moving": images[j][None, ..., None]})
     np.testing.assert_allclose(again["disp"], expected["disp"], atol=1e-5)
+
+
+def test_cli_register_with_the_model_and_finetune(learned, tmp_path):
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from tfreg.export import export
+    from tfreg_cli.main import cli
+
+    result, images, labels, val = learned
+    model_dir = export(result.run_dir, tmp_path / "model")
+    i, j = val[1]
+    files = {}
+    for name, array in (("fixed", images[i]), ("moving", images[j]),
+                        ("fixed_labels", labels[i]), ("moving_labels", labels[j])):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(array, np.eye(4)), files[name])
+    common = [str(files["fixed"]), str(files["moving"]), "--model", str(model_dir), "-q",
+              "--moving-labels", str(files["moving_labels"]),
+              "--fixed-labels", str(files["fixed_labels"])]
+    reports = {}
+    for steps in (0, 10):
+        out = tmp_path / f"out{steps}"
+        run = CliRunner().invoke(cli, ["register", *common, "--finetune", str(steps), "-o", str(out)])
+        assert run.exit_code == 0, run.output
+        assert nib.load(out / "disp.nii.gz").shape == (*LEARN_SHAPE, 2)
+        reports[steps] = json.loads((out / "report.json").read_text())
+    # the network alone, as in the Python API
+    expected = result.model({"fixed": images[i][None, ..., None], "moving": images[j][None, ..., None]})
+    np.testing.assert_allclose(nib.load(tmp_path / "out0" / "disp.nii.gz").get_fdata(),
+                               expected["disp"].numpy()[0], atol=1e-3)
+    for report in reports.values():
+        assert report["mean_dice"] > report["mean_dice_before"]
+        assert report["folding_percent"] == 0.0

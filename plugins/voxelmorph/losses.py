@@ -11,7 +11,8 @@ Terms returned by the loss function (already weighted; the engine minimises thei
 - ``"dice"`` (only when ``dice_weight > 0`` and the batch has label maps):
   ``dice_weight * Dice(one_hot(fixed_labels), warp(one_hot(moving_labels), disp))``, soft Dice of
   the linearly warped one-hot moving labels (voxelmorph's semi-supervised training), over
-  ``loss.labels`` (background excluded unless listed). The Dice loss is negative: -1 is perfect
+  ``loss.labels`` (background excluded unless listed; null: the non-zero values found in the
+  data spec's label maps, see `labels_from_data`). The Dice loss is negative: -1 is perfect
   overlap.
 """
 

@@ -266,7 +266,9 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
     x = keras.layers.Concatenate(axis=-1, name="unet_input_concat")([moving, fixed])
     x = _unet_stride2(x, arch, ndims) if arch.variant == "stride2" else _unet_maxpool(x, arch, ndims)
 
-    flow = _conv(ndims, ndims, "flow",
+    # the flow head computes in float32 under a mixed policy (its 1e-5 weights are float16
+    # subnormals)
+    flow = _conv(ndims, ndims, "flow", dtype="float32",
                  kernel_initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1e-5))(x)
 
     svf_size = shape[0] // arch.svf_resolution
