@@ -31,21 +31,28 @@ from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_layers.json"
 
-#: case -> (op, compiled with XLA?, backward: False | "field" | "both")
-#: op "scipy" is map_coordinates(order=1); warp backward "field" = gradient w.r.t. the displacement
-#: only (training: the moving image is data), "both" adds the image gradient (a scatter-add).
+#: case -> (op, mode, backward). op "scipy" is map_coordinates(order=1).
+#: mode "xla": the whole timed function is tf.function(jit_compile=True); "jit": a plain
+#: tf.function calling the op with jit=True (only the op runs under XLA, as in an uncompiled
+#: training step); "tf": a plain tf.function, no XLA.
+#: backward: False, "field" (gradient w.r.t. the displacement/velocity only; for warp this is
+#: training with a fixed moving image) or "both" (warp: also w.r.t. the image, a scatter-add).
 CASES = {
     "scipy_fwd": ("scipy", None, False),
-    "warp_xla_fwd": ("warp", True, False),
-    "warp_tf_fwd": ("warp", False, False),
-    "warp_xla_fwdbwd": ("warp", True, "field"),
-    "warp_tf_fwdbwd": ("warp", False, "field"),
-    "warp_xla_fwdbwd_both": ("warp", True, "both"),
-    "warp_tf_fwdbwd_both": ("warp", False, "both"),
-    "vecint_xla_fwd": ("vecint", True, False),
-    "vecint_tf_fwd": ("vecint", False, False),
-    "vecint_xla_fwdbwd": ("vecint", True, True),
-    "vecint_tf_fwdbwd": ("vecint", False, True),
+    "warp_xla_fwd": ("warp", "xla", False),
+    "warp_jit_fwd": ("warp", "jit", False),
+    "warp_tf_fwd": ("warp", "tf", False),
+    "warp_xla_fwdbwd": ("warp", "xla", "field"),
+    "warp_jit_fwdbwd": ("warp", "jit", "field"),
+    "warp_tf_fwdbwd": ("warp", "tf", "field"),
+    "warp_jit_fwdbwd_both": ("warp", "jit", "both"),
+    "warp_tf_fwdbwd_both": ("warp", "tf", "both"),
+    "vecint_xla_fwd": ("vecint", "xla", False),
+    "vecint_jit_fwd": ("vecint", "jit", False),
+    "vecint_tf_fwd": ("vecint", "tf", False),
+    "vecint_xla_fwdbwd": ("vecint", "xla", "field"),
+    "vecint_jit_fwdbwd": ("vecint", "jit", "field"),
+    "vecint_tf_fwdbwd": ("vecint", "tf", "field"),
 }
 
 #: voxelmorph-TF on the same 2-core machine and shape (fixture README): seconds per call
@@ -79,7 +86,7 @@ def _make_data(shape: tuple[int, ...], std: float, seed: int = 0):
 
 
 def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict:
-    op, xla, backward = CASES[case]
+    op, mode, backward = CASES[case]
     image, field = _make_data(shape, std)
     if op == "scipy":
         import numpy as np
@@ -100,12 +107,13 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
         img_t = tf.constant(image[None, ..., None])
         field_t = tf.constant(field[None])
 
+        jit = mode == "jit"
         if op == "warp":
             def forward(img, disp):
-                return layers.warp(img, disp)
+                return layers.warp(img, disp, jit=jit)
         else:
             def forward(img, disp):
-                return layers.integrate_svf(disp, 7)
+                return layers.integrate_svf(disp, 7, jit=jit)
 
         if backward:
             def step(img, disp):
@@ -116,7 +124,7 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
                 return [loss, *grads]
         else:
             step = forward
-        fn = tf.function(step, jit_compile=xla)
+        fn = tf.function(step, jit_compile=mode == "xla")
 
         def run():
             return tf.nest.map_structure(lambda t: t.numpy(), fn(img_t, field_t))
@@ -141,7 +149,7 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
     return {
         "case": case,
         "op": op,
-        "xla": xla,
+        "mode": mode,
         "backward": backward,
         "compile_s": max(0.0, first - median) if op != "scipy" else 0.0,
         "wall_min_s": min(walls),
@@ -198,14 +206,14 @@ def _ratios(results: list[dict], shape: tuple[int, ...]) -> dict:
     full = shape == (160, 192, 224)  # the voxelmorph anchors were measured at this shape only
     if "scipy_fwd" in by:
         ref = by["scipy_fwd"]["wall_min_s"]
-        for case in ("warp_xla_fwd", "warp_tf_fwd"):
+        for case in ("warp_xla_fwd", "warp_jit_fwd", "warp_tf_fwd"):
             if case in by:
                 out[f"scipy_fwd / {case}"] = ref / by[case]["wall_min_s"]
-    for case in ("warp_xla_fwd", "warp_tf_fwd"):
+    for case in ("warp_xla_fwd", "warp_jit_fwd", "warp_tf_fwd"):
         if case in by and full:
             out[f"voxelmorph warp {VXM_ANCHORS['warp_fwd']} s / {case}"] = (
                 VXM_ANCHORS["warp_fwd"] / by[case]["wall_min_s"])
-    for case in ("vecint_xla_fwd", "vecint_tf_fwd"):
+    for case in ("vecint_xla_fwd", "vecint_jit_fwd", "vecint_tf_fwd"):
         if case in by and full:
             out[f"voxelmorph VecInt(7) {VXM_ANCHORS['vecint_fwd']} s / {case}"] = (
                 VXM_ANCHORS["vecint_fwd"] / by[case]["wall_min_s"])

@@ -82,6 +82,7 @@ def worker(args: argparse.Namespace) -> dict:
         "first_step_s": round(times[0], 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "final_loss": round(result.history[-1]["total"], 6),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if setting.startswith("gpu"):
         info = tf.config.experimental.get_memory_info("GPU:0")

@@ -74,7 +74,7 @@ def test_savedmodel_in_plain_tensorflow_matches_the_keras_model(trained, tmp_pat
     proc = subprocess.run([sys.executable, str(script), str(model_dir), str(tmp_path / "in.npz"),
                            str(tmp_path / "out.npz")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     out = np.load(tmp_path / "out.npz")
 
     _, model, _, _ = build_from_run(run_dir)

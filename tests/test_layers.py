@@ -497,3 +497,57 @@ def test_bad_shapes_raise_value_error():
         L.AffineToField((4, 4, 4))(np.zeros((1, 2, 3), "float32"))
     with pytest.raises(ValueError, match=r"Received: first.shape=\(1, 4, 4, 2\), second.shape"):
         L.compose(np.zeros((1, 4, 4, 2)), np.zeros((1, 5, 4, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# jit=True: the op runs as its own XLA function
+# ---------------------------------------------------------------------------------------------
+@ndims_param
+def test_jit_option_matches_plain_ops_and_gradients(ndims):
+    shape = SHAPES[ndims]
+    rng = np.random.default_rng(23)
+    img = tf.constant(rng.random((2, *shape, 2)).astype("float32"))
+    vel = tf.constant(np.stack([_smooth(shape, 1.5, 24), _smooth(shape, 1.5, 25)]))
+
+    def run(jit):
+        with tf.GradientTape() as tape:
+            tape.watch([img, vel])
+            disp = L.integrate_svf(vel, 5, jit=jit)
+            comp = L.compose(disp, vel, jit=jit)
+            out = L.warp(img, comp, jit=jit)
+            loss = tf.reduce_sum(out * out)
+        return [out, disp, comp, *tape.gradient(loss, [img, vel])]
+
+    # XLA may reorder float32 sums: agreement to ~1e-5 relative (values and gradients of order 1-100)
+    for plain, compiled in zip(run(False), tf.function(lambda: run(True))()):
+        np.testing.assert_allclose(np.asarray(compiled), np.asarray(plain),
+                                   rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
+
+
+def test_jit_layers_save_and_export(tmp_path):
+    shape = (8, 10, 6)
+    x, v = keras.Input(shape + (1,)), keras.Input(shape + (3,))
+    disp = L.VecInt(4, jit=True)(v)
+    out = L.SpatialTransformer(jit=True)([x, L.ComposeTransform(jit=True)([disp, disp])])
+    model = keras.Model([x, v], out)
+    rng = np.random.default_rng(26)
+    inputs = [rng.random((1, *shape, 1)).astype("float32"), _smooth(shape, 1.0, 27)[None]]
+    d = L.integrate_svf(inputs[1], 4)
+    want = np.asarray(L.warp(inputs[0], L.compose(d, d)))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert [lay.get_config()["jit"] for lay in loaded.layers if hasattr(lay, "jit")] == [True] * 3
+    np.testing.assert_allclose(np.asarray(loaded(inputs)), want, atol=1e-5)
+    export = tf.function(lambda a, b: model([a, b]),
+                         input_signature=[tf.TensorSpec((None, *shape, 1)), tf.TensorSpec((None, *shape, 3))])
+    module = tf.Module()
+    module.f = export
+    tf.saved_model.save(module, str(tmp_path / "sm"))
+    np.testing.assert_allclose(np.asarray(tf.saved_model.load(str(tmp_path / "sm")).f(*inputs)), want,
+                               atol=1e-5)
+
+
+def test_jit_must_be_bool():
+    with pytest.raises(ValueError) as info:
+        L.VecInt(jit="yes")
+    assert str(info.value) == "`jit` must be True or False. Received: jit='yes'"

@@ -77,6 +77,8 @@ class InstanceConfig:
     grad_sigma: float = 0.0
     param_sigma: float = 1.0
     exact_grad: bool = False
+    field_level: int = 1
+    lr_decay: float = 1.0
     int_steps: int = 5
     similarity: str = "ncc"
     ncc_win: tuple[int, ...] = (5, 5)
@@ -232,19 +234,31 @@ def _apply_affine(points: tf.Tensor, affine: tf.Tensor, centre: np.ndarray) -> t
 def _upsample(field_: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
     """Linear interpolation of a level-`k` array onto level `k-1` (voxel `p` -> `p / 2`).
 
-    Values are not rescaled. `field_`: `(1, *S, C)`; returns `(1, *shape, C)`.
+    Output voxel `2k` copies input `k`; `2k+1` averages inputs `k` and `k+1` (the last input is
+    repeated at the border). Built from slices and reshapes only (cheap gradients under XLA).
+    Values are not rescaled. `field_`: `(1, *S, C)` with `S` = `ceil(shape / 2)`.
+
+    Returns:
+        `(1, *shape, C)`.
     """
     out = field_
+    ndims = len(shape)
     for d, n_out in enumerate(shape):
-        n_in = out.shape[d + 1]
-        c = np.clip(np.arange(n_out) / 2.0, 0, n_in - 1)
-        low = np.minimum(np.floor(c), max(n_in - 2, 0)).astype(np.int32)
-        high = np.minimum(low + 1, n_in - 1).astype(np.int32)
-        w = (c - low).astype(np.float32).reshape([-1 if i == d + 1 else 1
-                                                  for i in range(len(shape) + 2)])
-        v0 = tf.gather(out, low, axis=d + 1)
-        v1 = tf.gather(out, high, axis=d + 1)
-        out = v0 + w * (v1 - v0)
+        axis = d + 1
+        n_in = out.shape[axis]
+        if n_in == n_out:
+            continue
+        nxt = tf.concat([tf.gather(out, list(range(1, n_in)), axis=axis),
+                         tf.gather(out, [n_in - 1], axis=axis)], axis=axis) if n_in > 1 else out
+        mid = 0.5 * (out + nxt)
+        pair = tf.stack([out, mid], axis=axis + 1)
+        new_shape = [-1 if i == 0 else out.shape[i] for i in range(ndims + 2)]
+        new_shape[axis] = 2 * n_in
+        out = tf.reshape(pair, new_shape)
+        if 2 * n_in != n_out:
+            index = [slice(None)] * (ndims + 2)
+            index[axis] = slice(0, n_out)
+            out = out[tuple(index)]
     return out
 
 
@@ -316,7 +330,7 @@ def _compiled(key: tuple, build: Callable[[], Callable], jit: bool) -> Callable:
     """One `tf.function` per key (shape and static settings), reused across pairs."""
     key = key + (jit,)
     if key not in _STEPS:
-        _STEPS[key] = tf.function(build(), jit_compile=jit, reduce_retracing=True)
+        _STEPS[key] = tf.function(build(), jit_compile=jit, autograph=False)
     return _STEPS[key]
 
 
@@ -327,13 +341,16 @@ def _params_to_affine(params: tf.Tensor, init: tf.Tensor, ndims: int, scale: flo
     return init + delta * weights
 
 
-def _step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
-             centre: np.ndarray, scale: float) -> Callable:
-    """One Adam step on the affine parameters and the velocity parameters at one pyramid level.
+def _step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int, vlevel: int,
+             win: int, centre: np.ndarray, scale: float) -> Callable:
+    """One Adam step on the affine parameters and the velocity parameters.
 
-    The learning rates are arguments, so the same compiled step serves the affine stage (velocity
-    rate 0) and the deformable stage (affine rate 0).
+    The images are compared at pyramid level `level`; the velocity lives on level
+    `vlevel >= level` and its displacement is upsampled to the image level. The learning rates are
+    arguments, so the same compiled step serves the affine stage (velocity rate 0) and the
+    deformable stage (affine rate 0).
     """
+    shape = shapes[level]
     ndims = len(shape)
     factor = float(2 ** level)
     sim = _similarity_fn(cfg, win)
@@ -349,7 +366,10 @@ def _step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
             else:
                 # straight-through: exp(v) forward, identity Jacobian backward (du/dv ~ I)
                 u = tf.stop_gradient(_integrate(v, cfg.int_steps) - v) + v
-            pts = _level_grid(shape, factor, centre) + u * factor
+            u = u * float(2 ** vlevel)  # full-resolution voxels
+            for k in range(vlevel, level, -1):
+                u = _upsample(u, shapes[k - 1])
+            pts = _level_grid(shape, factor, centre) + u
             loc = _apply_affine(pts, affine, centre) / factor
             disp = loc - _level_grid(shape, 1.0, np.zeros(ndims))
             warped = layers.warp(moving, disp)
@@ -362,24 +382,6 @@ def _step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
         return theta, w, (m_a, s_a, m_w, s_w), sim_loss
 
     return step
-
-
-def _final_fn(shape: tuple[int, ...], level: int, int_steps: int, centre: np.ndarray,
-              sigma: float) -> Callable:
-    """velocity parameters at `level` -> full-resolution displacement of the whole transform."""
-    ndims = len(shape)
-    factor = float(2 ** level)
-
-    def final(w, affine):
-        v = _gaussian_smooth(w, sigma)
-        u = _integrate(v, int_steps) * factor
-        for k in range(level, 0, -1):
-            target = tuple(int(math.ceil(n / 2 ** (k - 1))) for n in shape)
-            u = _upsample(u, target)
-        pts = _level_grid(shape, 1.0, centre) + u
-        return _apply_affine(pts, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims))
-
-    return final
 
 
 def _local_ncc(fixed: tf.Tensor, warped: tf.Tensor, win: int = 7) -> float:
@@ -464,15 +466,18 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
     for name, lvl, win, total, lr_a, lr_w in stages:
         t0 = time.perf_counter()
         lshape = shapes[lvl]
-        w = _move_to_level(w, w_level, lvl, shapes, ndims)
-        w_level = lvl
-        step = _compiled(("step", lshape, lvl, win, tuple(centre), scale, cfg),
-                         lambda: _step_fn(cfg, lshape, lvl, win, centre, scale), jit)
+        vlevel = min(max(lvl, cfg.field_level), depth)
+        w = _move_to_level(w, w_level, vlevel, shapes, ndims)
+        w_level = vlevel
+        step = _compiled(("step", tuple(shapes), lvl, vlevel, win, tuple(centre), scale, cfg),
+                         lambda: _step_fn(cfg, shapes, lvl, vlevel, win, centre, scale), jit)
         state = (tf.zeros_like(theta), tf.zeros_like(theta), tf.zeros_like(w), tf.zeros_like(w))
-        lrs = tf.constant([lr_a, lr_w], tf.float32)
         label = f"{name} ({'x'.join(map(str, lshape))})"
         for it in range(total):
             t = tf.constant([it + 1.0, it + 1.0], tf.float32)
+            # linear decay of the step size to `lr_decay` times its initial value
+            frac = 1.0 - (1.0 - cfg.lr_decay) * it / max(total - 1, 1)
+            lrs = tf.constant([lr_a * frac, lr_w * frac], tf.float32)
             theta, w, state, loss = step(theta, w, state, t, lrs, f_pyr[lvl], m_pyr[lvl], affine)
             if it % 10 == 0 or it == total - 1:
                 report(label, it + 1, total, float(loss))
