@@ -21,6 +21,7 @@ Usage::
     python benchmarks/bench_lapirn.py                          # 160x192x144 on the CPU
     python benchmarks/bench_lapirn.py --shape 80x96x72 --steps 5
     python benchmarks/bench_lapirn.py --device gpu --steps 20 --repeats 20 [--xla]
+    python benchmarks/bench_lapirn.py --items lapirn:level3 --merge   # redo one item
 
 Results: a table on stdout and ``benchmarks/results/bench_lapirn.json`` (``--json`` to change).
 """
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--items", default=",".join(ITEMS),
                         help=f"comma-separated subset of {','.join(ITEMS)}")
     parser.add_argument("--json", default=str(HERE / "results" / "bench_lapirn.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of other items already in --json (same shape, device)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
@@ -207,6 +210,15 @@ def main() -> None:
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(f"{item}: done in {row['wall_s']} s", file=sys.stderr, flush=True)
+    path = Path(args.json)
+    if args.merge and path.is_file():
+        previous = json.loads(path.read_text())
+        if (previous.get("shape") == list(_shape(args.shape))
+                and previous.get("device_setting") == args.device
+                and previous.get("xla") == args.xla):
+            done = {row["item"] for row in rows}
+            kept = [row for row in previous.get("results", []) if row.get("item") not in done]
+            rows = sorted(kept + rows, key=lambda row: ITEMS.index(row["item"]))
     result = {"benchmark": "bench_lapirn", "shape": list(_shape(args.shape)),
               "device_setting": args.device, "xla": args.xla, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats,
@@ -218,7 +230,6 @@ def main() -> None:
         result.update(tensorflow=tf.__version__, keras=keras.__version__)
     except ImportError:
         pass
-    path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(_table(rows))

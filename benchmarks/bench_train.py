@@ -135,9 +135,13 @@ def main() -> None:
                      str(args.warmup)], env=env, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode != 0 or not lines:
-                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
+                        tail = f"killed by signal {-proc.returncode} (out of memory?)"
+                    else:
+                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
                     print(f"{text} {setting}: failed ({tail})", flush=True)
-                    results.append({"shape": list(shape), "setting": setting, "error": tail})
+                    results.append({"shape": list(shape), "setting": setting,
+                                    "exit_status": proc.returncode, "error": tail})
                     continue
                 row = json.loads(lines[-1][len("RESULT "):])
                 row["process_wall_s"] = round(time.perf_counter() - started, 1)

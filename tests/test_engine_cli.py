@@ -70,6 +70,8 @@ def test_config_layers_and_shortcuts(spec, tmp_path):
      "Error: --set train.stepz=3: train.stepz: unknown key (did you mean 'steps'?)"),
     (["voxelmorph", "--data", "{spec}", "--devices", "cpu:0", "--gpus", "all"],
      "Error: --devices and --gpus: give one of them, not both"),
+    (["voxelmorph", "--data", "{spec}", "--gpus", "0,x"],
+     "Error: --gpus: expected 'all' or GPU indices like 0,1, got '0,x'"),
     (["voxelmorph", "--data", "{spec}", "--devices", "tpu:0"],
      "Error: --devices: 'tpu:0' is not a device name (expected cpu:N or gpu:N)"),
     (["voxelmorph", "--data", "{tmp}/missing.yaml"], "Error: {tmp}/missing.yaml: file not found"),

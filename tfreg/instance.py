@@ -79,6 +79,9 @@ class InstanceConfig:
     exact_grad: bool = False
     field_level: int = 1
     lr_decay: float = 1.0
+    ncc_eps: float = 1e-3
+    ncc_squared: bool = False
+    ncc_floor: float = 0.0
     int_steps: int = 5
     similarity: str = "ncc"
     ncc_win: tuple[int, ...] = (5, 5)
@@ -282,8 +285,32 @@ def _similarity_fn(cfg: InstanceConfig, win: int) -> Callable[[tf.Tensor, tf.Ten
     """Loss (lower is better) between fixed and warped images `(1, *S, 1)`."""
     if cfg.similarity == "mse":
         return lambda f, w: tf.reduce_mean(tf.square(f - w)) * 100.0
-    ncc = losses.NCC(win=win, squared=False, eps=1e-3, eps_mode="add")
-    return ncc
+    if cfg.ncc_floor <= 0:
+        return losses.NCC(win=win, squared=cfg.ncc_squared, eps=cfg.ncc_eps,
+                          eps_mode="clamp" if cfg.ncc_squared else "add")
+    return lambda f, w: _weighted_ncc(f, w, win, cfg.ncc_eps, cfg.ncc_floor)
+
+
+def _weighted_ncc(fixed: tf.Tensor, warped: tf.Tensor, win: int, eps: float,
+                  floor: float) -> tf.Tensor:
+    """`-sum(weight * cc) / sum(weight)`: local signed NCC, windows weighted by fixed contrast.
+
+    `cc = cross / sqrt(var_f var_w + eps)` over a `win`-voxel box (sums, as `tfreg.losses.NCC`);
+    `weight = var_f / (var_f + n floor^2)`, with `n` the window size and `floor` an intensity
+    standard deviation: windows where the fixed image is flat (background, the inside of a
+    structure) count little, so the optimisation gains nothing by dragging edges into them.
+    """
+    ndims = len(fixed.shape) - 2
+    n = float(win ** ndims)
+    sums = losses.box_sum(tf.concat([fixed, warped, fixed * fixed, warped * warped,
+                                     fixed * warped], axis=-1), (win,) * ndims)
+    s_f, s_w, s_ff, s_ww, s_fw = tf.unstack(sums, axis=-1)
+    var_f = tf.maximum(s_ff - s_f * s_f / n, 0.0)
+    var_w = tf.maximum(s_ww - s_w * s_w / n, 0.0)
+    cross = s_fw - s_f * s_w / n
+    cc = cross / tf.sqrt(var_f * var_w + eps)
+    weight = tf.stop_gradient(var_f / (var_f + n * floor * floor))
+    return -tf.reduce_sum(weight * cc) / (tf.reduce_sum(weight) + 1e-12)
 
 
 def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:

@@ -14,9 +14,10 @@ Conventions (see docs/layers.md):
   constant (``fill_value`` a number) for points outside ``[0, n - 1]`` along any axis.
 
 All computation happens in float32, also under a ``mixed_float16`` policy: coordinates in float16
-cannot address the voxels of a 160-voxel axis.
+cannot address the voxels of a 160-voxel axis (the functions keep float64 inputs in float64).
 
 The functional ops work inside ``tf.function(jit_compile=True)``; XLA is the fast path on CPU.
+``jit=True`` on a layer or function runs just that op as its own XLA function.
 """
 
 from __future__ import annotations
@@ -511,7 +512,8 @@ class SpatialTransformer(keras.layers.Layer):
         `(batch, *spatial, channels)`: float32 for linear, the image dtype for nearest.
 
     Example:
-    >>> SpatialTransformer()([np.zeros((1, 8, 8, 8, 2)), np.zeros((1, 8, 8, 8, 3))]).shape
+    >>> image, disp = np.zeros((1, 8, 8, 8, 2)), np.zeros((1, 8, 8, 8, 3))
+    >>> tuple(SpatialTransformer()([image, disp]).shape)
     (1, 8, 8, 8, 2)
     """
 
@@ -604,7 +606,7 @@ class VecInt(keras.layers.Layer):
         Same: displacement in voxels, pull: ``warped(x) = moving(x + u(x))``.
 
     Example:
-    >>> VecInt()(np.zeros((1, 8, 8, 8, 3), "float32")).shape
+    >>> tuple(VecInt()(np.zeros((1, 8, 8, 8, 3), "float32")).shape)
     (1, 8, 8, 8, 3)
     """
 
@@ -642,7 +644,7 @@ class RescaleTransform(keras.layers.Layer):
         grid.
 
     Example:
-    >>> RescaleTransform(0.5)(np.zeros((1, 8, 8, 8, 3), "float32")).shape
+    >>> tuple(RescaleTransform(0.5)(np.zeros((1, 8, 8, 8, 3), "float32")).shape)
     (1, 4, 4, 4, 3)
     """
 
@@ -692,7 +694,7 @@ class ComposeTransform(keras.layers.Layer):
 
     Example:
     >>> z = np.zeros((1, 8, 8, 3), "float32")
-    >>> ComposeTransform()([z[..., :2], z[..., :2]]).shape
+    >>> tuple(ComposeTransform()([z[..., :2], z[..., :2]]).shape)
     (1, 8, 8, 2)
     """
 
@@ -771,7 +773,7 @@ class AffineToField(keras.layers.Layer):
         `(batch, *shape, ndims)` displacement ``u(x) = A (x - c) + b + c - x`` in voxels.
 
     Example:
-    >>> AffineToField((8, 8, 8))(np.eye(3, 4, dtype="float32")[None]).shape
+    >>> tuple(AffineToField((8, 8, 8))(np.eye(3, 4, dtype="float32")[None]).shape)
     (1, 8, 8, 8, 3)
     """
 
