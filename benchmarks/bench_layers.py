@@ -2,8 +2,10 @@
 
 Every case runs in its own subprocess so that its peak memory (VmHWM, reset after setup through
 /proc/self/clear_refs where the kernel allows it) belongs to that case alone: "peak MB" is the
-process peak (TensorFlow itself takes ~0.7 GB), "+case MB" the peak above the resident size after
-setup (data, imports). Per-call times exclude
+process peak (TensorFlow itself takes ~0.7 GB); "+1st MB" the peak of the first call (tracing, XLA
+compilation and one run) and "+run MB" the peak of the timed calls, both above the resident size
+after setup (data, imports). Buffers of more than 32 MB are returned to the system when freed, so
+"+run MB" shows the memory a call needs at full size; small volumes may reuse retained memory. Per-call times exclude
 compilation/tracing, which is reported separately (first call minus the median steady call).
 
 Usage:
@@ -70,6 +72,16 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current resident size (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _make_data(shape: tuple[int, ...], std: float, seed: int = 0):
     import numpy as np
     from scipy import ndimage
@@ -130,15 +142,13 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
             return tf.nest.map_structure(lambda t: t.numpy(), fn(img_t, field_t))
 
     rss_setup = _status_kb("VmRSS")
-    try:  # reset the peak-RSS mark so that it covers the case, not the setup
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        reset = True
-    except OSError:
-        reset = False
+    reset = _reset_peak()  # the peak mark then covers the case, not the setup
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
+    peak_first = _status_kb("VmHWM")  # first call: tracing + compilation + one run
+    rss_warm = _status_kb("VmRSS")
+    _reset_peak()
     walls, cpus = [], []
     for _ in range(repeats):
         c0, w0 = time.process_time(), time.perf_counter()
@@ -146,6 +156,7 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
     median = statistics.median(walls)
+    peak_steady = _status_kb("VmHWM")
     return {
         "case": case,
         "op": op,
@@ -156,8 +167,11 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
         "wall_median_s": median,
         "cpu_min_s": min(cpus),
         "walls_s": walls,
-        "peak_rss_mb": (_status_kb("VmHWM") or 0) / 1024,
+        "peak_rss_mb": max(peak_first or 0, peak_steady or 0) / 1024,
+        "peak_first_call_mb": (peak_first or 0) / 1024,
+        "peak_steady_mb": (peak_steady or 0) / 1024,
         "setup_rss_mb": (rss_setup or 0) / 1024,
+        "warm_rss_mb": (rss_warm or 0) / 1024,
         "peak_reset_after_setup": reset,
     }
 
@@ -186,7 +200,8 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _table(results: list[dict]) -> str:
-    head = f"{'case':20s} {'min s':>8s} {'median s':>9s} {'cpu s':>7s} {'compile s':>9s} {'peak MB':>8s} {'+case MB':>8s} {'load':>5s}"
+    head = (f"{'case':20s} {'min s':>8s} {'median s':>9s} {'cpu s':>7s} {'compile s':>9s} "
+            f"{'peak MB':>8s} {'+1st MB':>8s} {'+run MB':>8s} {'load':>5s}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -195,7 +210,8 @@ def _table(results: list[dict]) -> str:
         lines.append(
             f"{r['case']:20s} {r['wall_min_s']:8.3f} {r['wall_median_s']:9.3f} {r['cpu_min_s']:7.3f} "
             f"{r['compile_s']:9.2f} {r['peak_rss_mb']:8.0f} "
-            f"{r['peak_rss_mb'] - r['setup_rss_mb']:8.0f} {r['load_before']:5.1f}"
+            f"{r['peak_first_call_mb'] - r['setup_rss_mb']:8.0f} "
+            f"{r['peak_steady_mb'] - r['setup_rss_mb']:8.0f} {r['load_before']:5.1f}"
         )
     return "\n".join(lines)
 

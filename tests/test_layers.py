@@ -338,15 +338,25 @@ def _check_directional_derivatives(fn, inputs, rng, n_dirs=6, h=1e-4):
 
 
 @ndims_param
-def test_gradients_match_finite_differences_float64(ndims):
+@pytest.mark.parametrize("channels", [1, 2])
+def test_gradients_match_finite_differences_float64(ndims, channels):
     rng = np.random.default_rng(14)
     shape = (6, 7) if ndims == 2 else (5, 6, 4)
-    img = rng.random((2, *shape, 2))
-    # sample points inside the volume with fractional parts in [0.2, 0.8]: steps of h=1e-4 along
-    # a direction never cross a voxel edge (where linear interpolation has kinks)
-    cells = rng.integers(0, np.array(shape) - 1, size=(2, *shape, ndims))
+    img = rng.random((2, *shape, channels))
+    # sample points with fractional parts in [0.2, 0.8], some outside the volume (clamped): steps
+    # of h=1e-4 along a direction never cross a voxel edge or the border (kinks of the sampler)
+    cells = rng.integers(-2, np.array(shape) + 1, size=(2, *shape, ndims))
     disp = cells + rng.uniform(0.2, 0.8, (2, *shape, ndims)) - _grid(shape)[None]
     _check_directional_derivatives(L.warp, [img, disp], rng)
+    # clamped coordinates get no gradient, like clipping the coordinate
+    d = tf.constant(disp)
+    with tf.GradientTape() as tape:
+        tape.watch(d)
+        loss = tf.reduce_sum(L.warp(tf.constant(img), d))
+    grad = np.asarray(tape.gradient(loss, d))
+    loc = _grid(shape)[None] + disp
+    clamped = (loc < 0) | (loc > np.array(shape) - 1)
+    assert clamped.any() and np.all(grad[clamped] == 0)
     vel = _smooth(shape, 0.6, 22).astype("float64")[None]
     _check_directional_derivatives(lambda v: L.integrate_svf(v, 3), [vel], rng)
 

@@ -82,6 +82,7 @@ class InstanceConfig:
     ncc_eps: float = 1e-3
     ncc_squared: bool = False
     ncc_floor: float = 0.0
+    floor_decay: float = 1.0
     int_steps: int = 5
     similarity: str = "ncc"
     ncc_win: tuple[int, ...] = (5, 5)
@@ -281,14 +282,16 @@ def _gaussian_smooth(x: tf.Tensor, sigma: float) -> tf.Tensor:
     return x
 
 
-def _similarity_fn(cfg: InstanceConfig, win: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Loss (lower is better) between fixed and warped images `(1, *S, 1)`."""
+def _similarity_fn(cfg: InstanceConfig, win: int, level: int = 0
+                   ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """Loss (lower is better) between fixed and warped images `(1, *S, 1)` at a pyramid level."""
     if cfg.similarity == "mse":
         return lambda f, w: tf.reduce_mean(tf.square(f - w)) * 100.0
     if cfg.ncc_floor <= 0:
         return losses.NCC(win=win, squared=cfg.ncc_squared, eps=cfg.ncc_eps,
                           eps_mode="clamp" if cfg.ncc_squared else "add")
-    return lambda f, w: _weighted_ncc(f, w, win, cfg.ncc_eps, cfg.ncc_floor)
+    floor = cfg.ncc_floor * cfg.floor_decay ** level
+    return lambda f, w: _weighted_ncc(f, w, win, cfg.ncc_eps, floor)
 
 
 def _weighted_ncc(fixed: tf.Tensor, warped: tf.Tensor, win: int, eps: float,
@@ -380,7 +383,7 @@ def _step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int, vle
     shape = shapes[level]
     ndims = len(shape)
     factor = float(2 ** level)
-    sim = _similarity_fn(cfg, win)
+    sim = _similarity_fn(cfg, win, level)
 
     def step(theta, w, state, t, lrs, fixed, moving, init):
         m_a, s_a, m_w, s_w = state
