@@ -146,3 +146,204 @@ def ncc_global(a: np.ndarray, b: np.ndarray) -> float:
     a = a - a.mean()
     b = b - b.mean()
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+# ----------------------------------------------------------------------------------------------
+# workers (one fresh process per pair and method: nothing compiled or cached is shared)
+# ----------------------------------------------------------------------------------------------
+def _worker_tfreg(pair: dict, preset: str) -> dict:
+    from tfreg import instance
+    from tfreg.io import Volume
+    from tfreg.register import register_volumes
+
+    affine = np.diag(list(pair["spacing"]) + [1.0])
+    fixed = Volume(pair["fixed"], affine, path="fixed")
+    moving = Volume(pair["moving"], affine, path="moving")
+    cfg = instance.make_config(preset)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = register_volumes(fixed, moving, config=cfg)  # tfreg's own runtime: no file I/O
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    from tfreg.synthetic import warp_numpy
+
+    warped_labels = warp_numpy(pair["moving_labels"], result.disp, order=0)
+    out = score(pair, warped_labels, result.disp)
+    out.update(seconds=seconds, cpu_seconds=cpu, ncc_after=ncc_global(pair["fixed"], result.warped),
+               runtime_reported=result.report["runtime_seconds"],
+               stages=result.report.get("stage_seconds"))
+    return out
+
+
+def _worker_ants(pair: dict, iterations: tuple[int, ...] | None) -> dict:
+    import ants
+
+    spacing = tuple(pair["spacing"])
+    fixed = ants.from_numpy(pair["fixed"], spacing=spacing)
+    moving = ants.from_numpy(pair["moving"], spacing=spacing)
+    kwargs = {} if iterations is None else {"reg_iterations": iterations}
+    t0, c0 = time.perf_counter(), time.process_time()
+    reg = ants.registration(fixed, moving, type_of_transform="SyN", **kwargs)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    labels = ants.from_numpy(pair["moving_labels"].astype(np.float32), spacing=spacing)
+    warped_labels = ants.apply_transforms(fixed, labels, reg["fwdtransforms"],
+                                          interpolator="nearestNeighbor").numpy()
+    out = score(pair, np.rint(warped_labels).astype(np.int32), None)
+    # %folding of ANTs' deformable part (its Jacobian determinant image, physical space)
+    jac = ants.create_jacobian_determinant_image(fixed, reg["fwdtransforms"][0]).numpy()
+    out.update(folding=float(100.0 * np.mean(jac <= 0)), seconds=seconds, cpu_seconds=cpu,
+               ncc_after=ncc_global(pair["fixed"], reg["warpedmovout"].numpy()))
+    return out
+
+
+def worker(method: str, pair_file: str, out_file: str) -> None:
+    """Register one pair with one method and write the scores as JSON."""
+    data = np.load(pair_file)
+    pair = {k: data[k] for k in data.files}
+    pair["spacing"] = tuple(float(s) for s in pair["spacing"])
+    if method in ("accurate", "fast"):
+        out = _worker_tfreg(pair, method)
+    elif method == "syn":
+        out = _worker_ants(pair, None)
+    elif method == "syn100":
+        out = _worker_ants(pair, (100, 70, 50))
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    out["ncc_before"] = ncc_global(pair["fixed"], pair["moving"])
+    Path(out_file).write_text(json.dumps(out))
+
+
+def _run_worker(method: str, pair_file: Path, timeout: float) -> dict:
+    out_file = pair_file.with_suffix(f".{method}.json")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(os.cpu_count() or 1))
+    cmd = [sys.executable, __file__, "--worker", method, str(pair_file), str(out_file)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if proc.returncode != 0 or not out_file.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0][:300]}
+    return json.loads(out_file.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "tfreg-bench-register"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _pair_file(name: str) -> Path:
+    """Build (once) and cache the arrays of a benchmark pair as .npz in the temp folder."""
+    path = _cache_dir() / f"pair_{name}.npz"
+    if not path.exists():
+        if name == "oasis":
+            pair = load_oasis()
+        else:
+            pair = build_pair(*name.split("-"))
+        arrays = {k: v for k, v in pair.items() if k != "spacing"}
+        np.savez_compressed(path, spacing=np.asarray(pair["spacing"]), **arrays)
+    return path
+
+
+def _fmt(value, digits=3) -> str:
+    return "   -  " if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", default=",".join(PAIRS),
+                        help="comma-separated pairs 'fixed-moving' (default: the six pairs)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--oasis", action="store_true", help="also the real OASIS pair")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per registration")
+    parser.add_argument("--out", default=str(RESULTS / "bench_register.json"))
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "PAIR", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+        return 0
+    if not (DATA / "synthseg_label_maps").is_dir():
+        print(f"skipped: benchmark data not found at {DATA} (needs ../shared/data)")
+        return 0
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}")
+    pairs = [p for p in args.pairs.split(",") if p] + (["oasis"] if args.oasis else [])
+    results: dict = {"machine": _machine(), "methods": {m: METHODS[m] for m in methods},
+                     "pairs": {}}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"{'pair':<8}{'method':<10}{'Dice':>7}{'HD95':>8}{'fold%':>8}{'time s':>8}{'cpu s':>8}"
+    print(header)
+    for name in pairs:
+        pair_file = _pair_file(name)
+        data = np.load(pair_file)
+        pair = {k: data[k] for k in data.files}
+        pair["spacing"] = tuple(float(s) for s in pair["spacing"])
+        before = score(pair, pair["moving_labels"], None)
+        entry = {"before": {**before, "ncc": ncc_global(pair["fixed"], pair["moving"])}}
+        print(f"{name:<8}{'before':<10}{_fmt(before['dice']):>7}{_fmt(before['hd95'], 2):>8}")
+        for method in methods:
+            res = _run_worker(method, pair_file, args.timeout)
+            entry[method] = res
+            if "error" in res:
+                print(f"{name:<8}{method:<10} error: {res['error']}")
+            else:
+                print(f"{name:<8}{method:<10}{_fmt(res['dice']):>7}{_fmt(res['hd95'], 2):>8}"
+                      f"{_fmt(res.get('folding'), 3):>8}{res['seconds']:>8.1f}"
+                      f"{res['cpu_seconds']:>8.1f}", flush=True)
+        results["pairs"][name] = entry
+        results["averages"] = _averages(results["pairs"], methods)
+        out_path.write_text(json.dumps(results, indent=1) + "\n")
+    print("\naverage over the six inter-subject pairs")
+    for method, avg in results["averages"].items():
+        print(f"{method:<10}Dice {_fmt(avg['dice'])}  HD95 {_fmt(avg['hd95'], 2)}  "
+              f"folding {_fmt(avg.get('folding'), 3)}%  time {_fmt(avg.get('seconds'), 1)} s "
+              f"(n={avg['n']})")
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+def _averages(pairs: dict, methods: list[str]) -> dict:
+    out = {}
+    for method in ["before"] + methods:
+        rows = [p[method] for name, p in pairs.items()
+                if name != "oasis" and method in p and "error" not in p[method]]
+        if not rows:
+            continue
+        avg = {"n": len(rows)}
+        for key in ("dice", "hd95", "folding", "seconds", "cpu_seconds"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                avg[key] = float(np.mean(vals))
+        out[method] = avg
+    return out
+
+
+def _machine() -> dict:
+    import platform
+
+    info = {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "python": platform.python_version()}
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    for module in ("tensorflow", "ants", "tfreg"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - optional
+            info[module] = None
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())

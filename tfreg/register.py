@@ -260,8 +260,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                 disp, stage = _finetune(fixed_n, moving_n, disp, cfg, finetune, progress)
                 report.update(finetune_steps=int(finetune), config=_config_dict(cfg),
                               stage_seconds=stage)
-            sim_before = _local_ncc(fixed_n, moving_n)
-            sim_after = _local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
+            sim_before = instance.local_ncc(fixed_n, moving_n)
+            sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
         warped = _sample_moving(moving.data.astype(np.float32), disp, to_moving, "linear")
         warped_labels = None
         if moving_labels is not None:
@@ -272,7 +272,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         device=device_name(tf_device),
         fixed_shape=list(fixed.shape), moving_shape=list(moving.shape), resampled=resampled,
         similarity=round(float(sim_after), 5), similarity_before=round(float(sim_before), 5),
-        similarity_metric="local NCC (window 7, signed, mean over voxels; 1 = identical)",
+        similarity_metric="local NCC, window 7, signed, weighted by fixed-image contrast "
+                          "(1 = identical images)",
         folding_percent=round(metrics.folding_percent(disp), 5),
         sdlogj=round(metrics.sdlogj(disp), 5),
     )
@@ -308,15 +309,6 @@ def _config_dict(cfg) -> dict:
     import dataclasses
 
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def _local_ncc(fixed: np.ndarray, warped: np.ndarray) -> float:
-    import tensorflow as tf
-
-    from tfreg import instance
-
-    return instance._local_ncc(tf.constant(fixed[None, ..., None]),
-                               tf.constant(warped[None, ..., None].astype(np.float32)))
 
 
 def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
