@@ -76,27 +76,27 @@ def test_affine_stage_recovers_a_rigid_transform():
     truth = _rigid_affine(SHAPE3, 6.0, (2.0, -1.5, 1.0))
     moving = warp_numpy(fixed, _affine_disp(SHAPE3, np.linalg.inv(
         np.vstack([truth, [0, 0, 0, 1]]))[:3]), order=1)
-    cfg = instance.make_config("fast", levels=(), iterations=(), learning_rate=(), ncc_win=(),
-                               affine_iterations=150, affine_level=1)
+    cfg = instance.make_config("fast", levels=(), affine_iterations=150)
     result = instance.register_arrays(fixed, moving, cfg)
     # moving(A x) ~ fixed(x) with A = truth: the recovered transform maps fixed to moving
-    np.testing.assert_allclose(result.affine[:, 3], truth[:, 3], atol=0.5)
+    # measured: translation within 0.05 voxel, matrix entries within 0.014
+    np.testing.assert_allclose(result.affine[:, 3], truth[:, 3], atol=0.25)
     np.testing.assert_allclose(result.affine[:, :3], truth[:, :3], atol=0.03)
 
 
-@pytest.mark.parametrize("shape", [(48, 40), (27, 30, 25)])
-def test_any_shape_and_2d(shape):
+@pytest.mark.parametrize("shape, max_disp", [((48, 40), 6.0), ((27, 30, 25), 9.0)])
+def test_any_shape_and_2d(shape, max_disp):
     rng = np.random.default_rng(1)
     fixed, labels = phantom(shape, rng, jitter=0.0)
-    truth = smooth_random_field(shape, max_disp=5.0, smoothness=5.0, rng=rng)
+    truth = smooth_random_field(shape, max_disp=max_disp, smoothness=5.0, rng=rng)
     moving = warp_numpy(fixed, -truth, order=1)
     moving_labels = warp_numpy(labels, -truth, order=0)
     result = instance.register_arrays(fixed, moving, _quick())
     assert result.disp.shape == (*shape, len(shape))
     before = mean_dice(dice(labels, moving_labels))
     after = mean_dice(dice(labels, warp_numpy(moving_labels, result.disp, order=0)))
-    # measured: 2D 0.80 -> 0.91, 27x30x25: 0.98 -> 0.99
-    assert after > before + 0.005 and after > 0.9, (before, after)
+    # measured: 2D 0.74 -> 0.92, 27x30x25: 0.76 -> 0.92
+    assert after > before + 0.1 and after > 0.88, (before, after)
 
 
 def test_bad_settings_and_inputs():

@@ -197,7 +197,8 @@ def test_loss_weights_and_antifold_term():
     assert losses.loss_options(_config()).smooth == 3.5
     assert losses.loss_options(_config(model={"variant": "displacement"})).smooth == 1.0
     assert losses.loss_options(_config(loss={"smooth": 2})).smooth == 2.0
-    with pytest.raises(ConfigError, match=r"^config: loss.antifold: expected a number >= 0, got -1.0$"):
+    with pytest.raises(ConfigError,
+                       match=r"^config: loss.antifold: expected a number >= 0, got -1.0$"):
         losses.build_loss(_config(loss={"antifold": -1}))
     # channel 0 = 0.1 * x0: only 1 of 2 channels varies, along 1 of 2 axes: R = 4 * 0.1^2 / 4
     shape = (16, 16)
@@ -365,7 +366,8 @@ def learned(tmp_path_factory):
     from tfreg.engine import train
     from tfreg.synthetic import deformed_subject
 
-    subjects = [deformed_subject(LEARN_SHAPE, 100 + i, max_disp=3.0) for i in range(N_TRAIN + N_VAL)]
+    subjects = [deformed_subject(LEARN_SHAPE, 100 + i, max_disp=3.0)
+                for i in range(N_TRAIN + N_VAL)]
     images = np.stack([s[0] for s in subjects])
     labels = np.stack([s[1] for s in subjects])
     cfg = _config(model={"features": 16}, loss={"smooth": 0.5},
@@ -388,7 +390,8 @@ def test_brief_training_raises_validation_dice_without_folding(learned):
     result, images, labels, val = learned
     before, after, folds = [], [], []
     for i, j in val:
-        out = result.model({"fixed": images[i][None, ..., None], "moving": images[j][None, ..., None]})
+        out = result.model({"fixed": images[i][None, ..., None],
+                            "moving": images[j][None, ..., None]})
         disp = out["disp"].numpy()[0]
         before.append(mean_dice(dice(labels[i], labels[j])))
         after.append(mean_dice(dice(labels[i], warp_numpy(labels[j], disp, order=0))))
@@ -450,7 +453,8 @@ def test_cli_register_with_the_model_and_finetune(learned, exported, tmp_path):
     reports = {}
     for steps in (0, 10):
         out = tmp_path / f"out{steps}"
-        run = CliRunner().invoke(cli, ["register", *common, "--finetune", str(steps), "-o", str(out)])
+        run = CliRunner().invoke(cli, ["register", *common, "--finetune", str(steps),
+                                       "-o", str(out)])
         assert run.exit_code == 0, run.output
         assert nib.load(out / "disp.nii.gz").shape == (*LEARN_SHAPE, 2)
         reports[steps] = json.loads((out / "report.json").read_text())

@@ -29,11 +29,11 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    """Fixed phantom and a moving one deformed by a known smooth field (max 2.5 voxels)."""
+    """Fixed phantom and a moving one deformed by a known smooth field (peak 7 voxels)."""
     root = tmp_path_factory.mktemp("pair")
     rng = np.random.default_rng(5)
     fixed, labels = phantom(SHAPE, rng, jitter=0.0)
-    truth = smooth_random_field(SHAPE, max_disp=2.5, smoothness=5.0, rng=rng)
+    truth = smooth_random_field(SHAPE, max_disp=7.0, smoothness=5.0, rng=rng)
     moving = warp_numpy(fixed, -truth, order=1)
     moving_labels = warp_numpy(labels, -truth, order=0).astype(np.int32)
     return {
@@ -79,8 +79,8 @@ def test_register_writes_outputs_on_the_fixed_grid(pair, tmp_path):
                 "folding_percent", "sdlogj", "dice", "hd95_mm", "mean_dice", "mean_dice_before"):
         assert key in report, key
     assert set(report["dice"]) == {"1", "2", "3", "4", "5", "6"}
-    # the known deformation is largely undone (measured ~0.71 -> ~0.9)
-    assert report["mean_dice"] > report["mean_dice_before"] + 0.1
+    # the known deformation is largely undone (measured 0.83 -> 0.93)
+    assert report["mean_dice"] > report["mean_dice_before"] + 0.05
     assert report["folding_percent"] < 0.5
     assert report["similarity"] > report["similarity_before"]
     # the written labels are the ones scored
@@ -157,7 +157,7 @@ def test_coarser_moving_grid_is_registered(pair, tmp_path):
 def test_2d_images(tmp_path):
     rng = np.random.default_rng(2)
     fixed, labels = phantom((48, 40), rng, jitter=0.0)
-    truth = smooth_random_field((48, 40), max_disp=2.0, smoothness=4.0, rng=rng)
+    truth = smooth_random_field((48, 40), max_disp=6.0, smoothness=5.0, rng=rng)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     paths = [_save(tmp_path / f"{n}.nii.gz", d, affine) for n, d in (
         ("f", fixed), ("m", warp_numpy(fixed, -truth, order=1)), ("fl", labels),

@@ -80,6 +80,7 @@ class InstanceConfig:
             mean, which gave better overlap on real anatomy.
         min_level_size: the schedule moves to finer levels for small images so that the coarsest
             level keeps at least this many voxels along its shortest axis.
+        min_affine_size: the same for the affine stage (a rotation needs detail to be seen).
         affine: run the moments + affine initialisation.
         affine_level: pyramid level of the affine stage.
         affine_iterations: Adam steps of the affine stage.
@@ -101,6 +102,7 @@ class InstanceConfig:
     ncc_eps: float = 1e-3
     ncc_floor: float = 0.03
     min_level_size: int = 16
+    min_affine_size: int = 24
     affine: bool = True
     affine_level: int = 2
     affine_iterations: int = 100
@@ -214,7 +216,7 @@ def adapt_to_shape(cfg: InstanceConfig, shape: Sequence[int]) -> InstanceConfig:
         else:
             break
     affine_level = cfg.affine_level
-    while affine_level > 0 and size(affine_level) < cfg.min_level_size:
+    while affine_level > 0 and size(affine_level) < cfg.min_affine_size:
         affine_level -= 1
     if tuple(levels) == cfg.levels and affine_level == cfg.affine_level:
         return cfg

@@ -16,7 +16,8 @@ __all__ = ["METHOD", "network", "losses", "schedule"]
 
 METHOD = Method(
     name="lapirn",
-    summary="LapIRN: 3-level Laplacian pyramid CRNs, coarse-to-fine stages, diffeomorphic or displacement.",
+    summary="LapIRN: 3-level Laplacian pyramid of CRNs trained coarse to fine; diffeomorphic or "
+            "displacement.",
     default_config="lapirn.yaml",
     build_model=network.build_model,
     build_loss=losses.build_loss,

@@ -15,8 +15,8 @@ Level ``l`` (stage ``"level{l}"``) minimises::
 
 Units of the smoothness term
 ----------------------------
-The original code regularises a field ``w`` given in normalised units (``[-1, 1]`` across the volume)
-after multiplying channel ``d`` by ``n_d - 1`` (the level grid's size along that channel's axis),
+The original code regularises a field ``w`` given in normalised units (``[-1, 1]`` across the
+volume) after multiplying channel ``d`` by ``n_d - 1`` (the level grid's size along that channel's axis),
 then takes the mean squared forward difference along each axis and averages over the axes. A
 field in voxels of the level's grid is ``u_d = w_d (n_d - 1) / 2``, so ``w_d (n_d - 1) = 2 u_d``
 exactly and::
@@ -104,7 +104,8 @@ def stage_level(name: str) -> int:
     for level in range(1, LEVELS + 1):
         if name == f"level{level}":
             return level
-    raise ValueError(f"Unknown LapIRN stage; expected level1, level2 or level3. Received: name={name!r}")
+    raise ValueError("Unknown LapIRN stage; expected level1, level2 or level3. "
+                     f"Received: name={name!r}")
 
 
 def smoothness(field: tf.Tensor) -> tf.Tensor:

@@ -60,6 +60,7 @@ __all__ = [
     "HalfPool",
     "ChannelScale",
     "RecomputedVecInt",
+    "count_parameters",
 ]
 
 #: The two transformation models of the original code.
@@ -377,12 +378,16 @@ def build_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
             x = keras.layers.Concatenate(name=prefix + "input")([movings[1], fixeds[1]])
         else:
             up_disp = RescaleTransform(2.0, align="origin", name=prefix + "up_disp")(prev_disp)
-            up_field = (up_disp if opts.variant == "displacement" else
-                        RescaleTransform(2.0, align="origin", name=prefix + "up_velocity")(prev_field))
+            if opts.variant == "displacement":
+                up_field = up_disp
+            else:
+                up_field = RescaleTransform(2.0, align="origin",
+                                            name=prefix + "up_velocity")(prev_field)
             pre_warped = SpatialTransformer(name=prefix + "prewarp")([movings[level], up_disp])
             field_in = ChannelScale([2.0 / max(s - 1, 1) for s in n],
                                     name=prefix + "field_to_normalised")(up_field)
-            x = keras.layers.Concatenate(name=prefix + "input")([pre_warped, fixeds[level], field_in])
+            x = keras.layers.Concatenate(name=prefix + "input")(
+                [pre_warped, fixeds[level], field_in])
         increment, prev_embedding = _crn(x, prev_embedding, level, bound, opts)
 
         if opts.variant == "diffeomorphic":
