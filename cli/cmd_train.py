@@ -161,6 +161,11 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
             if not data:
                 raise ConfigError(f"{run_config}: no data spec recorded; give --data")
     loaded = discover().get(method)
+    if loaded.method.stages is not None and (steps is not None or epochs is not None):
+        option = "--steps" if steps is not None else "--epochs"
+        raise ConfigError(f"{option}: method '{method}' trains in stages with step counts of "
+                          "their own; set them in its config with --set (see "
+                          f"'configs/{method}.yaml')")
     config = _resolve_config(loaded, config_file, run_config, sets, shortcuts)
     data_path = Path(data).resolve()
     config["data"] = str(data_path)
