@@ -5,8 +5,10 @@ Every case runs in its own subprocess so that its peak memory (VmHWM, reset afte
 process peak (TensorFlow itself takes ~0.7 GB); "+1st MB" the peak of the first call (tracing, XLA
 compilation and one run) and "+run MB" the peak of the timed calls, both above the resident size
 after setup (data, imports). Buffers of more than 32 MB are returned to the system when freed, so
-"+run MB" shows the memory a call needs at full size; small volumes may reuse retained memory. Per-call times exclude
-compilation/tracing, which is reported separately (first call minus the median steady call).
+"+run MB" shows the memory a call needs at full size; small volumes may reuse retained memory.
+Per-call times exclude compilation/tracing, which is reported separately (first call minus the
+median steady call). Cases whose estimated memory exceeds 80 % of what the machine has available
+are skipped and say so.
 
 Usage:
     python benchmarks/bench_layers.py                      # 160x192x224, writes results JSON

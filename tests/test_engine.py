@@ -21,18 +21,35 @@ from tfreg.engine import (TrainingInterrupted, check_global_batch, configure_dev
 from tfreg.engine.logging import TrainLogger
 from tfreg.errors import ConfigError
 
-from test_engine_toy import (ToySpec, build_toy_model, read_events, toy_config, toy_images,
-                             toy_method, weights_by_name)
+from test_engine_toy import (ToySpec, build_toy_loss, build_toy_model, read_events, toy_config,
+                             toy_images, toy_method, weights_by_name)
 
 SPEC = ToySpec(shape=(16, 16, 16), n=8)
 
 
-def _restore(run_dir, step: int) -> dict[str, np.ndarray]:
-    """Weights of checkpoint `ckpt-<step>` of a run, restored into a fresh toy model."""
+def _restored_model(run_dir, step: int) -> keras.Model:
+    """A fresh toy model holding the weights of checkpoint `ckpt-<step>` of a run."""
     model = build_toy_model({}, SPEC.shape)
     tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / f"ckpt-{step}")
                                              ).expect_partial()
-    return weights_by_name(model)
+    return model
+
+
+def _restore(run_dir, step: int) -> dict[str, np.ndarray]:
+    """Weights of checkpoint `ckpt-<step>` of a run, restored into a fresh toy model."""
+    return weights_by_name(_restored_model(run_dir, step))
+
+
+def _pair_losses(model: keras.Model) -> np.ndarray:
+    """Toy loss (sim + smooth) of `model` on each of the toy pipeline's pairs (i, i+1 mod n)."""
+    images = toy_images(SPEC)
+    moving = np.roll(images, -1, axis=0)
+    loss_fn = build_toy_loss({})
+    out = []
+    for i in range(SPEC.n):
+        batch = {"fixed": images[i:i + 1], "moving": moving[i:i + 1]}
+        out.append(float(sum(loss_fn(batch, model(batch), None).values())))
+    return np.array(out)
 
 
 def test_single_stage_run_directory(tmp_path):
@@ -148,9 +165,16 @@ def test_interrupt_saves_checkpoint_then_resume_finishes(tmp_path, monkeypatch):
     state = json.loads((run / "state.json").read_text())
     assert state["step"] == 6 and state["finished"]
     assert (run / "config.yaml").read_text() == saved_config
-    # the resumed run started from the step-3 weights, and its optimizer state was restored:
-    # Adam's iteration counter continues from 3
+    # the resumed run started from the step-3 weights: the loss of its first step (computed
+    # before that step's update) is the step-3 model's loss on one of the toy pairs (the resumed
+    # pipeline draws another order), and none of the untrained model's
+    first = result.history[0]["total"]
+    at_step3 = _pair_losses(_restored_model(run, 3))
+    untrained = _pair_losses(build_toy_model({}, SPEC.shape))
+    assert np.isclose(at_step3, first, rtol=1e-5, atol=0).any(), (first, at_step3)
+    assert not np.isclose(untrained, first, rtol=1e-5, atol=0).any(), (first, untrained)
     assert not all(np.array_equal(v, weights_by_name(result.model)[k]) for k, v in w3.items())
+    # its optimizer state was restored too: Adam's iteration counter continues from 3
     ckpt_opt = keras.optimizers.Adam()
     model = build_toy_model({}, SPEC.shape)
     ckpt_opt.build(model.trainable_variables)

@@ -104,9 +104,9 @@ def show_registration(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
     rows = list(zip(_slices(f, ndims), _slices(m, ndims), _slices(w, ndims),
                     _slices(diff_before, ndims), _slices(diff_after, ndims),
                     _slices(disp, ndims), _slices(det, ndims), _slices(folded, ndims)))
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns),
-                                                              2.5 * len(rows) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.1 * len(columns),
+                                                              2.2 * len(rows) + 0.5),
+                             squeeze=False, layout="constrained")
     det_norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)
     fold_cmap = ListedColormap([(0, 0, 0, 0), (0, 0, 0, 1)])
     for r, row in enumerate(rows):
@@ -134,7 +134,8 @@ def show_registration(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
                                interpolation="nearest")
         axes[r][6].imshow(row[7][1].astype(np.uint8), cmap=fold_cmap, vmin=0, vmax=1,
                           aspect=aspect, interpolation="nearest")
-    fig.colorbar(im, ax=list(axes[:, 6]), fraction=0.05, pad=0.02, shrink=0.8)
+    fig.colorbar(im, ax=list(axes[:, 6]), fraction=0.05, pad=0.02, shrink=0.8,
+                 label="det J (black: <= 0)")
     if title:
         fig.suptitle(title, fontsize=10)
     out_png = Path(out_png)
