@@ -186,8 +186,11 @@ def main() -> None:
         "voxelmorph": {"steps_per_s": vxm, "note": vxm_note},
         "cache_over_voxelmorph": None if not vxm else cache / vxm,
     }
+    from tfreg.io import atomic_path
+
     out = RESULTS / "bench_data.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 
 

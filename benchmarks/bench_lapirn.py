@@ -230,8 +230,10 @@ def main() -> None:
         result.update(tensorflow=tf.__version__, keras=keras.__version__)
     except ImportError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from tfreg.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(_table(rows))
     print(f"wrote {path}")
 

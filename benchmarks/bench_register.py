@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -161,14 +162,17 @@ def _worker_tfreg(pair: dict, preset: str) -> dict:
     moving = Volume(pair["moving"], affine, path="moving")
     cfg = instance.make_config(preset)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = register_volumes(fixed, moving, config=cfg)  # tfreg's own runtime: no file I/O
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    result = register_volumes(fixed, moving, config=cfg)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # tfreg's reported runtime: resampling check, normalisation, tracing + XLA compilation,
+    # optimisation, warping; not the regularity metrics computed afterwards (`wall` has them)
+    seconds = result.report["runtime_seconds"]
     from tfreg.synthetic import warp_numpy
 
     warped_labels = warp_numpy(pair["moving_labels"], result.disp, order=0)
     out = score(pair, warped_labels, result.disp)
-    out.update(seconds=seconds, cpu_seconds=cpu, ncc_after=ncc_global(pair["fixed"], result.warped),
-               runtime_reported=result.report["runtime_seconds"],
+    out.update(seconds=seconds, cpu_seconds=cpu, wall_with_metrics=wall,
+               ncc_after=ncc_global(pair["fixed"], result.warped),
                stages=result.report.get("stage_seconds"))
     return out
 

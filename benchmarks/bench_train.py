@@ -162,11 +162,11 @@ def main() -> None:
         "warmup_steps": args.warmup,
         "results": results,
     }
+    from tfreg.io import atomic_path
+
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_path, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -70,15 +70,15 @@ def instance_options(func):
     options = [
         click.option("--preset", type=click.Choice(["accurate", "fast"]), default="accurate",
                      show_default=True,
-                     help="Instance-optimisation settings: 'accurate' (quarter- and "
-                          "half-resolution levels) or 'fast' (fewer steps)."),
+                     help="Instance-optimisation settings: 'accurate' (quarter, half and "
+                          "full resolution) or 'fast' (quarter and half resolution)."),
         click.option("--iterations", metavar="N[,N...]",
                      help="Optimisation steps per level, one number for all levels or one per "
                           "level, coarse to fine (default: from the preset)."),
         click.option("--levels", type=click.IntRange(1, 4),
-                     help="Number of pyramid levels of the deformable stage: 1 = quarter "
-                          "resolution, 2 = quarter+half, 3 = quarter+half+full, 4 = "
-                          "eighth..full (default: from the preset)."),
+                     help="Number of pyramid levels of the deformable stage, ending at the "
+                          "preset's finest level (accurate: full-resolution images, 3 levels; "
+                          "fast: half resolution, 2 levels)."),
         click.option("--lambda", "lam", type=click.FloatRange(min=0),
                      help="Weight of the smoothness penalty mean|grad v|^2 on the velocity "
                           "(larger = smoother, default: from the preset)."),
@@ -162,9 +162,6 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
     from tfreg.register import register_files
 
     progress = StageProgress(enabled=not quiet)
-    click.echo(f"registering {moving} -> {fixed}"
-               + (f" with model {model}" if model else f" (instance optimisation, {preset})"),
-               err=True)
     try:
         report, written = register_files(fixed, moving, out_dir, fixed_labels=fixed_labels,
                                          moving_labels=moving_labels, config=cfg, model=model,

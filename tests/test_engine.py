@@ -68,7 +68,7 @@ def test_single_stage_run_directory(tmp_path):
     assert versions["plugin"] == {"method": "toy", "distribution": "tfreg-tests", "version": "0"}
     assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-4")
     assert (run / "checkpoints" / "ckpt-2.index").exists()
-    assert not list(run.glob(".tmp-*"))  # no temporary files left behind
+    assert not list(run.glob(".*"))  # no temporary (hidden) files left behind
 
     # the final files hold the trained model
     reloaded = keras.saving.load_model(run / "model.keras")

@@ -100,6 +100,42 @@ def test_shape_not_divisible_is_reported(tiny_collection):
                              "is automatic)\n")
 
 
+def test_invalid_model_setting_leaves_no_run_directory(spec, tmp_path):
+    """A config the method refuses stops before anything is written."""
+    run = tmp_path / "run"
+    result = _invoke("voxelmorph", "--data", str(spec), "--out", str(run),
+                     "--set", "model.int_resolution=3", *TINY_VXM)
+    assert result.exit_code == 1
+    assert result.output == ("Error: model.int_resolution: expected a power of two (1, 2, 4, "
+                             "...), got 3\n")
+    assert not run.exists()
+
+
+def test_resume_errors_are_one_line(spec, tmp_path):
+    """--resume of a run whose state.json is damaged, or with --set changing the network."""
+    run = tmp_path / "run"
+    result = _invoke("voxelmorph", "--data", str(spec), "--out", str(run), "--steps", "1",
+                     "--quiet", *TINY_VXM)
+    assert result.exit_code == 0, result.output
+    config = (run / "config.yaml").read_text()
+
+    result = _invoke("--resume", str(run), "--steps", "2", "--set",
+                     "model.enc_features=[8, 4, 4, 4]")
+    assert result.exit_code == 1
+    assert result.output.startswith(
+        f"Error: {run}/checkpoints/ckpt-1: does not fit the model built from the run's config "
+        "(was the network changed with --set?): ")
+    assert len(result.output.strip().splitlines()) == 1
+    assert (run / "config.yaml").read_text() == config  # not rewritten
+
+    state = run / "state.json"
+    state.write_text(state.read_text()[:-10])
+    result = _invoke("--resume", str(run), "--steps", "2")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {state}: not a readable tfreg run state (")
+    assert len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args", [["voxelmorph"], []])
 def test_missing_arguments_are_usage_errors(args):
     result = _invoke(*args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_model_directory_contents(trained):
     for name in ("saved_model/saved_model.pb", "model.keras", "model.weights.h5", "config.yaml"):
         assert (model_dir / name).is_file(), name
     assert (model_dir / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
-    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]  # temporaries
 
 
 def test_load_model_registers_numpy_arrays(trained):
@@ -169,3 +170,60 @@ def test_export_user_errors_are_one_line(trained, tmp_path):
     assert result.exit_code == 0
     for text in ("RUN_DIR", "-o, --out", "--checkpoint", "register(fixed, moving)"):
         assert text in result.output
+
+
+def _damage(run_dir, what):
+    """Break one file of a copied run directory the way a user (or a full disk) might."""
+    if what == "state.json":
+        (run_dir / "state.json").write_text("{truncated")
+    elif what == "weights":
+        (run_dir / "model.weights.h5").write_text("not HDF5")
+    elif what == "config key":
+        config = (run_dir / "config.yaml").read_text()
+        (run_dir / "config.yaml").write_text(config.replace("int_steps:", "int_stepz:"))
+    elif what == "config type":
+        config = (run_dir / "config.yaml").read_text()
+        (run_dir / "config.yaml").write_text(config.replace("int_steps: 7", "int_steps: seven"))
+    elif what == "no data":
+        (run_dir / "state.json").unlink()
+        config = (run_dir / "config.yaml").read_text()
+        (run_dir / "config.yaml").write_text(
+            "\n".join(line for line in config.splitlines() if not line.startswith("data:")))
+
+
+@pytest.mark.parametrize("what, message", [
+    ("state.json", "{run}/state.json: not a readable tfreg run state (Expecting property name "
+                   "enclosed in double quotes: line 1 column 2 (char 1))"),
+    ("weights", "{run}/model.weights.h5: cannot load these weights into the model (<h5py's "
+                "reason>)"),
+    ("config key", "{run}/config.yaml: model.int_stepz: unknown key (did you mean "
+                   "'int_steps'?)"),
+    ("config type", "{run}/config.yaml: model.int_steps: expected an integer, got 'seven'"),
+    ("no data", "{run}/config.yaml: data: no data spec recorded"),
+])
+def test_export_of_a_damaged_run_is_one_line(trained, tmp_path, what, message):
+    """Each damaged file is named with its problem: exit 1, one line, nothing written.
+    (``<...>`` stands for a library's own wording, which varies between versions.)"""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    _damage(run, what)
+    result = CliRunner().invoke(cli, ["export", str(run), "-o", str(tmp_path / "model")])
+    assert result.exit_code == 1
+    want = re.escape(f"Error: {message.format(run=run)}\n")
+    assert re.fullmatch(re.sub(r"<[^>]*>", "[^\\n]+", want), result.output), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_load_model_of_a_damaged_model_directory(trained, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained[1], model_dir)
+    (model_dir / "tfreg_model.json").write_text("{")
+    with pytest.raises(ConfigError) as err:
+        load_model(model_dir)
+    assert str(err.value) == (f"{model_dir / 'tfreg_model.json'}: not valid JSON (Expecting "
+                              "property name enclosed in double quotes: line 1 column 2 (char 1))")
+    shutil.copy(trained[1] / "tfreg_model.json", model_dir / "tfreg_model.json")
+    (model_dir / "model.weights.h5").write_text("not HDF5")
+    with pytest.raises(InputError, match=r"^.*model\.weights\.h5: cannot load these weights"):
+        load_model(model_dir, overrides={"model.int_steps": 5})
+

@@ -109,4 +109,4 @@ def test_bad_settings_and_inputs():
     with pytest.raises(InputError, match="differs from fixed shape"):
         instance.register_arrays(np.zeros((8, 8, 8)), np.zeros((8, 8, 9)))
     with pytest.raises(InputError, match="too small"):
-        instance.register_arrays(np.ones((6, 6, 6)), np.ones((6, 6, 6)), _quick())
+        instance.register_arrays(np.ones((3, 8, 8)), np.ones((3, 8, 8)), _quick())

@@ -160,7 +160,7 @@ def test_input_shape_must_divide_by_8():
     with pytest.raises(InputError, match=r"^lapirn: input shape \(32, 20\): every size must be a "
                                          r"positive multiple of 8"):
         network.build_model(_config(), (32, 20))
-    with pytest.raises(ConfigError, match=r"^config: model.variant: expected one of "
+    with pytest.raises(ConfigError, match=r"^model.variant: expected one of "
                                           r"diffeomorphic, displacement, got 'diffeo'$"):
         network.build_model(_config(model={"variant": "diffeo"}), (16, 16))
 
@@ -198,7 +198,7 @@ def test_loss_weights_and_antifold_term():
     assert losses.loss_options(_config(model={"variant": "displacement"})).smooth == 1.0
     assert losses.loss_options(_config(loss={"smooth": 2})).smooth == 2.0
     with pytest.raises(ConfigError,
-                       match=r"^config: loss.antifold: expected a number >= 0, got -1.0$"):
+                       match=r"^loss.antifold: expected a number >= 0, got -1.0$"):
         losses.build_loss(_config(loss={"antifold": -1}))
     # channel 0 = 0.1 * x0: only 1 of 2 channels varies, along 1 of 2 axes: R = 4 * 0.1^2 / 4
     shape = (16, 16)
@@ -243,7 +243,7 @@ def test_set_shrinks_the_schedule_and_stage_outputs_select_levels():
     assert [(s.steps, s.freeze_steps) for s in stages] == [(3, 0), (4, 1), (5, 1)]
     with pytest.raises(ConfigError, match=r"^--set schedule.level1_steps=x: "):
         resolve(method_defaults(METHOD), None, parse_set(["schedule.level1_steps=x"]))
-    with pytest.raises(ConfigError, match=r"^config: schedule.freeze_steps: expected an integer "
+    with pytest.raises(ConfigError, match=r"^schedule.freeze_steps: expected an integer "
                                           r">= 0, got -2$"):
         schedule.stages(_config(schedule={"freeze_steps": -2}))
     model = network.build_model(cfg, (16, 16))

@@ -248,3 +248,38 @@ def test_evaluate_writes_csv_and_summary(tmp_path):
     assert summary["mean_dice"]["mean"] == pytest.approx(float(row["mean_dice"]), abs=1e-4)
     assert "Dice" in result.output and "±" in result.output
     _one_line_error(_run(["evaluate", spec, "--split", "val", "-o", out]), "no pairs")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """An exported 16^3 VoxelMorph model trained for 2 steps (its field is close to zero)."""
+    from test_engine_toy import TINY_VXM, write_tiny_data
+
+    root = tmp_path_factory.mktemp("model")
+    spec = write_tiny_data(root / "data")
+    result = _run(["train", "voxelmorph", "--data", spec, "--steps", "2", "--out", root / "run",
+                   "--quiet", *TINY_VXM])
+    assert result.exit_code == 0, result.output
+    result = _run(["export", root / "run", "-o", root / "model"])
+    assert result.exit_code == 0, result.output
+    return root / "model"
+
+
+def test_model_and_finetune(pair, model_dir, tmp_path):
+    """A model with another input shape: outputs land on the fixed grid; finetuning from the
+    (nearly zero) network field registers the pair."""
+    args = ["register", pair["fixed"], pair["moving"], "--model", model_dir,
+            "--fixed-labels", pair["fixed_labels"], "--moving-labels", pair["moving_labels"],
+            "-q"]
+    result = _run([*args, "-o", tmp_path / "net"])
+    assert result.exit_code == 0, result.output
+    net = json.loads((tmp_path / "net" / "report.json").read_text())
+    assert net["method"] == "model voxelmorph" and net["model_inshape"] == [16, 16, 16]
+    assert nib.load(str(tmp_path / "net" / "disp.nii.gz")).shape == (*SHAPE, 3)
+    result = _run([*args, "-o", tmp_path / "ft", "--finetune", "40", "--preset", "fast"])
+    assert result.exit_code == 0, result.output
+    ft = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert ft["finetune_steps"] == 40
+    assert ft["similarity"] > net["similarity"]
+    assert ft["mean_dice"] > net["mean_dice"]
+    np.testing.assert_allclose(nib.load(str(tmp_path / "ft" / "warped.nii.gz")).affine, AFFINE)

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
 from tfreg.errors import ConfigError
+from tfreg.io import atomic_path
 
 if TYPE_CHECKING:
     from tfreg.registry import Method
@@ -126,20 +125,14 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def dump_yaml(cfg: Mapping[str, Any], path: str | Path) -> Path:
-    """Write `cfg` as YAML atomically (temporary file in the same folder, then ``os.replace``).
+    """Write `cfg` as YAML atomically (`tfreg.io.atomic_path`).
 
     Tuples are written as lists; key order is kept. Returns the path.
     """
     path = Path(path)
     text = yaml.safe_dump(_plain(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -270,18 +263,10 @@ def _expected(default: Any) -> str:
     """What a value must be to replace `default`."""
     if isinstance(default, bool):
         return "true or false"
-    if isinstance(default, int):
-        return "an integer"
-    if isinstance(default, float):
-        return "a number"
-    if isinstance(default, str):
-        return "a string"
     if isinstance(default, list):
         item = _item_default(default)
         return f"a list of {_plural(item)}" if item is not None else "a list"
-    if isinstance(default, dict):
-        return "a mapping"
-    return type(default).__name__
+    return _kind(default)
 
 
 def _plural(item_default: Any) -> str:

@@ -18,3 +18,10 @@ class ConfigError(TfregError):
 
 class MethodError(TfregError):
     """A registration method is unknown, failed to load, or is declared twice."""
+
+
+def reason(err: BaseException) -> str:
+    """Why a library call failed, for the end of a one-line message: the first line of `err`
+    (at most 160 characters), or the exception's type name when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__

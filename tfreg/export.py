@@ -21,10 +21,7 @@ normalisation); ``tfreg register`` does that for files.
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 import tfreg
-from tfreg.errors import ConfigError, InputError
+from tfreg.errors import ConfigError, InputError, reason
+from tfreg.io import atomic_path
 
 __all__ = ["export", "load_model", "RegistrationModel", "MODEL_INFO", "build_from_run"]
 
@@ -66,75 +64,89 @@ class _Exported(tf.Module):
         return {"warped": warp(image, displacement, interp="nearest")}
 
 
-def _read_run(run_dir: Path) -> tuple[dict, dict]:
-    """The run's config.yaml and state.json (``{}`` when absent)."""
+def _read_run(run_dir: Path) -> tuple[dict, Any]:
+    """The run's config.yaml and its `RunState` (None without state.json)."""
     from tfreg.config import load_yaml
+    from tfreg.engine import RunState
 
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml (not a tfreg run directory)")
-    config = load_yaml(config_path)
-    state_path = run_dir / "state.json"
-    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
-    return config, state
+    return load_yaml(config_path), RunState.load(run_dir)
 
 
-def _run_inshape(run_dir: Path, config: dict, state: dict) -> tuple[int, ...]:
-    if state.get("inshape"):
-        return tuple(int(s) for s in state["inshape"])
-    spec = _load_spec(config)
+def _run_inshape(run_dir: Path, config: dict, state: Any) -> tuple[int, ...]:
+    if state is not None and state.inshape:
+        return tuple(int(s) for s in state.inshape)
+    spec = _load_spec(run_dir, config)
     shape = getattr(spec, "shape", None)
     if shape is None:
         raise ConfigError(f"{run_dir}: cannot tell the model's input shape (no state.json)")
     return tuple(int(s) for s in shape)
 
 
-def _load_spec(config: dict) -> Any:
+def _load_spec(run_dir: Path, config: dict) -> Any:
     from tfreg.data import DataSpec
 
     if not config.get("data"):
-        raise ConfigError("config.yaml: data: no data spec recorded")
+        raise ConfigError(f"{run_dir / 'config.yaml'}: data: no data spec recorded")
     return DataSpec.from_yaml(config["data"])
 
 
-def _preprocessing(state: dict, config: dict) -> dict | None:
+def _preprocessing(run_dir: Path, state: Any, config: dict) -> dict | None:
     """Preprocessing settings recorded by the engine, else read from the data spec."""
-    if state.get("preprocessing") is not None:
-        return state["preprocessing"]
+    if state is not None and state.preprocessing is not None:
+        return state.preprocessing
     try:
-        prep = getattr(_load_spec(config), "preprocessing", None)
+        prep = getattr(_load_spec(run_dir, config), "preprocessing", None)
     except ConfigError:
         return None
     return prep.to_dict() if hasattr(prep, "to_dict") else prep
 
 
+def _load_weights(model: keras.Model, path: Path) -> None:
+    """Load a ``.weights.h5`` file into `model`; a damaged or mismatched file is an InputError."""
+    try:
+        model.load_weights(str(path))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot load these weights into the model "
+                         f"({reason(err)})") from None
+
+
 def build_from_run(run_dir: str | Path, checkpoint: str | None = None
-                   ) -> tuple[Any, keras.Model, dict, dict]:
+                   ) -> tuple[Any, keras.Model, dict, Any]:
     """Rebuild a run's model (float32) with its trained weights.
 
     Weights come from `checkpoint` (a checkpoint prefix) if given, else ``model.weights.h5``,
     else the newest checkpoint.
 
     Returns:
-        `(loaded_method, model, config, state)`.
+        `(loaded_method, model, config, state)`: `state` is the run's
+        `tfreg.engine.RunState` (a default one without state.json) with `inshape` filled in.
 
     Raises:
-        ConfigError: not a run directory, or no trained weights in it.
+        ConfigError: not a run directory, an invalid config.yaml or state.json, or no trained
+            weights in it.
+        InputError: weights that cannot be loaded into the model.
         MethodError: the run's method is not installed.
     """
+    from tfreg.config import method_defaults, resolve
+    from tfreg.engine import RunState, dtype_policy
     from tfreg.registry import discover
 
     run_dir = Path(run_dir)
     config, state = _read_run(run_dir)
     loaded = discover().get(config.get("method"))
+    config = resolve(method_defaults(loaded.method), config, None,
+                     file_source=run_dir / "config.yaml")
     inshape = _run_inshape(run_dir, config, state)
-    with _float32_policy():
+    with dtype_policy("float32"):
         model = loaded.method.build_model(config, inshape)
     weights = run_dir / "model.weights.h5"
     if checkpoint is None and weights.is_file():
-        model.load_weights(str(weights))
+        _load_weights(model, weights)
     else:
         prefix = checkpoint or tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
         if prefix is None:
@@ -142,23 +154,18 @@ def build_from_run(run_dir: str | Path, checkpoint: str | None = None
                               "checkpoint)")
         if not tf.io.gfile.exists(f"{prefix}.index"):
             raise ConfigError(f"--checkpoint {prefix}: no such checkpoint")
-        tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-    return loaded, model, config, {**state, "inshape": list(inshape)}
+        try:
+            tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+        except (ValueError, tf.errors.OpError) as err:
+            raise InputError(f"{prefix}: cannot restore this checkpoint into the model "
+                             f"({reason(err)})") from None
+    state = state or RunState()
+    state.inshape = list(inshape)
+    return loaded, model, config, state
 
 
-class _float32_policy:
-    """Context manager building layers with the float32 policy (exported models compute in
-    float32 whatever precision they were trained with)."""
-
-    def __enter__(self) -> None:
-        self._previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("float32")
-
-    def __exit__(self, *exc: Any) -> None:
-        keras.config.set_dtype_policy(self._previous)
-
-
-def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None = None) -> Path:
+def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None = None,
+           extra_info: dict | None = None) -> Path:
     """Write the model directory described in the module docstring, atomically.
 
     Args:
@@ -166,6 +173,8 @@ def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None
         model_dir: output folder; replaced if it is an earlier export, refused if it is another
             non-empty folder.
         checkpoint: export this checkpoint prefix instead of the final weights.
+        extra_info: more entries for ``tfreg_model.json`` (e.g. where an imported model came
+            from).
 
     Returns:
         `model_dir`.
@@ -178,26 +187,23 @@ def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None
         raise ConfigError(f"{model_dir}: exists and is not an exported tfreg model; choose "
                           "another output folder")
     loaded, model, config, state = build_from_run(run_dir, checkpoint)
-    inshape = tuple(state["inshape"])
+    inshape = tuple(state.inshape)
     info = {
         "method": loaded.method.name,
         "inshape": list(inshape),
         "ndims": len(inshape),
-        "preprocessing": _preprocessing(state, config),
+        "preprocessing": _preprocessing(run_dir, state, config),
         "tfreg_version": tfreg.__version__,
         "plugin": {"distribution": loaded.dist_name, "version": loaded.dist_version},
-        "step": state.get("step"),
+        "step": state.step,
         "signatures": {
             "register": "(fixed, moving) float32 (B, *S, 1) -> {warped (B, *S, 1), "
                         "displacement (B, *S, N) voxels, pull}",
             "warp": "(image (B, *S, C), displacement (B, *S, N)) -> {warped}, nearest",
         },
+        **(extra_info or {}),
     }
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir.with_name(f".tmp-{os.getpid()}-{model_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_path(model_dir, directory=True) as tmp:
         module = _Exported(model, inshape)
         tf.saved_model.save(module, str(tmp / "saved_model"),
                             signatures={"register": module.register, "warp": module.warp})
@@ -205,15 +211,6 @@ def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None
         model.save(str(tmp / "model.keras"))
         dump_yaml(config, tmp / "config.yaml")
         (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if model_dir.exists():
-            old = model_dir.with_name(f".old-{os.getpid()}-{model_dir.name}")
-            os.replace(model_dir, old)
-            os.replace(tmp, model_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, model_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return model_dir
 
 
@@ -290,12 +287,12 @@ class RegistrationModel:
         return out if batched else out[0, ..., 0]
 
 
-def _apply_overrides(config: dict, method: Any, overrides: dict) -> dict:
+def _apply_overrides(config: dict, method: Any, overrides: dict, source: Path) -> dict:
     """`config` with dotted `overrides`, validated against the method's defaults."""
     from tfreg.config import method_defaults, resolve
 
     sources = {key: f"overrides {key}={value!r}" for key, value in overrides.items()}
-    return resolve(method_defaults(method), config, dict(overrides), file_source="config.yaml",
+    return resolve(method_defaults(method), config, dict(overrides), file_source=source,
                    override_sources=sources)
 
 
@@ -310,30 +307,39 @@ def load_model(model_dir: str | Path, overrides: dict | None = None) -> Registra
             weights are loaded.
 
     Raises:
-        ConfigError: not a model directory, or an invalid override.
+        ConfigError: not a model directory (or a damaged one), or an invalid override.
+        InputError: the saved model or weights cannot be loaded.
     """
+    from tfreg.config import load_yaml
+
     model_dir = Path(model_dir)
     info_path = model_dir / MODEL_INFO
     if not info_path.is_file():
         raise ConfigError(f"{model_dir}: not an exported tfreg model (no {MODEL_INFO})")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    from tfreg.config import load_yaml
-
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{info_path}: not valid JSON ({err})") from None
     config = load_yaml(model_dir / "config.yaml")
     if not overrides:
-        saved = tf.saved_model.load(str(model_dir / "saved_model"))
+        try:
+            saved = tf.saved_model.load(str(model_dir / "saved_model"))
+        except (OSError, ValueError, tf.errors.OpError) as err:
+            raise InputError(f"{model_dir / 'saved_model'}: cannot load the SavedModel "
+                             f"({reason(err)})") from None
         return RegistrationModel(model_dir, info, config, saved.signatures["register"],
                                  saved.signatures["warp"])
 
+    from tfreg.engine import dtype_policy
     from tfreg.layers import warp
     from tfreg.registry import discover
 
     loaded = discover().get(info["method"])
-    config = _apply_overrides(copy.deepcopy(config), loaded.method, overrides)
+    config = _apply_overrides(config, loaded.method, overrides, model_dir / "config.yaml")
     inshape = tuple(info["inshape"])
-    with _float32_policy():
+    with dtype_policy("float32"):
         model = loaded.method.build_model(config, inshape)
-    model.load_weights(str(model_dir / "model.weights.h5"))
+    _load_weights(model, model_dir / "model.weights.h5")
 
     @tf.function
     def register_fn(fixed, moving):

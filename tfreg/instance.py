@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,8 +91,8 @@ class InstanceConfig:
     """
 
     levels: tuple[int, ...] = (2, 1, 0)
-    iterations: tuple[int, ...] = (120, 120, 30)
-    learning_rate: tuple[float, ...] = (0.25, 0.2, 0.1)
+    iterations: tuple[int, ...] = (120, 120, 60)
+    learning_rate: tuple[float, ...] = (0.25, 0.2, 0.15)
     ncc_win: tuple[int, ...] = (5, 5, 7)
     lam: float = 0.5
     smooth_sigma: float = 1.0
@@ -145,7 +146,7 @@ class InstanceConfig:
 #: default of `tfreg register`.
 PRESETS: dict[str, InstanceConfig] = {
     "accurate": InstanceConfig(),
-    "fast": InstanceConfig(levels=(2, 1), iterations=(80, 40), learning_rate=(0.25, 0.2),
+    "fast": InstanceConfig(levels=(2, 1), iterations=(60, 80), learning_rate=(0.25, 0.2),
                            ncc_win=(5, 5), affine_iterations=60),
 }
 
@@ -363,20 +364,21 @@ def _ncc_terms(fixed: tf.Tensor, warped: tf.Tensor, win: int, eps: float
     return cross / tf.sqrt(var_f * var_w + eps), var_f
 
 
-def _similarity_fn(cfg: InstanceConfig, win: int, floor: float
-                   ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Loss (lower is better) between fixed and warped images `(1, *S, 1)`; `floor` > 0 weights
-    the NCC windows by the fixed image's contrast (see `InstanceConfig.ncc_floor`)."""
-    if cfg.similarity == "mse":
-        return lambda f, w: 100.0 * tf.reduce_mean(tf.square(f - w))
-    ndims_of = lambda f: len(f.shape) - 2  # noqa: E731
+def _similarity_fn(cfg: InstanceConfig, win: int
+                   ) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``loss(fixed, warped, floor)`` (lower is better) for images `(1, *S, 1)`.
 
-    def ncc(f: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    For NCC, a `floor` > 0 (a scalar tensor) weights the windows by the fixed image's contrast
+    (see `InstanceConfig.ncc_floor`); 0 gives the plain mean over voxels. MSE ignores `floor`.
+    """
+    if cfg.similarity == "mse":
+        return lambda f, w, floor: 100.0 * tf.reduce_mean(tf.square(f - w))
+
+    def ncc(f: tf.Tensor, w: tf.Tensor, floor: tf.Tensor) -> tf.Tensor:
         cc, var_f = _ncc_terms(f, w, win, cfg.ncc_eps)
-        if floor <= 0:
-            return -tf.reduce_mean(cc)
-        n = float(win ** ndims_of(f))
-        weight = tf.stop_gradient(var_f / (var_f + n * floor * floor))
+        n = float(win ** (len(f.shape) - 2))
+        contrast = var_f / (var_f + n * floor * floor + 1e-12)
+        weight = tf.stop_gradient(tf.where(floor > 0, contrast, tf.ones_like(var_f)))
         return -tf.reduce_sum(weight * cc) / (tf.reduce_sum(weight) + 1e-12)
 
     return ncc
@@ -453,12 +455,15 @@ def _compiled(key: tuple, build: Callable[[], Callable], jit: bool) -> Callable:
 
 def _affine_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
                     centre: tuple[float, ...], scale: float) -> Callable:
-    """One Adam step on the affine parameters, images compared at pyramid level `level` (NCC
-    windows weighted by the fixed image's contrast at every level: it keeps the affine of an image
-    with itself at the identity and gave better overlap on the benchmark)."""
+    """One Adam step on the affine parameters, images compared at pyramid level `level`.
+
+    The NCC windows are weighted by the fixed image's contrast at every level here: it keeps the
+    affine of an image with itself at the identity and gave better overlap on the benchmark.
+    """
     ndims = len(shape)
     factor = float(2 ** level)
-    sim = _similarity_fn(cfg, win, cfg.ncc_floor)
+    sim = _similarity_fn(cfg, win)
+    floor = tf.constant(cfg.ncc_floor, tf.float32)
 
     def step(theta, m, s, t, lr, fixed, moving, init):
         with tf.GradientTape() as tape:
@@ -466,7 +471,7 @@ def _affine_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win
             affine = _params_to_affine(theta, init, ndims, scale)
             target = _apply_affine(_level_grid(shape, factor, centre), affine, centre)
             disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
-            loss = sim(fixed, layers.warp(moving, disp))
+            loss = sim(fixed, layers.warp(moving, disp), floor)
         theta, m, s = _adam(theta, tape.gradient(loss, theta), m, s, t, lr)
         return theta, m, s, loss
 
@@ -475,7 +480,7 @@ def _affine_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win
 
 def _svf_step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int, vlevel: int,
                  win: int, centre: tuple[float, ...]) -> Callable:
-    """One Adam step on the velocity parameters, the affine fixed.
+    """One Adam step on the velocity parameters (the affine fixed).
 
     Images are compared at pyramid level `level` (contrast-weighted NCC at full resolution only);
     the velocity lives on level `vlevel >= level` and its displacement is upsampled to the image
@@ -484,7 +489,8 @@ def _svf_step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
     shape = shapes[level]
     ndims = len(shape)
     factor = float(2 ** level)
-    sim = _similarity_fn(cfg, win, cfg.ncc_floor if level == 0 else 0.0)
+    sim = _similarity_fn(cfg, win)
+    floor = tf.constant(cfg.ncc_floor if level == 0 else 0.0, tf.float32)
 
     def step(w, m, s, t, lr, fixed, moving, affine):
         with tf.GradientTape() as tape:
@@ -497,7 +503,7 @@ def _svf_step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
                 u = _upsample(u, shapes[k - 1])
             target = _apply_affine(_level_grid(shape, factor, centre) + u, affine, centre)
             disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
-            sim_loss = sim(fixed, layers.warp(moving, disp))
+            sim_loss = sim(fixed, layers.warp(moving, disp), floor)
             loss = sim_loss + cfg.lam * _grad_l2(v)
         w, m, s = _adam(w, tape.gradient(loss, w), m, s, t, lr)
         return w, m, s, sim_loss
@@ -516,6 +522,32 @@ def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[
     for _ in range(src, dst):
         w = losses.avg_pool_half(w) * 0.5
     return w
+
+
+def _precompile(stages: list, theta: tf.Tensor, f_pyr: list, m_pyr: list, affine: tf.Tensor,
+                shapes: list, ndims: int) -> list[threading.Thread]:
+    """Compile the steps of later stages in background threads while the first stage runs.
+
+    XLA compiles each function on one core, and the optimisation steps of these small problems
+    keep about one core busy, so on a 2-core CPU compiling all levels at once hides most of the
+    compilation. Each step runs once on zeros (its result is discarded); errors are left to the
+    real call.
+    """
+    def work(lvl: int, vlevel: int | None, step: Callable) -> None:
+        try:
+            param = theta if vlevel is None else tf.zeros((1, *shapes[vlevel], ndims))
+            zero = tf.zeros_like(param)
+            step(param, zero, zero, tf.constant(1.0), tf.constant(0.0), f_pyr[lvl], m_pyr[lvl],
+                 affine)
+        except Exception:  # noqa: BLE001 - the main thread's own call reports it
+            return
+
+    threads = [threading.Thread(target=work, args=(lvl, vlevel, step), daemon=True,
+                                name=f"tfreg-precompile-{lvl}")
+               for _, lvl, vlevel, _, _, step in stages]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 # ------------------------------------------------------------------------------- main entry
@@ -576,40 +608,52 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
 
     static = dataclasses.replace(cfg, iterations=(), learning_rate=(), ncc_win=(), levels=(),
                                  affine_iterations=0, affine_lr=0.0, lr_decay=1.0)
+    # (name, image level, velocity level or None for the affine stage, steps, step size, step fn)
+    stages = []
     if cfg.affine and cfg.affine_iterations > 0:
-        t0 = time.perf_counter()
-        lvl, total = cfg.affine_level, cfg.affine_iterations
+        lvl = cfg.affine_level
         win = cfg.ncc_win[0] if cfg.levels else 5
         step = _compiled(("affine", shapes[lvl], lvl, win, centre, scale, static),
                          lambda: _affine_step_fn(cfg, shapes[lvl], lvl, win, centre, scale), jit)
-        m, s = tf.zeros_like(theta), tf.zeros_like(theta)
-        for it in range(total):
-            lr = cfg.affine_lr * (1.0 - (1.0 - cfg.lr_decay) * it / max(total - 1, 1))
-            theta, m, s, loss = step(theta, m, s, tf.constant(it + 1.0), tf.constant(lr),
-                                     f_pyr[lvl], m_pyr[lvl], affine)
-            if it % 10 == 0 or it == total - 1:
-                report(f"affine ({'x'.join(map(str, shapes[lvl]))})", it + 1, total, float(loss))
-        times["affine"] = time.perf_counter() - t0
-    affine = _params_to_affine(theta, affine, ndims, scale)
+        stages.append(("affine", lvl, None, cfg.affine_iterations, cfg.affine_lr, step))
+    for index, lvl in enumerate(cfg.levels):
+        win = cfg.ncc_win[index]
+        vlevel = min(max(lvl, cfg.field_level), depth)
+        step = _compiled(("svf", tuple(shapes), lvl, vlevel, win, centre, static),
+                         lambda lvl=lvl, vlevel=vlevel, win=win: _svf_step_fn(
+                             cfg, shapes, lvl, vlevel, win, centre), jit)
+        stages.append((f"level {index + 1}/{len(cfg.levels)}", lvl, vlevel,
+                       cfg.iterations[index], cfg.learning_rate[index], step))
+    stages = [stage for stage in stages if stage[3] > 0]
+    warmup = _precompile(stages[1:], theta, f_pyr, m_pyr, affine, shapes, ndims)
 
     w, w_level = None, None
-    for index, lvl in enumerate(cfg.levels):
+    for name, lvl, vlevel, total, lr0, step in stages:
         t0 = time.perf_counter()
-        name = f"level {index + 1}/{len(cfg.levels)}"
-        win, total = cfg.ncc_win[index], cfg.iterations[index]
-        vlevel = min(max(lvl, cfg.field_level), depth)
-        w = _move_to_level(w, w_level, vlevel, shapes, ndims)
-        w_level = vlevel
-        step = _compiled(("svf", tuple(shapes), lvl, vlevel, win, centre, static),
-                         lambda: _svf_step_fn(cfg, shapes, lvl, vlevel, win, centre), jit)
-        m, s = tf.zeros_like(w), tf.zeros_like(w)
+        label = f"{name} ({'x'.join(map(str, shapes[lvl]))})"
+        if vlevel is None:
+            param = theta
+        else:
+            if w_level is None:  # the affine is final from here on
+                affine = _params_to_affine(theta, affine, ndims, scale)
+                theta = tf.zeros_like(theta)
+            param = w = _move_to_level(w, w_level, vlevel, shapes, ndims)
+            w_level = vlevel
+        m, s = tf.zeros_like(param), tf.zeros_like(param)
         for it in range(total):
-            lr = cfg.learning_rate[index] * (1.0 - (1.0 - cfg.lr_decay) * it / max(total - 1, 1))
-            w, m, s, loss = step(w, m, s, tf.constant(it + 1.0), tf.constant(lr), f_pyr[lvl],
-                                 m_pyr[lvl], affine)
+            lr = lr0 * (1.0 - (1.0 - cfg.lr_decay) * it / max(total - 1, 1))
+            param, m, s, loss = step(param, m, s, tf.constant(it + 1.0), tf.constant(lr),
+                                     f_pyr[lvl], m_pyr[lvl], affine)
             if it % 10 == 0 or it == total - 1:
-                report(f"{name} ({'x'.join(map(str, shapes[lvl]))})", it + 1, total, float(loss))
+                report(label, it + 1, total, float(loss))
+        if vlevel is None:
+            theta = param
+        else:
+            w = param
         times[name] = time.perf_counter() - t0
+    for thread in warmup:
+        thread.join()
+    affine = _params_to_affine(theta, affine, ndims, scale)
 
     # full-resolution displacement (eager: runs once, nothing to compile)
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from scipy import ndimage
 
-from tfreg.errors import InputError
+from tfreg.errors import InputError, reason
 
 __all__ = [
     "Volume",
@@ -136,12 +137,7 @@ def _open(path: str | Path) -> Any:
     try:
         return nib.load(str(path))
     except Exception as err:  # nibabel raises many types for foreign or damaged files
-        raise InputError(f"{path}: not a readable NIfTI/MGH image ({_reason(err)})") from None
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text[:160]
+        raise InputError(f"{path}: not a readable NIfTI/MGH image ({reason(err)})") from None
 
 
 def _check_rank(path: str | Path, shape: tuple[int, ...], allow_vector: bool
@@ -206,9 +202,9 @@ def load_volume(path: str | Path, *, label: bool = False, allow_vector: bool = F
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise InputError(f"{path}: truncated or corrupt compressed data ({_reason(err)})") from None
+        raise InputError(f"{path}: truncated or corrupt compressed data ({reason(err)})") from None
     except (OSError, ValueError) as err:
-        raise InputError(f"{path}: truncated or unreadable voxel data ({_reason(err)})") from None
+        raise InputError(f"{path}: truncated or unreadable voxel data ({reason(err)})") from None
     if data.dtype.fields is not None or data.dtype.kind not in "biuf":
         raise InputError(f"{path}: unsupported voxel type {data.dtype} (expected numbers)")
     data = data.reshape(shape)
@@ -239,28 +235,64 @@ def load_volume(path: str | Path, *, label: bool = False, allow_vector: bool = F
 
 # ----------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success move it onto `path` (``os.replace``).
+def atomic_path(path: str | Path, suffix: str | None = None, *, directory: bool = False
+                ) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success move it onto `path`.
 
-    The temporary name keeps `suffix` (default: the image suffix of `path`, e.g. ``.nii.gz``) so
-    that writers choosing a format by extension work. On error the temporary file is removed.
-    Concurrent writers of the same `path` never corrupt it: the last complete file wins.
+    This is tfreg's one way of writing a file or folder atomically: a reader (or a second
+    writer) never sees it half-written, and concurrent writers of the same `path` never corrupt
+    it (the last complete one wins). On error the temporary is removed and `path` is unchanged.
+
+    Args:
+        path: destination file (or folder, with `directory`); parent folders are created.
+        suffix: ending of the temporary name, so that writers choosing a format by extension
+            work. Defaults to all suffixes of `path` (``.nii.gz``, ``.weights.h5``, ``.yaml``).
+        directory: yield an empty temporary folder instead of an empty file. On success it
+            replaces `path`; an existing folder there is moved aside first, then deleted.
+
+    Example:
+    >>> with atomic_path("out/notes.txt") as tmp:
+    ...     _ = tmp.write_text("written in one piece")
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
-        name = path.name
-        suffix = next((s for s in _SUFFIXES if name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+        suffix = "".join(Path(path.name).suffixes)
+    prefix, tmp_suffix = f".{path.name}.", f".tmp{suffix}"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=tmp_suffix, dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=tmp_suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
+        yield tmp
+        if directory:
+            os.chmod(tmp, 0o777 & ~_UMASK)
+            _replace_folder(tmp, path)
+        else:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with open(tmp, "rb") as handle:  # on disk before the rename makes it visible
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Move folder `new` onto `path`; an existing folder at `path` is moved aside, then deleted
+    (``os.replace`` cannot replace a non-empty folder)."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = new.with_name(f"{new.name}.old")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _disk_dtype(data: np.ndarray) -> np.dtype:

@@ -16,6 +16,7 @@ and the grid-to-grid map, so no image is interpolated twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -216,11 +217,13 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         progress: `progress(stage, step, total, loss)` callback.
 
     Returns:
-        `RegisterResult`. Its report holds: `runtime_seconds` (excluding file I/O), `device`,
-        `method`, `similarity` (final local NCC, signed, window 7, full resolution),
-        `similarity_before`, `folding_percent`, `sdlogj`, `dice`/`hd95` per label with means,
-        `dice_before` (without registration), `resampled` (whether the moving grid differed),
-        `stage_seconds`, `affine`.
+        `RegisterResult`. Its report holds: `runtime_seconds` (from the loaded volumes to the
+        warped outputs: resampling, preprocessing, compilation, optimisation or prediction,
+        warping; not file I/O, not the metrics below), `device`, `method`, `similarity` and
+        `similarity_before` (`tfreg.instance.local_ncc`), `folding_percent`, `sdlogj`, and with
+        both label maps `dice`/`hd95_mm` per label, `mean_dice`, `mean_hd95_mm`,
+        `mean_dice_before` (labels resampled onto the fixed grid, not registered); `resampled`
+        (whether the moving grid differed), `stage_seconds`, `affine`, `config`.
     """
     import tensorflow as tf
 
@@ -243,11 +246,11 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     moving_n = instance.normalize_image(moving_on_fixed)
     cfg = config or instance.PRESETS["accurate"]
     report: dict[str, Any] = {}
-    with tf.device(tf_device) if tf_device else _nullcontext():
+    with tf.device(tf_device) if tf_device else contextlib.nullcontext():
         if model is None:
             result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
             disp = result.disp
-            report.update(method="instance optimisation", config=_config_dict(cfg),
+            report.update(method="instance optimisation", config=_config_dict(result.config),
                           affine=np.asarray(result.affine).tolist(),
                           stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
             sim_after, sim_before = result.similarity, result.initial_similarity
@@ -295,14 +298,6 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
 def _round(value: float, digits: int = 5) -> float | None:
     value = float(value)
     return None if not np.isfinite(value) else round(value, digits)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _config_dict(cfg) -> dict:

@@ -21,7 +21,6 @@ does not have the structure its arguments describe is refused with a message nam
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,26 +335,18 @@ def import_voxelmorph(path: str | Path, model_dir: str | Path,
     """
     from tfreg.config import dump_yaml
     from tfreg.data.preprocess import Preprocessing
-    from tfreg.export import MODEL_INFO, export
+    from tfreg.engine import RunState
+    from tfreg.export import export
 
     vxm = read_h5(path)
     model, config, inshape = _build(vxm, overrides)
     preprocessing = Preprocessing.from_dict({"shape": list(inshape), "normalize": normalize},
                                             source="--normalize").to_dict()
-    work = Path(tempfile.mkdtemp(prefix="tfreg-vxm-import-"))
-    try:
-        run_dir = work / "run"
-        run_dir.mkdir()
+    imported_from = {"format": "voxelmorph-h5", "file": str(Path(path).resolve()),
+                     "keras_version": vxm.keras_version}
+    with tempfile.TemporaryDirectory(prefix="tfreg-vxm-import-") as work:
+        run_dir = Path(work)
         dump_yaml(config, run_dir / "config.yaml")
         model.save_weights(str(run_dir / "model.weights.h5"))
-        state = {"inshape": list(inshape), "preprocessing": preprocessing, "finished": True}
-        (run_dir / "state.json").write_text(json.dumps(state), encoding="utf-8")
-        export(run_dir, model_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    info_path = Path(model_dir) / MODEL_INFO
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    info["imported_from"] = {"format": "voxelmorph-h5", "file": str(Path(path).resolve()),
-                             "keras_version": vxm.keras_version}
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return Path(model_dir)
+        RunState(finished=True, inshape=list(inshape), preprocessing=preprocessing).save(run_dir)
+        return export(run_dir, model_dir, extra_info={"imported_from": imported_from})

@@ -39,7 +39,7 @@ import tensorflow as tf
 from tfreg.errors import ConfigError
 from tfreg.losses import Grad, MultiResolutionNCC, avg_pool_half
 
-from .network import LEVELS, VARIANTS
+from .network import LEVELS, model_options
 
 __all__ = [
     "DEFAULT_SMOOTH",
@@ -76,7 +76,7 @@ def _number(value, key: str, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"config: loss.{key}: expected a number >= 0"
+        raise ConfigError(f"loss.{key}: expected a number >= 0"
                           f"{' or null' if allow_none else ''}, got {value!r}")
     return float(value)
 
@@ -85,12 +85,9 @@ def loss_options(config: dict) -> LossOptions:
     """Read ``model.variant``, ``loss.smooth`` (null: the variant's default) and ``loss.antifold``.
 
     Raises:
-        ConfigError: ``"config: loss.<key>: <problem>"``.
+        ConfigError: ``"loss.<key>: <problem>"`` (or ``"model.<key>: ..."``).
     """
-    variant = (config.get("model") or {}).get("variant", "diffeomorphic")
-    if variant not in VARIANTS:
-        raise ConfigError(f"config: model.variant: expected one of {', '.join(VARIANTS)}, "
-                          f"got {variant!r}")
+    variant = model_options(config).variant
     section = config.get("loss") or {}
     smooth = _number(section.get("smooth"), "smooth", allow_none=True)
     antifold = _number(section.get("antifold", 0.0), "antifold")

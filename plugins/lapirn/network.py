@@ -96,7 +96,7 @@ class ModelOptions:
 def _positive_int(section: dict, key: str, minimum: int) -> int:
     value = section.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"config: model.{key}: expected an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"model.{key}: expected an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -104,7 +104,7 @@ def model_options(config: dict) -> ModelOptions:
     """Read and check the ``model:`` section of a resolved config.
 
     Raises:
-        ConfigError: ``"config: model.<key>: <problem>"``.
+        ConfigError: ``"model.<key>: <problem>"``.
     """
     section = dict(config.get("model") or {})
     defaults = ModelOptions()
@@ -112,11 +112,11 @@ def model_options(config: dict) -> ModelOptions:
         section.setdefault(key, getattr(defaults, key))
     variant = section["variant"]
     if variant not in VARIANTS:
-        raise ConfigError(f"config: model.variant: expected one of {', '.join(VARIANTS)}, "
+        raise ConfigError(f"model.variant: expected one of {', '.join(VARIANTS)}, "
                           f"got {variant!r}")
     range_flow = section["range_flow"]
     if isinstance(range_flow, bool) or not isinstance(range_flow, (int, float)) or range_flow <= 0:
-        raise ConfigError(f"config: model.range_flow: expected a number > 0, got {range_flow!r}")
+        raise ConfigError(f"model.range_flow: expected a number > 0, got {range_flow!r}")
     return ModelOptions(
         variant=variant,
         features=_positive_int(section, "features", 1),

@@ -23,7 +23,7 @@ DEFAULT_SCHEDULE = {"level1_steps": 30000, "level2_steps": 30000, "level3_steps"
 def _count(section: dict, key: str, minimum: int) -> int:
     value = section.get(key, DEFAULT_SCHEDULE[key])
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"config: schedule.{key}: expected an integer >= {minimum}, "
+        raise ConfigError(f"schedule.{key}: expected an integer >= {minimum}, "
                           f"got {value!r}")
     return value
 

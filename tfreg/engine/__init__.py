@@ -12,15 +12,16 @@ Run directory written by `train`::
     model.keras         final Keras model
 """
 
-from .checkpoint import Checkpointer, RunState, atomic_save, atomic_write_text
+from .checkpoint import Checkpointer, RunState
 from .logging import versions, write_versions
-from .loop import LR_SCHEDULES, PRECISIONS, TrainingInterrupted, TrainResult, learning_rate_at, train
+from .loop import (LR_SCHEDULES, PRECISIONS, TrainingInterrupted, TrainResult, dtype_policy,
+                   learning_rate_at, train)
 from .strategy import (check_global_batch, configure_devices, is_chief, make_strategy,
                        multi_worker_config, parse_devices, parse_gpus)
 
 __all__ = [
     "train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "LR_SCHEDULES", "PRECISIONS",
     "make_strategy", "configure_devices", "parse_devices", "parse_gpus", "is_chief",
-    "multi_worker_config", "check_global_batch", "Checkpointer", "RunState", "atomic_save",
-    "atomic_write_text", "versions", "write_versions",
+    "multi_worker_config", "check_global_batch", "Checkpointer", "RunState", "dtype_policy",
+    "versions", "write_versions",
 ]

@@ -1,4 +1,4 @@
-"""Run-directory files written atomically, the training state and the checkpoint manager.
+"""The training state (``state.json``) and the checkpoint manager.
 
 A checkpoint (`tf.train.Checkpoint`) holds the model, the optimizer (with its slot variables and
 loss scale), and three counters: the global step, the index of the current stage and the steps
@@ -14,57 +14,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tensorflow as tf
 
-__all__ = ["atomic_write_text", "atomic_save", "RunState", "Checkpointer"]
+from tfreg.errors import ConfigError, reason
+from tfreg.io import atomic_path
 
-
-def _temp_name(path: Path) -> Path:
-    """A hidden temporary name beside `path` that keeps its suffixes (Keras checks them)."""
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_save(path: str | Path, writer: Callable[[str], object]) -> Path:
-    """Call ``writer(temp_path)`` and move the result onto `path` (file or folder) atomically.
-
-    The temporary path sits in the same folder and ends like `path` (``.keras``, ``.weights.h5``).
-    """
-    path = Path(path)
-    tmp = _temp_name(path)
-    try:
-        writer(str(tmp))
-        if path.is_dir() and tmp.is_dir():
-            old = path.with_name(f".old-{os.getpid()}-{path.name}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-    return path
+__all__ = ["RunState", "Checkpointer"]
 
 
 @dataclass
@@ -95,15 +53,25 @@ class RunState:
 
     def save(self, run_dir: str | Path) -> None:
         """Write ``run_dir/state.json`` atomically."""
-        atomic_write_text(Path(run_dir) / "state.json", json.dumps(asdict(self), indent=2) + "\n")
+        with atomic_path(Path(run_dir) / "state.json") as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunState | None":
-        """Read ``run_dir/state.json``; None when it does not exist."""
+        """Read ``run_dir/state.json``; None when it does not exist.
+
+        Raises:
+            ConfigError: ``"<run_dir>/state.json: ..."`` when it is not a JSON object.
+        """
         path = Path(run_dir) / "state.json"
         if not path.is_file():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not a readable tfreg run state ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a readable tfreg run state (expected a JSON object)")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -149,11 +117,20 @@ class Checkpointer:
         return tf.train.latest_checkpoint(str(self.run_dir / "checkpoints"))
 
     def restore(self) -> tuple[int, int, int] | None:
-        """Restore the newest checkpoint of the run; returns `(step, stage, stage_step)` or None."""
+        """Restore the newest checkpoint of the run; returns `(step, stage, stage_step)` or None.
+
+        Raises:
+            ConfigError: the checkpoint does not fit the model and optimizer (e.g. ``--set``
+                changed the network on resume).
+        """
         latest = self.latest
         if latest is None:
             return None
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as err:
+            raise ConfigError(f"{latest}: does not fit the model built from the run's config "
+                              f"(was the network changed with --set?): {reason(err)}") from None
         return int(self.step.numpy()), int(self.stage.numpy()), int(self.stage_step.numpy())
 
     def save(self, step: int, stage: int, stage_step: int) -> str | None:

@@ -13,8 +13,7 @@ import tensorflow as tf
 import yaml
 
 import tfreg
-
-from .checkpoint import atomic_write_text
+from tfreg.io import atomic_path
 
 __all__ = ["versions", "write_versions", "TrainLogger", "mid_slice", "write_scalar", "write_image"]
 
@@ -75,8 +74,10 @@ def versions(method=None) -> dict:
 
 def write_versions(run_dir: str | Path, method=None) -> Path:
     """Write ``run_dir/versions.yaml`` atomically."""
-    text = yaml.safe_dump(versions(method), sort_keys=False)
-    return atomic_write_text(Path(run_dir) / "versions.yaml", text)
+    path = Path(run_dir) / "versions.yaml"
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(versions(method), sort_keys=False), encoding="utf-8")
+    return path
 
 
 def mid_slice(volume: np.ndarray) -> np.ndarray:

@@ -17,8 +17,6 @@ schedule, so one optimizer (one checkpointed state) serves every stage.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -29,19 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfreg.config import dump_yaml
 from tfreg.errors import ConfigError, TfregError
+from tfreg.io import atomic_path
 
-from .checkpoint import Checkpointer, RunState, atomic_save
+from .checkpoint import Checkpointer, RunState
 from .logging import TrainLogger, write_versions
 from .strategy import check_global_batch, is_chief, make_strategy
 from .validation import ValDice
 
-__all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "LR_SCHEDULES",
-           "PRECISIONS"]
+__all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "dtype_policy",
+           "LR_SCHEDULES", "PRECISIONS"]
 
 #: ``train.lr_schedule`` values.
 LR_SCHEDULES = ("constant", "cosine", "exponential")
@@ -158,9 +156,9 @@ class _StopRequest:
 
 
 @contextmanager
-def _dtype_policy(name: str):
+def dtype_policy(name: str):
     """Temporarily set the global Keras dtype policy (layers keep the policy they were built
-    with)."""
+    with), e.g. ``"mixed_float16"`` for training or ``"float32"`` for export."""
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
@@ -288,9 +286,11 @@ def _first_replica(value: Any, strategy: tf.distribute.Strategy) -> Any:
 
 def _save_final_model(model: keras.Model, run_dir: Path, log: TrainLogger) -> None:
     """``model.weights.h5`` and ``model.keras``, each written atomically."""
-    atomic_save(run_dir / "model.weights.h5", model.save_weights)
+    with atomic_path(run_dir / "model.weights.h5") as tmp:
+        model.save_weights(str(tmp))
     try:
-        atomic_save(run_dir / "model.keras", model.save)
+        with atomic_path(run_dir / "model.keras") as tmp:
+            model.save(str(tmp))
     except Exception as err:  # noqa: BLE001 - the weights suffice for export; say why
         log.message(f"warning: model.keras not written ({type(err).__name__}: {err}); "
                     "model.weights.h5 holds the trained weights")
@@ -335,7 +335,6 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     if not resume and (run_dir / "checkpoints" / "checkpoint").exists():
         raise ConfigError(f"{run_dir}: already holds checkpoints; resume it (--resume) or "
                           "choose another output folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     seed = int(tcfg["seed"])
     keras.utils.set_random_seed(seed)
@@ -349,13 +348,14 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     inshape = _inshape(dataset_fn, spec)
 
     with strategy.scope():
-        with _dtype_policy(precision):
+        with dtype_policy(precision):
             model = method.build_model(config, inshape)
         optimizer = keras.optimizers.Adam(learning_rate=float(tcfg["learning_rate"]))
         if mixed:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
         loss_fn = method.build_loss(config)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and loss could be built
     ckpt = Checkpointer(run_dir, model, optimizer, keep=tcfg["keep_checkpoints"], chief=chief)
 
     step, stage_index, stage_step = 0, 0, 0
