@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 
 from tfreg.errors import InputError
-from tfreg.io import (Volume, load_volume, nifti_stem, read_info, resample_to_grid, save_volume,
-                      voxel_spacing)
+from tfreg.io import (Volume, atomic_path, load_volume, nifti_stem, read_info, resample_to_grid,
+                      save_volume, voxel_spacing)
 
 
 def _affine(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -121,6 +122,30 @@ def test_atomic_save_leaves_no_temporary_and_survives_concurrent_writers(tmp_pat
     data = load_volume(target).data
     assert len(np.unique(data)) == 1 and data.flat[0] in range(6)  # one complete file won
     assert [p.name for p in target.parent.iterdir()] == ["vol.nii.gz"]
+
+
+def test_atomic_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # nothing of the first left
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, directory=True) as tmp:
+            (tmp / "c.txt").write_text("half")
+            raise RuntimeError("writer failed")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # the old folder is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporaries
+
+
+def test_atomic_file_keeps_the_double_suffix_and_umask_permissions(tmp_path):
+    with atomic_path(tmp_path / "m.weights.h5") as tmp:
+        assert tmp.name.endswith(".weights.h5") and tmp.parent == tmp_path
+        tmp.write_bytes(b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "m.weights.h5").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 # -------------------------------------------------------------------------------------- errors
