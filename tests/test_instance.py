@@ -110,3 +110,16 @@ def test_bad_settings_and_inputs():
         instance.register_arrays(np.zeros((8, 8, 8)), np.zeros((8, 8, 9)))
     with pytest.raises(InputError, match="too small"):
         instance.register_arrays(np.ones((3, 8, 8)), np.ones((3, 8, 8)), _quick())
+
+
+def test_schedule_options_and_adaptation():
+    acc = instance.make_config("accurate", levels=3)
+    assert acc.levels == (2, 1, 0) and len(acc.iterations) == len(acc.ncc_win) == 3
+    assert instance.make_config("fast", levels=2).levels == (2, 1)
+    assert instance.make_config("accurate", iterations=7).iterations == (7, 7)
+    # brain-sized images keep the preset; small ones move to finer levels
+    assert instance.adapt_to_shape(acc, (96, 112, 96)) == acc
+    small = instance.adapt_to_shape(acc, (32, 32, 32))
+    assert small.levels == (1, 0) and small.affine_level == 0  # 8^3 and 16^3 are too coarse
+    tiny = instance.adapt_to_shape(instance.PRESETS["fast"], (24, 24, 24))
+    assert tiny.levels == (0,) and tiny.iterations == instance.PRESETS["fast"].iterations
