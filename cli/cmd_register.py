@@ -136,12 +136,17 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --model: N instance-optimisation steps that refine the network's "
                    "field (a diffeomorphic correction composed with it).")
+@click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
+              help="With --model of a shared-weight cascade method: run K recursions of its "
+                   "cascade (K may exceed the trained count); report.json and the summary show "
+                   "the similarity after each recursion.")
 @instance_options
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
-def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetune, preset,
+def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetune, recursions,
+             preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
              xla, device, quiet):
     """Register MOVING to FIXED (NIfTI files, 2D or 3D).
@@ -157,6 +162,8 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
     if finetune and not model:
         raise ConfigError("--finetune: needs --model (instance optimisation without a model "
                           "is the default; use --iterations to change its steps)")
+    if recursions is not None and not model:
+        raise ConfigError("--cascades: needs --model (a trained cascade model)")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
     from tfreg.register import register_files
@@ -165,7 +172,8 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
     try:
         report, written = register_files(fixed, moving, out_dir, fixed_labels=fixed_labels,
                                          moving_labels=moving_labels, config=cfg, model=model,
-                                         finetune=finetune, device=device, progress=progress)
+                                         finetune=finetune, recursions=recursions,
+                                         device=device, progress=progress)
     finally:
         progress.close()
     click.echo(summary_text(report, written))
@@ -183,6 +191,11 @@ def summary_text(report: dict, written: dict) -> str:
         lines.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f} "
                      f"over {len(report['dice'])} labels"
                      + (f"; mean HD95 {hd:.2f} mm" if hd is not None else ""))
+    if report.get("recursions"):
+        lines.append("recursions  global r   local NCC")
+        for row in report["recursions"]:
+            label = f"{row['recursions']}" + (" (trained)" if row["trained"] else "")
+            lines.append(f"{label:<12}{row['global_r']:<11.4f}{row['local_ncc']:.4f}")
     for name, path in written.items():
         lines.append(f"{name + ':':<15}{Path(path)}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tfreg.errors import ConfigError, InputError
+from tfreg.errors import ConfigError, InputError, reason
 from tfreg.io import Volume, atomic_path, load_volume, save_volume
 
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
@@ -201,7 +202,8 @@ def _check_image(volume: Volume) -> None:
 # --------------------------------------------------------------------------------- the pipeline
 def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | None = None,
                      moving_labels: Volume | None = None, config=None, model: str | Path | None = None,
-                     finetune: int = 0, device: str | None = None,
+                     finetune: int = 0, recursions: int | None = None,
+                     device: str | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None
                      ) -> RegisterResult:
     """Register `moving` to `fixed` (loaded volumes; any grids, same number of axes).
@@ -213,6 +215,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
+        recursions: with a shared-weight cascade `model`: run it with this many recursions of
+            its cascade (may exceed the trained count); the report gets a `recursions` table of
+            the similarity after each recursion.
         device: "cpu", "gpu", "gpu:N" or None (TensorFlow's choice).
         progress: `progress(stage, step, total, loss)` callback.
 
@@ -256,9 +261,12 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             sim_after, sim_before = result.similarity, result.initial_similarity
         else:
             disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
-                                                            None, moving.path), progress)
+                                                            None, moving.path), progress,
+                                        recursions=recursions)
             report.update(method=f"model {model_info['method']}", model=str(model),
                           model_inshape=list(model_info["inshape"]))
+            if recursions is not None:
+                report["recursions"] = model_info["recursions"]
             if finetune > 0:
                 disp, stage = _finetune(fixed_n, moving_n, disp, cfg, finetune, progress)
                 report.update(finetune_steps=int(finetune), config=_config_dict(cfg),
@@ -307,12 +315,19 @@ def _config_dict(cfg) -> dict:
 
 
 def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
-             progress: Callable | None) -> tuple[np.ndarray, dict]:
-    """Network displacement on the original fixed grid (fixed voxels), and the model info."""
+             progress: Callable | None, recursions: int | None = None
+             ) -> tuple[np.ndarray, dict]:
+    """Network displacement on the original fixed grid (fixed voxels), and the model info.
+
+    With `recursions`, the model is rebuilt with that many cascades (`model.cascades`) and the
+    info gets `recursions`: the similarity after each recursion (see `recursion_table`)."""
     from tfreg.data import Preprocessing, field_to_source
     from tfreg.export import load_model
 
-    model = load_model(model_dir)
+    if recursions is None:
+        model = load_model(model_dir)
+    else:
+        model = _load_recursive(model_dir, recursions)
     if model.ndims != fixed.ndims:
         raise InputError(f"{fixed.path}: is {fixed.ndims}D but the model {model_dir} expects "
                          f"{model.ndims}D inputs of shape {model.inshape}")
@@ -327,7 +342,58 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     _, disp = model.register(f_in, m_in)
     if progress:
         progress("network", 1, 1, float("nan"))
-    return field_to_source(disp, rec_f, rec_m), {"method": model.method, "inshape": model.inshape}
+    info = {"method": model.method, "inshape": model.inshape}
+    if recursions is not None:
+        from tfreg.config import load_yaml
+
+        trained = load_yaml(Path(model_dir) / "config.yaml").get("model", {}).get("cascades")
+        info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
+    return field_to_source(disp, rec_f, rec_m), info
+
+
+def _load_recursive(model_dir: str | Path, recursions: int):
+    """Load a shared-weight cascade model rebuilt with `recursions` cascades."""
+    from tfreg.errors import TfregError
+    from tfreg.export import load_model
+
+    if recursions < 1:
+        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    try:
+        return load_model(model_dir, overrides={"model.cascades": int(recursions)})
+    except TfregError as err:
+        raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
+                          "recursions; it needs a cascade model trained with "
+                          f"model.shared_weights: true ({reason(err)})") from None
+
+
+def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,
+                    trained: int | None = None) -> list[dict]:
+    """Similarity to the fixed image after each recursion of a cascade model.
+
+    Args:
+        keras_model: a model whose outputs include `warped_k` (k = 0..K; 0 = affine stem only).
+        fixed, moving: preprocessed network inputs `(*S)`.
+        trained: the number of cascades the model was trained with (marked in the table).
+
+    Returns:
+        One row per k: `{"recursions": k, "global_r": Pearson r, "local_ncc": signed local NCC
+        (tfreg.instance.local_ncc), "trained": k == trained}`, computed in one forward pass.
+    """
+    from tfreg import instance
+
+    batch = {"moving": moving[None, ..., None].astype(np.float32),
+             "fixed": fixed[None, ..., None].astype(np.float32)}
+    outputs = keras_model(batch, training=False)
+    steps = sorted(int(m.group(1)) for name in outputs
+                   if (m := re.fullmatch(r"warped_(\d+)", name)))
+    rows = []
+    for k in steps:
+        warped = np.asarray(outputs[f"warped_{k}"])[0, ..., 0]
+        r = np.corrcoef(fixed.ravel(), warped.ravel())[0, 1]
+        rows.append({"recursions": k, "global_r": _round(r),
+                     "local_ncc": _round(instance.local_ncc(fixed, warped)),
+                     "trained": trained is not None and k == trained})
+    return rows
 
 
 def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, steps: int,
@@ -361,7 +427,7 @@ def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, 
 def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *,
                    fixed_labels: str | Path | None = None, moving_labels: str | Path | None = None,
                    config=None, model: str | Path | None = None, finetune: int = 0,
-                   device: str | None = None,
+                   recursions: int | None = None, device: str | None = None,
                    progress: Callable[[str, int, int, float], None] | None = None
                    ) -> tuple[dict, dict[str, Path]]:
     """Register two files and write the outputs into `out_dir` (atomic writes).
@@ -374,8 +440,8 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     result = register_volumes(fixed_v, moving_v, fixed_labels=fixed_l, moving_labels=moving_l,
-                              config=config, model=model, finetune=finetune, device=device,
-                              progress=progress)
+                              config=config, model=model, finetune=finetune,
+                              recursions=recursions, device=device, progress=progress)
     report = dict(result.report)
     report.update(fixed=str(fixed), moving=str(moving),
                   fixed_labels=None if fixed_labels is None else str(fixed_labels),
