@@ -10,16 +10,17 @@ intensity, following the recipe in `../shared/data/README.md`:
 * Dice over the labels present in both maps, HD95 in mm, %folding of the displacement field.
 
 Times are registration only: arrays already in memory, no file I/O, no interpreter start, but
-including TensorFlow tracing and XLA compilation (each tfreg preset is run in a fresh process so that
-nothing compiled for an earlier pair is reused unless the same process registers several pairs:
-`--warm` measures that case separately).
+including TensorFlow tracing and XLA compilation. Every registration runs in a fresh process, so
+nothing compiled for an earlier pair is reused. For tfreg the time is the `runtime_seconds` it
+reports (resampling check, normalisation, compilation, optimisation, warping; not the regularity
+metrics computed afterwards); the CPU seconds cover the whole call.
 
 ANTs (antspyx, a benchmark-only dependency: `pip install antspyx`) is run with its defaults
 (`type_of_transform="SyN"`) and with `reg_iterations=(100, 70, 50)`.
 
 Usage::
 
-    python benchmarks/bench_register.py                 # all six pairs, tfreg accurate+fast, ANTs x2
+    python benchmarks/bench_register.py                 # six pairs; tfreg x2, ANTs x2
     python benchmarks/bench_register.py --pairs 01-02 --methods fast,syn
     python benchmarks/bench_register.py --oasis         # also the real OASIS pair
 
@@ -65,7 +66,7 @@ def label_intensities() -> dict[int, float]:
 
 
 def load_label_map(index: str) -> tuple[np.ndarray, np.ndarray]:
-    """SynthSeg label map `training_seg_<index>` with labels >= 500 set to 0; returns (labels, affine)."""
+    """SynthSeg label map `training_seg_<index>`, labels >= 500 set to 0: (labels, affine)."""
     import nibabel as nib
 
     img = nib.load(DATA / "synthseg_label_maps" / f"training_seg_{index}.nii.gz")

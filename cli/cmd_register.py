@@ -70,15 +70,15 @@ def instance_options(func):
     options = [
         click.option("--preset", type=click.Choice(["accurate", "fast"]), default="accurate",
                      show_default=True,
-                     help="Instance-optimisation settings: 'accurate' (quarter, half and "
-                          "full resolution) or 'fast' (quarter and half resolution)."),
+                     help="Instance-optimisation settings: 'accurate' (affine, then half- and "
+                          "full-resolution stages) or 'fast' (affine, then half resolution)."),
         click.option("--iterations", metavar="N[,N...]",
                      help="Optimisation steps per level, one number for all levels or one per "
                           "level, coarse to fine (default: from the preset)."),
-        click.option("--levels", type=click.IntRange(1, 4),
+        click.option("--levels", type=click.IntRange(1, 5),
                      help="Number of pyramid levels of the deformable stage, ending at the "
-                          "preset's finest level (accurate: full-resolution images, 3 levels; "
-                          "fast: half resolution, 2 levels)."),
+                          "preset's finest level (accurate: 2 levels, half and full resolution; "
+                          "fast: 1 level, half resolution)."),
         click.option("--lambda", "lam", type=click.FloatRange(min=0),
                      help="Weight of the smoothness penalty mean|grad v|^2 on the velocity "
                           "(larger = smoother, default: from the preset)."),

@@ -11,7 +11,7 @@ from tfreg.metrics import dice, folding_percent, mean_dice
 from tfreg.synthetic import phantom, smooth_random_field, warp_numpy
 
 SHAPE3 = (32, 32, 32)
-#: a short schedule for tests: quarter and half resolution, few steps (XLA, compiled once per shape).
+#: a short schedule for tests (32^3 runs it at half and full resolution), compiled once per shape.
 QUICK = dict(levels=(2, 1), iterations=(40, 30), affine_iterations=30)
 
 
@@ -40,8 +40,8 @@ def _affine_disp(shape, affine) -> np.ndarray:
 def test_identical_images_give_a_near_zero_field():
     image, _ = phantom(SHAPE3)
     result = instance.register_arrays(image, image, _quick())
-    # sub-voxel everywhere (measured: max 0.32, mean 0.15 voxel; local NCC of flat windows still
-    # pulls a little)
+    # sub-voxel everywhere (measured: max 0.34, mean 0.16 voxel; local NCC of nearly flat windows
+    # still pulls a little)
     norm = np.linalg.norm(result.disp, axis=-1)
     assert norm.max() < 0.5 and norm.mean() < 0.2, (norm.max(), norm.mean())
     np.testing.assert_allclose(result.affine, np.eye(3, 4), atol=0.02)

@@ -74,7 +74,7 @@ def test_demo_runs_offline_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     report = json.loads((out / "registration" / "report.json").read_text())
     # the sample pair differs by shape, deformation and an 8 degree rotation; measured at this
-    # size: 0.30 -> 0.67
+    # size with the fast preset: 0.18 -> 0.61 (default size and preset: 0.30 -> 0.82)
     assert report["mean_dice"] > report["mean_dice_before"] + 0.2
     assert report["folding_percent"] < 0.5
     for word in ("white matter", "ventricles", "mean", "folding", "overview.png"):

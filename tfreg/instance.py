@@ -7,31 +7,31 @@ Pipeline, on two arrays already on the same grid (2D or 3D):
    ``c = (shape - 1) / 2``, the convention of `tfreg.layers.affine_to_disp`), fitted by Adam on a
    coarse pyramid level.
 3. **Diffeomorphic**: a stationary velocity field ``v`` optimised coarse to fine on an image
-   pyramid; the displacement is ``u = exp(v)`` by scaling and squaring. ``v`` is a Gaussian-smoothed
-   free parameter field ``w`` (``v = G * w``), which keeps Adam's per-voxel steps smooth. The loss is
-   ``-NCC_local(fixed, moving o T) + lambda * mean |grad v|^2``.
+   pyramid; the displacement is ``u = exp(v)`` by scaling and squaring. ``v`` is a
+   Gaussian-smoothed free parameter field ``w`` (``v = G * w``), which keeps Adam's per-voxel
+   steps smooth. The loss is ``-NCC_local(fixed, moving o T) + lambda * mean |grad v|^2``.
 
 The whole transform maps a fixed-grid point ``x`` to the moving-grid point
 ``T(x) = A (x + u(x) - c) + b + c``, so the returned displacement (pull, voxels of the fixed grid,
 channel ``d`` along array axis ``d``) is ``disp(x) = T(x) - x``: affine and deformable parts are
 combined analytically and the moving image is interpolated only once.
 
-Pyramid geometry: level ``k`` has ``ceil(n / 2**k)`` voxels per axis and its voxel ``q`` sits at the
-full-resolution voxel ``2**k q`` (average pooling with a 3-voxel window centred on the even voxels,
-`tfreg.losses.avg_pool_half`). Values of a field at level ``k`` are in level voxels (times ``2**k`` for
-full-resolution voxels). The velocity never lives finer than ``field_level`` (half resolution by
-default): at the full-resolution level, images are compared at full resolution while the field is
-upsampled from half resolution.
+Pyramid geometry: level ``k`` has ``ceil(n / 2**k)`` voxels per axis and its voxel ``q`` sits at
+the full-resolution voxel ``2**k q`` (average pooling with a 3-voxel window centred on the even
+voxels, `tfreg.losses.avg_pool_half`). Values of a field at level ``k`` are in level voxels (times
+``2**k`` for full-resolution voxels). The velocity never lives finer than ``field_level`` (half
+resolution by default): at the full-resolution level, images are compared at full resolution while
+the field is upsampled from half resolution.
 
-Gradients: the backward pass treats ``exp`` as the identity (``du/dv ~ I``, exact for small ``v``; the
-forward pass integrates properly). Back-propagating through the squarings costs several times more
-and gave no better result on the benchmark.
+Gradients: the backward pass treats ``exp`` as the identity (``du/dv ~ I``, exact for small
+``v``; the forward pass integrates properly). Back-propagating through the squarings took 2.7x
+the time for +0.005 Dice on one benchmark pair.
 
 Speed (see docs/register.md for measurements): one `tf.function` per pyramid level is XLA-compiled
 (on CPU XLA runs these gather-heavy steps ~10x faster than graph mode) and reused for every pair of
 the same shape in a process; images and parameters are passed as arguments, never captured as
-constants; the scaling-and-squaring loop is a `tf.while_loop`, which XLA compiles once (the unrolled
-form made XLA fuse consecutive warps into one kernel: ~10x slower to compile and to run).
+constants; the scaling-and-squaring loop is a `tf.while_loop`, which XLA compiles once; the steps
+of later levels are compiled in background threads while the first stage runs.
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ def make_config(preset: str = "accurate", **overrides) -> InstanceConfig:
     """A preset with some fields replaced (None values are ignored).
 
     `levels` may be a count ``n``: ``n`` levels ending at the preset's finest level (accurate:
-    3 -> (2, 1, 0); fast: 2 -> (2, 1)). `iterations`, `learning_rate` and `ncc_win` may be one number
-    for all levels; when only `levels` changes, they follow from the preset.
+    3 -> (2, 1, 0); fast: 2 -> (2, 1)). `iterations`, `learning_rate` and `ncc_win` may be one
+    number for all levels; when only `levels` changes, they follow from the preset.
 
     Raises:
         ConfigError: unknown preset, unknown option or invalid value.
@@ -280,7 +280,8 @@ def moments_init(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
 
 
 def _pyramid(image: tf.Tensor, depth: int) -> list[tf.Tensor]:
-    """``[level 0 (input), ..., level depth]``, each `tfreg.losses.avg_pool_half` of the previous."""
+    """``[level 0 (input), ..., level depth]``: each `tfreg.losses.avg_pool_half` of the one
+    before."""
     out = [image]
     for _ in range(depth):
         out.append(losses.avg_pool_half(out[-1]))
@@ -303,9 +304,9 @@ def _apply_affine(points: tf.Tensor, affine: tf.Tensor, centre: Sequence[float])
 def _upsample(x: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
     """Linear interpolation of a level-``k`` array onto level ``k-1`` (voxel ``p`` <- ``p / 2``).
 
-    Output voxel ``2k`` copies input ``k``; ``2k+1`` averages inputs ``k`` and ``k+1`` (the last input
-    repeats at the border). Slices and reshapes only, so its gradient is cheap under XLA. Values
-    are not rescaled.
+    Output voxel ``2k`` copies input ``k``; ``2k+1`` averages inputs ``k`` and ``k+1`` (the last
+    input repeats at the border). Slices and reshapes only, so its gradient is cheap under XLA.
+    Values are not rescaled.
 
     Args:
         x: `(1, *S, C)` with ``S = ceil(shape / 2)``.
@@ -354,7 +355,8 @@ def _smooth(x: tf.Tensor, sigma: float) -> tf.Tensor:
 
 def _ncc_terms(fixed: tf.Tensor, warped: tf.Tensor, win: int, eps: float
                ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-voxel signed local NCC ``cross / sqrt(var_f var_w + eps)`` and ``var_f`` (window sums)."""
+    """Per-voxel signed local NCC ``cross / sqrt(var_f var_w + eps)`` and ``var_f``, from sums
+    over the window."""
     ndims = len(fixed.shape) - 2
     n = float(win ** ndims)
     sums = losses.box_sum(tf.concat([fixed, warped, fixed * fixed, warped * warped,
@@ -404,8 +406,9 @@ def local_ncc(fixed: np.ndarray, warped: np.ndarray, win: int = 7, floor: float 
 def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:
     """Scaling and squaring ``u = exp(v)`` (as `tfreg.layers.integrate_svf`) in a `tf.while_loop`.
 
-    The loop keeps XLA from fusing consecutive warps into one kernel: on a 2-core CPU the unrolled
-    5-step form took ~10 s to compile and ~90 ms to run at 24x28x24; the loop 0.7 s and ~6 ms.
+    XLA compiles the loop body once: 5 steps at 24x28x24 compile in ~0.17 s against ~0.33 s
+    unrolled (same run time, 1.2 ms). With an earlier formulation of `tfreg.layers.warp` the
+    unrolled form was pathological under XLA (~10 s to compile, ~90 ms per call).
     """
     disp = velocity / float(2 ** steps)
     if steps == 0:

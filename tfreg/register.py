@@ -201,9 +201,9 @@ def _check_image(volume: Volume) -> None:
 
 # --------------------------------------------------------------------------------- the pipeline
 def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | None = None,
-                     moving_labels: Volume | None = None, config=None, model: str | Path | None = None,
-                     finetune: int = 0, recursions: int | None = None,
-                     device: str | None = None,
+                     moving_labels: Volume | None = None, config=None,
+                     model: str | Path | None = None, finetune: int = 0,
+                     recursions: int | None = None, device: str | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None
                      ) -> RegisterResult:
     """Register `moving` to `fixed` (loaded volumes; any grids, same number of axes).
@@ -402,7 +402,8 @@ def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, 
 
     The moving image is pre-warped by `u_net`, a stationary velocity field starting at zero is
     optimised on the finest pyramid level of `cfg` (no affine stage), and the result is composed:
-    `disp = compose(u_net, exp(v))`, i.e. `warped(x) = moving(y + u_net(y))` with `y = x + exp(v)(x)`.
+    `disp = compose(u_net, exp(v))`, i.e. `warped(x) = moving(y + u_net(y))` with
+    `y = x + exp(v)(x)`.
     At step 0 this is exactly the network's result.
     """
     import dataclasses
@@ -489,4 +490,5 @@ def warp_file(moving: str | Path, disp: str | Path, out: str | Path, *, nearest:
     data = moving_v.data if nearest else moving_v.data.astype(np.float32)
     out_data = _sample_moving(data, field_v.data.astype(np.float32), to_moving,
                               "nearest" if nearest else "linear")
-    return save_volume(out, out_data, field_v.affine, moving_v.header if to_moving is None else None)
+    header = moving_v.header if to_moving is None else None
+    return save_volume(out, out_data, field_v.affine, header)
