@@ -1,0 +1,210 @@
+"""Training step time: tfreg's VoxelMorph against voxelmorph 0.3.x (PyTorch) on the CPU.
+
+Both sides train the closest network each package offers on one random pair, batch 1, with
+MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
+
+* tfreg: the `voxelmorph` method's default model (U-Net encoder 16/32/32/32, decoder
+  32/32/32/32/32/16/16, SVF integrated with 7 squarings at half resolution), built through the method
+  registry, one `tf.function` step (optionally XLA-compiled with ``--tf-jit``), Keras' Adam.
+* voxelmorph-torch: ``vxm.nn.models.VxmPairwise(nb_features=(16, 32, 32, 32), integration_steps=7)``
+  (integration at full resolution), MSE and Grad written here in a few lines (0.3.x deprecated its
+  loss classes), ``torch.optim.Adam``.
+
+Each measurement is a fresh process (start-up is excluded; the first ``--warmup`` steps, which
+include tracing and compilation, are reported separately). Runs alternate A/B ``--repeats`` times so
+that the machine's load hits both sides alike; the table shows the median seconds per step and the
+ratio torch/tfreg per repeat (> 1 means tfreg is faster).
+
+The torch side needs its own environment (never installed with tfreg)::
+
+    python -m venv /tmp/vxmtorch && /tmp/vxmtorch/bin/pip install "voxelmorph==0.3.*" torch
+    python benchmarks/bench_train_vs_torch.py --torch-python /tmp/vxmtorch/bin/python
+
+Results: a table on stdout and ``benchmarks/results/bench_train_vs_torch.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.lower().split("x"))
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit: bool) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import keras
+
+    from tfreg.config import method_defaults
+    from tfreg.losses import MSE, Grad
+    from tfreg.registry import discover
+
+    method = discover().get("voxelmorph").method
+    config = method_defaults(method)
+    model = method.build_model(config, shape)
+    mse, grad = MSE(), Grad("l2")
+    optimizer = keras.optimizers.Adam(1e-4)
+    rng = np.random.default_rng(0)
+    fixed = tf.constant(rng.random((1, *shape, 1), np.float32))
+    moving = tf.constant(rng.random((1, *shape, 1), np.float32))
+
+    @tf.function(jit_compile=jit)
+    def step(fixed, moving):
+        with tf.GradientTape() as tape:
+            out = model({"moving": moving, "fixed": fixed}, training=True)
+            loss = mse(fixed, out["warped"]) + 0.01 * grad(None, out["preint_flow"])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    times = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        float(step(fixed, moving))
+        times.append(time.perf_counter() - t0)
+    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    return {"times": times, "params": params, "peak_rss_gib": _peak_rss_gib(),
+            "version": f"tensorflow {tf.__version__}"}
+
+
+def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int) -> dict:
+    import torch
+    import voxelmorph as vxm
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    ndim = len(shape)
+    model = vxm.nn.models.VxmPairwise(ndim, 1, 1, nb_features=(16, 32, 32, 32),
+                                      integration_steps=7)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fixed = torch.rand(1, 1, *shape)
+    moving = torch.rand(1, 1, *shape)
+
+    def grad_l2(field):
+        total = 0.0
+        for d in range(2, 2 + ndim):
+            diff = torch.diff(field, dim=d)
+            total = total + (diff ** 2).mean()
+        return total / ndim
+
+    times = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        field, warped = model(moving, fixed, return_warped_source=True,
+                              return_field_type="velocity")
+        loss = ((warped - fixed) ** 2).mean() + 0.01 * grad_l2(field)
+        loss.backward()
+        optimizer.step()
+        float(loss)
+        times.append(time.perf_counter() - t0)
+    params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return {"times": times, "params": params, "peak_rss_gib": _peak_rss_gib(),
+            "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
+
+
+def _run(python: str, side: str, args: argparse.Namespace, shape: str) -> dict:
+    cmd = [python, __file__, "--worker", side, "--shape", shape, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.tf_jit:
+        cmd.append("--tf-jit")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        reason = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                  else (proc.stderr.strip().splitlines() or ["?"])[-1])
+        return {"error": reason}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="96x112x96")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    parser.add_argument("--repeats", type=int, default=3, help="A/B alternations")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tf-jit", action="store_true", help="XLA-compile tfreg's step")
+    parser.add_argument("--torch-python", default="/tmp/vxmtorch/bin/python",
+                        help="python of the environment with voxelmorph 0.3.x and torch")
+    parser.add_argument("--json", default=str(HERE / "results" / "bench_train_vs_torch.json"))
+    parser.add_argument("--worker", choices=("tf", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        shape = _shape(args.shape)
+        result = (worker_tf(shape, args.steps, args.warmup, args.threads, args.tf_jit)
+                  if args.worker == "tf" else
+                  worker_torch(shape, args.steps, args.warmup, args.threads))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    rows = []
+    for shape in args.shapes.split(","):
+        per_side: dict[str, list[dict]] = {"tf": [], "torch": []}
+        for rep in range(args.repeats):
+            for side in (("tf", "torch") if rep % 2 == 0 else ("torch", "tf")):
+                python = sys.executable if side == "tf" else args.torch_python
+                res = _run(python, side, args, shape)
+                res["load_average_1min"] = round(os.getloadavg()[0], 2)
+                per_side[side].append(res)
+                if "error" in res:
+                    print(f"{shape} {side} repeat {rep}: failed ({res['error']})", flush=True)
+                    continue
+                timed = res["times"][args.warmup:]
+                print(f"{shape:>12} {side:>5} repeat {rep}: {statistics.median(timed):7.3f} s/step"
+                      f"  first {res['times'][0]:6.2f} s  peak RSS {res['peak_rss_gib']:.2f} GiB"
+                      f"  load {res['load_average_1min']}", flush=True)
+        medians = {side: [statistics.median(r["times"][args.warmup:]) for r in runs if "error" not in r]
+                   for side, runs in per_side.items()}
+        ratios = [t / f for f, t in zip(medians["tf"], medians["torch"])]
+        ok = {side: [r for r in runs if "error" not in r] for side, runs in per_side.items()}
+        row = {"shape": list(_shape(shape)), "runs": per_side,
+               "tf_median_s": round(statistics.median(medians["tf"]), 4) if medians["tf"] else None,
+               "torch_median_s": (round(statistics.median(medians["torch"]), 4)
+                                  if medians["torch"] else None),
+               "ratio_torch_over_tf_per_repeat": [round(r, 3) for r in ratios],
+               "tf_params": ok["tf"][0]["params"] if ok["tf"] else None,
+               "torch_params": ok["torch"][0]["params"] if ok["torch"] else None}
+        rows.append(row)
+        print(f"{shape}: tfreg {row['tf_median_s']} s/step ({row['tf_params']} params), "
+              f"voxelmorph-torch {row['torch_median_s']} s/step ({row['torch_params']} params), "
+              f"torch/tfreg per repeat {row['ratio_torch_over_tf_per_repeat']}", flush=True)
+
+    report = {"benchmark": "bench_train_vs_torch", "threads": args.threads, "tf_jit": args.tf_jit,
+              "steps": args.steps, "warmup": args.warmup,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "python": platform.python_version()},
+              "results": rows}
+    from tfreg.io import atomic_path
+
+    path = Path(args.json)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
