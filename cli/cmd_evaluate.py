@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tfreg_cli.cmd_register import StageProgress, build_config, instance_options
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_input_dirs, check_inputs, check_output_file, user_errors
 
 
 @click.command("evaluate", short_help="Score registration on a data spec's test split.")
@@ -23,8 +23,12 @@ from tfreg_cli.common import user_errors
 @instance_options
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False),
               default="evaluation.csv", show_default=True,
-              help="CSV with one row per pair (Dice per label too); the summary goes to "
+              help="CSV with one row per pair (Dice per label too), rewritten after each pair "
+                   "so an interrupted run keeps its rows; the summary goes to "
                    "<out>.summary.json beside it.")
+@click.option("--resume", is_flag=True,
+              help="Keep the rows already in the CSV given by -o and register only the pairs "
+                   "missing from it (after Ctrl-C or a failing pair).")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Only the first N pairs of the split (quick checks).")
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
@@ -32,7 +36,7 @@ from tfreg_cli.common import user_errors
 @click.option("-q", "--quiet", is_flag=True, help="No per-pair lines, only the summary.")
 @user_errors
 def evaluate(data, split, model, finetune, preset, iterations, levels, lam, learning_rate,
-             similarity, no_affine, affine_iterations, xla, out, limit, device, quiet):
+             similarity, no_affine, affine_iterations, xla, out, resume, limit, device, quiet):
     """Register the pairs of DATA's split (a data spec YAML) and report Dice mean ± sd, HD95,
     %folding, SDlogJ and runtime per pair (CSV) and on average."""
     from tfreg.errors import ConfigError
@@ -41,6 +45,12 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
 
     if finetune and not model:
         raise ConfigError("--finetune: needs --model")
+    check_inputs(data)
+    check_input_dirs(model)
+    summary_out = (Path(str(out) + ".summary.json") if not str(out).endswith(".csv")
+                   else Path(str(out)[:-4] + ".summary.json"))
+    check_output_file(out, "-o")
+    check_output_file(summary_out, "-o")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
 
@@ -54,11 +64,11 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
 
     progress = StageProgress(enabled=False)
     rows, summary = evaluate_spec(data, split=split, config=cfg, model=model, finetune=finetune,
-                                  device=device, limit=limit, on_pair=on_pair, progress=progress)
+                                  device=device, limit=limit, on_pair=on_pair, progress=progress,
+                                  out=out, resume=resume)
     csv_path = write_csv(out, rows)
     summary.update(data=str(data), split=split, method=f"model {model}" if model else
                    f"instance optimisation ({preset})")
-    summary_path = write_json(Path(str(out) + ".summary.json") if not str(out).endswith(".csv")
-                              else Path(str(out)[:-4] + ".summary.json"), summary)
+    summary_path = write_json(summary_out, summary)
     click.echo(format_summary(summary))
     click.echo(f"per pair:  {csv_path}\nsummary:   {summary_path}")

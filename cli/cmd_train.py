@@ -8,9 +8,12 @@ from pathlib import Path
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import (check_empty_or_owned, check_inputs, check_output_dir,
+                              user_errors)
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+#: files that mark a folder as a tfreg run directory (written when training starts).
+RUN_MARKERS = ("config.yaml", "versions.yaml")
 
 
 def _shortcuts(steps, epochs, batch_size, seed, learning_rate, precision, deterministic,
@@ -144,6 +147,10 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
         raise click.UsageError("missing METHOD (or give --resume RUN_DIR)")
     elif data is None:
         raise click.UsageError("missing option '--data' (the data spec YAML)")
+    check_inputs(data, config_file)
+    if out:  # a user's folder is never overwritten: only a new, empty or tfreg run folder
+        check_empty_or_owned(out, RUN_MARKERS, "--out", "run directory")
+    check_output_dir(out or resume or "runs", "--resume" if resume else "--out")
 
     names = _devices(devices, gpus)
 

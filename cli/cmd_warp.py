@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_inputs, check_output_file, user_errors
 
 
 @click.command("warp", short_help="Apply a displacement field to an image.")
@@ -22,6 +22,12 @@ def warp(moving, disp, out, nearest):
     array axis d, as written by `tfreg register` (disp.nii.gz). MOVING may be on another grid: it
     is sampled through the two affines.
     """
+    from tfreg.errors import InputError
+
+    check_inputs(moving, disp)
+    if not out.lower().endswith((".nii.gz", ".nii")):
+        raise InputError(f"{out}: output must end in .nii.gz or .nii")
+    check_output_file(out, "-o")
     from tfreg.register import warp_file
 
     written = warp_file(moving, disp, out, nearest=nearest)
