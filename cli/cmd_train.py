@@ -72,7 +72,8 @@ def _devices(devices: str | None, gpus: str | None) -> list[str] | None:
               help="Override one config value, e.g. --set train.learning_rate=3e-4 "
                    "(repeatable; applied after --config).")
 @click.option("--out", "out", type=click.Path(file_okay=False),
-              help="Run directory [default: runs/<method>-<date>-<time>].")
+              help="Run directory [default: runs/<method>-<date>-<time>]; an existing folder "
+                   "must be empty or a tfreg run directory (never a folder of your own files).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its newest checkpoint, with its "
                    "config.yaml (--set and the shortcut options below may change values).")
@@ -190,6 +191,8 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
         result = run_training(loaded, config, spec, run_dir, resume=bool(resume),
                               strategy=strategy, verbose=0 if quiet else 1)
     except TrainingInterrupted as err:
+        if sys.stdout.isatty() or sys.stderr.isatty():  # the progress bar holds the line
+            click.echo("")
         click.echo(f"Error: {err}", err=True)
         sys.exit(128 + int(err.signum))
     click.echo(f"run directory: {result.run_dir}")

@@ -82,19 +82,17 @@ def main() -> None:
     """Console-script entry point: a quiet start (`tfreg_cli.quiet`), then the command. After
     Ctrl-C (exit 130) the process ends at once, without waiting for TensorFlow's threads."""
     from tfreg_cli import quiet
-    from tfreg_cli.common import INTERRUPT_EXIT
-
     quiet.install(verbose=_verbose(sys.argv[1:]))
     try:
         cli(prog_name="tfreg")
     except SystemExit as done:
-        if done.code == INTERRUPT_EXIT:
+        if isinstance(done.code, int) and done.code >= 128:  # a signal (130 Ctrl-C, 143 TERM)
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
-            os._exit(INTERRUPT_EXIT)
+            os._exit(done.code)
         raise
 
 
