@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tfreg_cli.cmd_register import StageProgress, build_config, instance_options
+from tfreg_cli import interrupt
 from tfreg_cli.common import check_input_dirs, check_inputs, check_output_file, user_errors
 
 
@@ -60,6 +61,9 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
                        affine_iterations, xla)
 
     def on_pair(index: int, total: int, row: dict) -> None:
+        interrupt.set_message(f"interrupted: {index + 1} of {total} pairs written to {out}, "
+                              f"{total - index - 1} remain; run the same command with --resume "
+                              "to finish")
         if quiet:
             return
         dice = row.get("mean_dice")

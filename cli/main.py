@@ -79,10 +79,13 @@ def _verbose(argv: list[str]) -> bool:
 
 
 def main() -> None:
-    """Console-script entry point: a quiet start (`tfreg_cli.quiet`), then the command. After
-    Ctrl-C (exit 130) the process ends at once, without waiting for TensorFlow's threads."""
-    from tfreg_cli import quiet
+    """Console-script entry point: a quiet start (`tfreg_cli.quiet`), Ctrl-C that ends the
+    command within about a second (`tfreg_cli.interrupt`), then the command. After a signal
+    (exit 130, 143) the process ends at once, without waiting for TensorFlow's threads."""
+    from tfreg_cli import interrupt, quiet
+
     quiet.install(verbose=_verbose(sys.argv[1:]))
+    interrupt.install()
     try:
         cli(prog_name="tfreg")
     except SystemExit as done:

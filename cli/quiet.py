@@ -37,6 +37,12 @@ NOISE = [re.compile(p) for p in (
     r"This TensorFlow binary is optimized to use available CPU instructions",
     r"To enable the following instructions: .* rebuild TensorFlow",
     r"Could not find cuda drivers on your machine",
+    # XLA's "slow operation" alarm (compilation under load) and its continuation lines
+    r"^E\d{4} [\d:. ]+\d+ slow_operation_alarm\.cc:\d+\]",
+    r"^Constant folding an instruction is taking",
+    r"^\s+%[\w.\-]+ = \S+\[",
+    r"^This isn't necessarily a bug; constant-folding is inherently a trade-off",
+    r"^If you'd like to file a bug, run with envvar XLA_FLAGS",
     r"^\s*$",
 )]
 

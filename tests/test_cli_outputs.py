@@ -399,3 +399,27 @@ def test_quiet_start_hides_tensorflow_noise_but_keeps_other_output(tmp_path):
                           text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stderr.splitlines()) == ["C-level line kept", "python line kept"]
+
+
+def test_ctrl_c_inside_a_long_native_call_exits_130_within_2_s(tmp_path):
+    """The main thread is stuck in one C call (as in a long XLA compilation) that Python's signal
+    handler cannot interrupt; the watchdog still ends the process promptly with status 130."""
+    import signal
+
+    script = ("import hashlib, sys\n"
+              "from tfreg_cli import interrupt\n"
+              "interrupt.install()\n"
+              "print('ready', flush=True)\n"
+              "hashlib.pbkdf2_hmac('sha256', b'x', b'y', 2**31 - 1)\n"
+              "print('not interrupted', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    seconds = time.perf_counter() - sent
+    assert proc.returncode == 130, (out, err)
+    assert err.splitlines() == ["interrupted (Ctrl-C)"] and "not interrupted" not in out
+    assert seconds < 2.0, seconds
