@@ -2,8 +2,9 @@
 
 `install(verbose=False)` runs in `tfreg_cli.main` before anything imports TensorFlow:
 
-1. it sets ``TF_CPP_MIN_LOG_LEVEL=2`` (C++ INFO and WARNING off; a value the user set wins) and
-   silences the Python loggers of TensorFlow and absl below ERROR;
+1. it sets ``TF_CPP_MIN_LOG_LEVEL=2`` (C++ INFO and WARNING off; a value the user set wins),
+   silences the Python loggers of TensorFlow and absl below ERROR and ignores Python warnings
+   raised inside TensorFlow and Keras;
 2. lines that no setting silences (absl's "All log messages before absl::InitializeLog()",
    "Could not find cuda drivers", the ``E0000 ... cuInit`` line on CPU-only machines, oneDNN and
    CPU-feature notes) are filtered: file descriptor 2 is redirected to a pipe for the life of the
@@ -24,6 +25,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 
 __all__ = ["install", "is_noise", "NOISE"]
 
@@ -66,6 +68,9 @@ def install(verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("tensorflow", "absl", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Python warnings raised inside TensorFlow/Keras (e.g. on loading a saved model) concern
+    # their internals, not the user's input
+    warnings.filterwarnings("ignore", module=r"(keras|tensorflow|absl|tf_keras)(\.|$)")
     if _installed:
         return
     try:
