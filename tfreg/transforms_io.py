@@ -38,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from tfreg.errors import InputError, reason
-from tfreg.io import Volume, atomic_path, load_volume, nifti_stem, save_volume
+from tfreg.io import Volume, atomic_path, load_volume, nifti_stem, read_info, save_volume
 
 __all__ = ["FORMATS", "RAS_TO_LPS", "voxel_to_world", "world_to_voxel", "affine_to_physical",
            "physical_to_affine", "deformable_part", "read_itk_affine", "write_itk_affine",
@@ -291,7 +291,7 @@ def _as_grid(reference) -> tuple[np.ndarray, tuple[int, ...]] | None:
         return None
     if isinstance(reference, Volume):
         return reference.affine, reference.shape
-    ref = load_volume(reference)
+    ref = read_info(reference, allow_vector=True)
     return ref.affine, ref.shape
 
 
