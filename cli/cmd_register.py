@@ -130,6 +130,11 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
               help="Label map of FIXED: Dice and HD95 per label go into report.json "
                    "(needs --moving-labels).")
+@click.option("--fixed-keypoints", type=click.Path(dir_okay=False),
+              help="Learn2Reg keypoint CSV of FIXED (voxel coordinates, x,y,z per line): the "
+                   "TRE in mm goes into report.json (needs --moving-keypoints).")
+@click.option("--moving-keypoints", type=click.Path(dir_okay=False),
+              help="Keypoint CSV of MOVING, row k matching row k of --fixed-keypoints.")
 @click.option("--model", type=click.Path(file_okay=False),
               help="Exported model folder (tfreg export); without it the pair is registered "
                    "by instance optimisation, no training needed.")
@@ -159,8 +164,9 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
-def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetune, init,
-             init_affine, inverse, itk, recursions, preset,
+def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoints,
+             moving_keypoints, model, finetune, init, init_affine, inverse, itk, recursions,
+             preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
              xla, device, quiet):
     """Register MOVING to FIXED (NIfTI files, 2D or 3D).
@@ -187,7 +193,9 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
         report, written = register_files(fixed, moving, out_dir, fixed_labels=fixed_labels,
                                          moving_labels=moving_labels, config=cfg, model=model,
                                          finetune=finetune, recursions=recursions,
-                                         device=device, progress=progress, init=init,
+                                         device=device, progress=progress,
+                                         fixed_keypoints=fixed_keypoints,
+                                         moving_keypoints=moving_keypoints, init=init,
                                          init_affine=init_affine, inverse=inverse, itk=itk)
     finally:
         progress.close()
@@ -199,13 +207,20 @@ def summary_text(report: dict, written: dict) -> str:
     lines = [f"runtime {report['runtime_seconds']:.1f} s on {report['device']} "
              "(excluding file I/O, including compilation)",
              f"similarity (local NCC) {report['similarity_before']:.3f} -> "
-             f"{report['similarity']:.3f}; folding {report['folding_percent']:.3f}% of voxels; "
-             f"SDlogJ {report['sdlogj']:.3f}"]
+             f"{report['similarity']:.3f}",
+             f"folding {report['folding_percent']:.3f}% of voxels; NDV {report['ndv_percent']:.4f}%; "
+             f"SDlogJ {report['sdlogj']:.3f}"
+             + (f" (Learn2Reg's {report['sdlogj_l2r']:.3f})"
+                if report.get("sdlogj_l2r") is not None else "")]
     if report.get("mean_dice") is not None:
         hd = report.get("mean_hd95_mm")
         lines.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f} "
                      f"over {len(report['dice'])} labels"
-                     + (f"; mean HD95 {hd:.2f} mm" if hd is not None else ""))
+                     + (f"; mean HD95 {hd:.2f} mm ({report['mean_hd95_vox']:.2f} voxels)"
+                        if hd is not None else ""))
+    if report.get("tre_mm") is not None:
+        lines.append(f"TRE {report['tre_mm_before']:.2f} -> {report['tre_mm']:.2f} mm over "
+                     f"{report['keypoints']} keypoints")
     ic = report.get("inverse_consistency_mm")
     if ic and ic.get("mean") is not None:
         lines.append(f"inverse consistency |phi(phi^-1(y)) - y|: mean {ic['mean']:.4f} mm, "
