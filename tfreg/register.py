@@ -759,17 +759,34 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
-def warp_file(moving: str | Path, disp: str | Path, out: str | Path, *, nearest: bool = False
-              ) -> Path:
+def warp_file(moving: str | Path, disp: str | Path | None, out: str | Path, *,
+              nearest: bool = False, affine: str | Path | None = None,
+              reference: str | Path | None = None) -> Path:
     """Apply a displacement field file to an image or label map and write the result.
 
     The field lives on the fixed grid (its affine); the moving image may be on another grid: it is
     sampled at `T(x + disp(x))` with `T` the fixed->moving voxel map from the two affines.
 
+    Args:
+        moving: image or label map to warp.
+        disp: a field in any format `tfreg.transforms_io.read_transform` reads (tfreg voxels,
+            world mm, ITK/ANTs warp), or None with `affine`.
+        out: output NIfTI, on the field's grid (or `reference`'s).
+        nearest: nearest-neighbour interpolation (label maps).
+        affine: ITK/ANTs affine applied after the warp (ANTs' `transformlist=[warp, affine]`).
+        reference: the fixed image defining the output grid (needed for an affine alone).
+
     Raises:
         InputError: unreadable files, a field that is not `(*S, N)`, 2D/3D mismatch.
     """
-    field_v = load_volume(disp, allow_vector=True)
+    from tfreg.transforms_io import field_format, read_transform
+
+    if disp is None or affine is not None or reference is not None \
+            or field_format(disp) != "tfreg":
+        field_v = read_transform(disp, affine=affine, reference=reference)
+        disp = disp or affine
+    else:
+        field_v = load_volume(disp, allow_vector=True)
     if not field_v.vector:
         raise InputError(f"{disp}: expected a displacement field (*S, N) with N = 2 or 3 "
                          f"components in the last axis, got shape {field_v.data.shape}")
