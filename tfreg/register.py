@@ -474,7 +474,7 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     """
     import tensorflow as tf
 
-    from tfreg import layers
+    from tfreg.ops.fields import affine_to_disp, compose
     from tfreg.ops.inverse import invert_displacement
     from tfreg.transforms_io import deformable_part
 
@@ -490,8 +490,8 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     a = np.asarray(affine, np.float64)
     a_inv = np.linalg.inv(a[:, :n])
     inv_affine = np.concatenate([a_inv, (-a_inv @ a[:, n])[:, None]], axis=1)
-    to_z = layers.affine_to_disp(inv_affine[None].astype(np.float32), disp.shape[:-1])
-    total = layers.compose(tf.constant(inverse_warp[None], tf.float32), to_z)
+    to_z = affine_to_disp(inv_affine[None].astype(np.float32), disp.shape[:-1])
+    total = compose(tf.constant(inverse_warp[None], tf.float32), to_z)
     return total.numpy()[0], inverse_warp.astype(np.float32), how
 
 
