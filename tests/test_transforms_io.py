@@ -286,7 +286,8 @@ def test_inverse_field_maps_fixed_onto_moving(tmp_path):
     assert inverse_consistency(result.disp, naive, FIXED_AFFINE)["mean"] > 0.3
     # on the moving grid: a moving voxel m maps to fixed voxel f = T_inv(m); the forward map of f
     # lands back on m (world points compared, in mm)
-    on_moving = _inverse_on_moving(inverse, fixed_v, moving_v)
+    result.inverse, result.inverse_warp = inverse, inverse_warp
+    on_moving = _inverse_on_moving(result, fixed_v, moving_v)
     m = np.array([10, 9, 12])
     f_vox = (np.linalg.inv(FIXED_AFFINE) @ MOVING_AFFINE @ np.r_[m + on_moving[tuple(m)], 1])[:3]
     fwd_f = np.array([ndimage.map_coordinates(result.disp[..., c], f_vox[:, None], order=1)[0]
@@ -328,3 +329,33 @@ def test_bad_inputs(tmp_path):
         "disp_0395_0396.nii.gz"
     assert tio.l2r_name("a/sub-1.nii.gz", "b/sub-2.nii") == "disp_sub-1_sub-2.nii.gz"
 
+
+
+def test_exported_inverse_maps_fixed_onto_moving_in_simpleitk(tmp_path):
+    """`itk_inverse_warp` with the inverted `affine.mat` (ANTs: transformlist=[affine,
+    inverse_warp], whichtoinvert=[True, False]) resamples the fixed image onto the moving grid
+    like `tfreg warp fixed disp_inverse.nii.gz`."""
+    from tfreg.register import _inverse, _write_transforms, warp_file
+
+    result, fixed_v, moving_v, _, _ = _register_like_result(tmp_path)
+    result.inverse, result.inverse_warp, _ = _inverse(result.disp, result.affine, None)
+    g = _grid(FIXED_SHAPE)
+    save_volume(tmp_path / "fixed.nii.gz", (np.sin(g[..., 0] / 3) + np.cos(g[..., 1] / 4)
+                                            + g[..., 2] / 9).astype(np.float32), FIXED_AFFINE)
+    written = _write_transforms(tmp_path, result, fixed_v, moving_v, itk=True)
+    mine = load_volume(warp_file(tmp_path / "fixed.nii.gz", written["disp_inverse"],
+                                 tmp_path / "inv.nii.gz")).data
+    inverse_affine = sitk.ReadTransform(str(written["affine"])).GetInverse()
+    inverse_warp = sitk.DisplacementFieldTransform(
+        sitk.ReadImage(str(written["itk_inverse_warp"]), sitk.sitkVectorFloat64))
+    ref_img = sitk.ReadImage(str(tmp_path / "moving.nii.gz"), sitk.sitkFloat32)
+    out = sitk.Resample(sitk.ReadImage(str(tmp_path / "fixed.nii.gz"), sitk.sitkFloat32), ref_img,
+                        sitk.CompositeTransform([inverse_warp, inverse_affine]), sitk.sitkLinear)
+    out = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    # moving voxels whose inverse image lies inside the fixed grid
+    to_fixed = np.linalg.inv(FIXED_AFFINE) @ MOVING_AFFINE
+    pts = (_grid(MOVING_SHAPE) + load_volume(written["disp_inverse"], allow_vector=True).data) \
+        @ to_fixed[:3, :3].T + to_fixed[:3, 3]
+    inside = np.all((pts >= 1) & (pts <= np.asarray(FIXED_SHAPE) - 2), axis=-1)
+    assert inside.mean() > 0.4
+    assert np.abs(out - mine)[inside].mean() < 1e-4

@@ -721,34 +721,39 @@ def _write_transforms(out_dir: Path, result: RegisterResult, fixed: Volume, movi
                     out_dir / OUTPUTS["itk_inverse_warp"], result.inverse_warp, fixed.affine, "itk")
     if result.inverse is not None:
         written["disp_inverse"] = save_volume(out_dir / OUTPUTS["disp_inverse"],
-                                              _inverse_on_moving(result.inverse, fixed, moving),
+                                              _inverse_on_moving(result, fixed, moving),
                                               moving.affine)
     return written
 
 
-def _inverse_on_moving(inverse: np.ndarray, fixed: Volume, moving: Volume) -> np.ndarray:
-    """The inverse field moved from the fixed grid onto the moving image's grid (its voxels).
+def _inverse_on_moving(result: RegisterResult, fixed: Volume, moving: Volume) -> np.ndarray:
+    """The inverse as a field on the moving image's grid (its voxels, pull).
 
-    On the fixed grid, `y + inverse(y)` (fixed voxels) is where the fixed image is sampled for
-    the point `y` of the moving image resampled onto the fixed grid. For a moving voxel `m`:
-    `y = G m` (`G` the moving->fixed voxel map), the field is sampled at `y` (linear, border
-    values outside) and mapped back: `G^-1 (y + inverse(y)) - m`.
+    For a moving voxel `m`: `y = G m` in fixed voxels (`G` the moving->fixed voxel map through the
+    two affines), `z = Aff^-1(y)` exactly, `x = z + v^-1(z)` (the deformable part's inverse,
+    interpolated once, border values outside), and the field is `G^-1 x - m`. On a shared grid
+    this is `RegisterResult.inverse`.
     """
     if same_grid(fixed, moving):
-        return inverse
+        return result.inverse
+    from scipy import ndimage
+
     n = fixed.ndims
     to_fixed = _fixed_to_moving(moving, fixed)  # moving voxels -> fixed voxels
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in moving.shape],
                                 indexing="ij"), axis=-1)
     y = grid @ to_fixed[:n, :n].T + to_fixed[:n, n]
-    from scipy import ndimage
-
-    coords = np.moveaxis(y, -1, 0)
-    sampled = np.stack([ndimage.map_coordinates(inverse[..., c], coords, order=1, mode="nearest")
-                        for c in range(n)], axis=-1)
+    if result.affine is None:
+        z = y
+    else:
+        a = np.asarray(result.affine, np.float64)
+        centre = (np.asarray(fixed.shape, np.float64) - 1) / 2.0
+        z = (y - centre - a[:, n]) @ np.linalg.inv(a[:, :n]).T + centre
+    coords = np.moveaxis(z, -1, 0)
+    x = z + np.stack([ndimage.map_coordinates(result.inverse_warp[..., c], coords, order=1,
+                                              mode="nearest") for c in range(n)], axis=-1)
     back = np.linalg.inv(to_fixed)
-    target = (y + sampled) @ back[:n, :n].T + back[:n, n]
-    return (target - grid).astype(np.float32)
+    return (x @ back[:n, :n].T + back[:n, n] - grid).astype(np.float32)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
