@@ -64,6 +64,7 @@ def _commands(f: dict[str, Path], out: Path) -> dict[str, list[str]]:
     return {
         "register": ["register", image, image, "-o", str(out)],
         "warp": ["warp", image, image, "-o", str(out) + ".nii.gz"],
+        "convert": ["convert", image, str(out) + ".nii.gz", "--to", "world"],
         "evaluate": ["evaluate", spec, "-o", str(out) + ".csv"],
         "show": ["show", run, "-o", str(out) + ".png"],
         "train": ["train", "voxelmorph", "--data", spec, "--out", str(out)],
