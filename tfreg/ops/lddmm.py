@@ -37,10 +37,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import tensorflow as tf
 
+from tfreg.ops import compile_cache
+from tfreg.ops.differences import jacobian
 from tfreg.ops.fourier import apply_matrix_multiplier, half_shape, wavenumbers
+from tfreg.ops.inverse import invert_displacement
+from tfreg.ops.sampling import warp
 
 __all__ = ["LddmmConfig", "LddmmResult", "operator_matrix", "kernel_matrix", "FluidKernel",
-           "jacobian", "coadjoint", "update_inverse", "shoot", "energy", "register_pair",
+           "coadjoint", "update_inverse", "shoot", "energy", "register_pair",
            "OPTIMIZERS"]
 
 OPTIMIZERS = ("gd", "adam")
@@ -125,6 +129,7 @@ class FluidKernel:
     spacing: tuple[float, ...]
     kernel: tf.Tensor       # (*half, N, N) complex64
     operator: tf.Tensor     # (*half, N, N) complex64
+    params: tuple = ()      # (alpha, beta, gamma, power)
 
     @staticmethod
     def create(shape: Sequence[int], spacing: Sequence[float] | None = None, alpha: float = 0.01,
@@ -135,7 +140,8 @@ class FluidKernel:
         op = np.linalg.matrix_power(operator_matrix(shape, spacing, alpha, beta, gamma),
                                     int(power))
         return FluidKernel(shape, spacing, tf.constant(kern, tf.complex64),
-                           tf.constant(op, tf.complex64))
+                           tf.constant(op, tf.complex64),
+                           (float(alpha), float(beta), float(gamma), int(power)))
 
     def smooth(self, m: tf.Tensor) -> tf.Tensor:
         """``v = K m`` `(B, *S, N)`."""
@@ -149,38 +155,7 @@ class FluidKernel:
 # ---------------------------------------------------------------------- maps and their algebra
 def _warp(field_: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
     """``field(x + disp(x))``, linear, border clamped."""
-    from tfreg.layers import warp
-
     return warp(field_, disp)
-
-
-def _diff(x: tf.Tensor, axis: int) -> tf.Tensor:
-    """Derivative along spatial `axis` (1-based tensor axis), voxel units: central inside,
-    one-sided at both ends."""
-    n = x.shape[axis]
-    if n < 2:
-        return tf.zeros_like(x)
-
-    def part(start, stop):
-        idx = [slice(None)] * x.shape.rank
-        idx[axis] = slice(start, stop)
-        return x[tuple(idx)]
-
-    first = part(1, 2) - part(0, 1)
-    last = part(n - 1, n) - part(n - 2, n - 1)
-    if n == 2:
-        return tf.concat([first, last], axis)
-    inner = (part(2, n) - part(0, n - 2)) * 0.5
-    return tf.concat([first, inner, last], axis)
-
-
-def jacobian(disp: tf.Tensor) -> tf.Tensor:
-    """Jacobian of the map ``x + disp(x)`` in voxel units: `(B, *S, N)` -> `(B, *S, N, N)`,
-    ``J[..., i, j] = delta_ij + d disp_i / d x_j``."""
-    ndims = disp.shape.rank - 2
-    cols = [_diff(disp, j + 1) for j in range(ndims)]          # each (B,*S,N): d/dx_j of all i
-    grad = tf.stack(cols, axis=-1)                              # (B,*S,N(i),N(j))
-    return grad + tf.eye(ndims, dtype=disp.dtype)
 
 
 def _det(j: tf.Tensor) -> tf.Tensor:
@@ -203,7 +178,7 @@ def coadjoint(disp: tf.Tensor, m: tf.Tensor, spacing: Sequence[float]) -> tf.Ten
         `(B, *S, N)` momentum.
     """
     h = tf.constant(spacing, tf.float32)
-    jac = jacobian(disp)
+    jac = jacobian(disp)                                         # central, one-sided at ends
     moved = _warp(m, disp) * h                                   # H m o g
     out = tf.einsum("...ij,...i->...j", jac, moved) / h           # H^-1 J^T H (m o g)
     return out * _det(jac)[..., None]
@@ -212,29 +187,29 @@ def coadjoint(disp: tf.Tensor, m: tf.Tensor, spacing: Sequence[float]) -> tf.Ten
 def update_inverse(inverse: tf.Tensor, increment: tf.Tensor, iterations: int) -> tf.Tensor:
     """Inverse of ``phi + w`` from the inverse of ``phi`` (PyCA's ``UpdateInverse``).
 
-    With ``phi_new(x) = phi(x) + w(x)``, iterates ``phi_new^-1 = phi^-1 o (Id - w o phi_new^-1)``
-    `iterations` times starting from ``phi^-1``.
+    With ``phi_new(x) = phi(x) + w(x)``, ``phi_new = (Id + e) o phi`` for the Eulerian increment
+    ``e = w o phi^-1``, so ``phi_new^-1 = phi^-1 o (Id + e)^-1``. ``(Id + e)^-1`` comes from
+    `tfreg.ops.inverse.invert_displacement` (the fixed point ``z <- -e(y + z)``) started at
+    ``z = 0`` and run exactly `iterations` times: the same iterates as PyCA's
+    ``phi_new^-1 <- phi^-1 o (Id - w o phi_new^-1)`` started at ``phi^-1``, except that ``w o
+    phi^-1`` is interpolated once on the grid (one sampling per iteration instead of two).
 
     Args:
         inverse: `(B, *S, N)` displacement of ``phi^-1`` (voxels).
         increment: `(B, *S, N)` forward increment ``w`` (voxels, on the domain of ``phi``).
-        iterations: fixed-point iterations (the original: 20 at prediction, 5 when optimising).
+        iterations: fixed-point iterations (the original: 20 at prediction, 5 when optimising);
+            0 keeps ``phi^-1`` unchanged.
 
     Returns:
         `(B, *S, N)` displacement of ``phi_new^-1``.
     """
     iterations = int(iterations)
+    inverse = tf.convert_to_tensor(inverse, tf.float32)
     if iterations == 0:
-        return tf.convert_to_tensor(inverse)
-
-    def body(i, new):
-        step = -_warp(increment, new)                              # (Id - w o phi_new^-1) - Id
-        return i + 1, step + _warp(inverse, step)
-
-    # a loop, not unrolled: keeps XLA compilation short
-    _, new = tf.while_loop(lambda i, _: i < iterations, body, (tf.constant(0), inverse),
-                           maximum_iterations=iterations)
-    return new
+        return inverse
+    eulerian = _warp(increment, inverse)
+    z = invert_displacement(eulerian, iterations, tolerance=0.0, init=tf.zeros_like(eulerian))
+    return z + _warp(inverse, z)
 
 
 @dataclass
@@ -408,35 +383,29 @@ class LddmmResult:
     seconds: float
 
 
-_COMPILED: dict[tuple, Callable] = {}
-
-
 def _energy_grad_fn(cfg: LddmmConfig, kernel: FluidKernel) -> Callable:
     """``(m0, moving, fixed) -> (reg, image, grad)``, one `tf.function` per shape/settings."""
-    key = (kernel.shape, kernel.spacing, cfg.alpha, cfg.beta, cfg.gamma, cfg.power, cfg.sigma,
-           cfg.steps, cfg.inverse_iterations, cfg.jit)
-    if key not in _COMPILED:
-        def fn(m0, moving, fixed):
-            with tf.GradientTape() as tape:
-                tape.watch(m0)
-                reg, image, _ = energy(m0, moving, fixed, kernel, cfg.sigma, cfg.steps,
-                                       cfg.inverse_iterations)
-                total = tf.reduce_sum(reg + image)
-            return reg, image, tape.gradient(total, m0)
+    key = ("lddmm.energy_grad", kernel.shape, kernel.spacing, kernel.params, cfg.sigma, cfg.steps, cfg.inverse_iterations)
 
-        _COMPILED[key] = tf.function(fn, jit_compile=cfg.jit, autograph=False)
-    return _COMPILED[key]
+    def fn(m0, moving, fixed):
+        with tf.GradientTape() as tape:
+            tape.watch(m0)
+            reg, image, _ = energy(m0, moving, fixed, kernel, cfg.sigma, cfg.steps,
+                                   cfg.inverse_iterations)
+            total = tf.reduce_sum(reg + image)
+        return reg, image, tape.gradient(total, m0)
+
+    return compile_cache.compiled(key, fn, jit=cfg.jit)
 
 
 def _shoot_fn(kernel: FluidKernel, steps: int, inverse_iterations: int, jit: bool) -> Callable:
-    key = ("shoot", id(kernel), steps, inverse_iterations, jit)
-    if key not in _COMPILED:
-        def fn(m0):
-            geo = shoot(m0, kernel, steps, inverse_iterations)
-            return geo.forward, geo.inverse
+    key = ("lddmm.shoot", kernel.shape, kernel.spacing, kernel.params, steps, inverse_iterations)
 
-        _COMPILED[key] = tf.function(fn, jit_compile=jit, autograph=False)
-    return _COMPILED[key]
+    def fn(m0):
+        geo = shoot(m0, kernel, steps, inverse_iterations)
+        return geo.forward, geo.inverse
+
+    return compile_cache.compiled(key, fn, jit=jit)
 
 
 def shoot_arrays(m0: np.ndarray, spacing: Sequence[float] | None = None,
@@ -451,17 +420,12 @@ def shoot_arrays(m0: np.ndarray, spacing: Sequence[float] | None = None,
     return fwd.numpy(), inv.numpy()
 
 
-_KERNELS: dict[tuple, FluidKernel] = {}
-
-
 def _kernel_cached(cfg: LddmmConfig, shape: Sequence[int], spacing: Sequence[float] | None
                    ) -> FluidKernel:
     shape = tuple(int(s) for s in shape)
     spacing = _check_spacing(shape, spacing)
-    key = (shape, spacing, cfg.alpha, cfg.beta, cfg.gamma, cfg.power)
-    if key not in _KERNELS:
-        _KERNELS[key] = cfg.kernel(shape, spacing)
-    return _KERNELS[key]
+    key = ("lddmm.kernel", shape, spacing, cfg.alpha, cfg.beta, cfg.gamma, cfg.power)
+    return compile_cache.cached(key, lambda: cfg.kernel(shape, spacing))
 
 
 def register_pair(fixed: np.ndarray, moving: np.ndarray, spacing: Sequence[float] | None = None,
