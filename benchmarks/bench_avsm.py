@@ -53,17 +53,19 @@ def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.lower().split("x"))
 
 
-def _source(pairs: list[dict], symmetric: bool):
-    """A `tfreg.registry.DataSource` cycling over in-memory pairs (batch dicts)."""
+def _with_data(method, pairs: list[dict], symmetric: bool):
+    """`method` reading in-memory pairs (cycled, shuffled), doubled as (s, t), (t, s) if asked."""
+    import dataclasses
+
     import numpy as np
     import tensorflow as tf
 
-    from tfreg.registry import DataSource
+    from tfreg import registry
 
     fixed = np.stack([p["fixed"][..., None] for p in pairs])
     moving = np.stack([p["moving"][..., None] for p in pairs])
 
-    def dataset(data, config, *, split="train", batch_size=1, seed=0, shuffle=True, repeat=True,
+    def dataset(data, config=None, *, split="train", batch_size=1, seed=0, shuffle=True, repeat=True,
                 input_context=None):
         ds = tf.data.Dataset.from_tensor_slices({"fixed": fixed, "moving": moving})
         ds = ds.shuffle(len(pairs), seed=seed).repeat().batch(batch_size, drop_remainder=True)
@@ -72,21 +74,21 @@ def _source(pairs: list[dict], symmetric: bool):
             ds = ds.map(symmetric_batch)
         return ds.prefetch(1)
 
-    return DataSource(open=lambda path, config, div: None, dataset=dataset,
-                      inshape=lambda data: tuple(fixed.shape[1:-1]))
+    if hasattr(registry, "DataSource"):
+        source = registry.DataSource(open=lambda path, config, div: None, dataset=dataset,
+                                     inshape=lambda data: tuple(fixed.shape[1:-1]))
+        return dataclasses.replace(method, data=source)
+    return dataclasses.replace(method, data_pipeline=dataset)
 
 
 def _train(method_name: str, sets: dict, pairs: list[dict]):
-    import dataclasses
-
     from tfreg.config import method_defaults, resolve
     from tfreg.engine import train
     from tfreg.registry import discover
 
     loaded = discover().get(method_name)
     config = resolve(method_defaults(loaded.method), sets, None)
-    method = dataclasses.replace(loaded.method,
-                                 data=_source(pairs, symmetric=method_name == "avsm"))
+    method = _with_data(loaded.method, pairs, symmetric=method_name == "avsm")
     with tempfile.TemporaryDirectory() as run_dir:
         return train(method, config, None, run_dir, verbose=0), config
 
