@@ -410,8 +410,8 @@ class GaussianSample(keras.layers.Layer):
         mean, log_var = inputs
         if not training:
             return mean
-        noise = keras.random.normal(tf.shape(mean), seed=self._generator, dtype="float32")
-        return mean + tf.exp(log_var / 2.0) * noise
+        noise = keras.random.normal(keras.ops.shape(mean), seed=self._generator, dtype="float32")
+        return mean + keras.ops.exp(log_var / 2.0) * noise
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
