@@ -28,6 +28,13 @@ from tfreg_cli.common import user_errors
 @click.option("--keypoints", type=click.Path(), default=None,
               help="Folder of Learn2Reg keypoint CSVs, <folder>/<image name>.csv per image "
                    "(voxel coordinates, x,y,z per line): adds the TRE in mm.")
+@click.option("--transforms", type=click.Path(file_okay=False), default=None,
+              help="Score external results instead of registering: a folder with "
+                   "disp_FIXED_MOVING.nii.gz per pair (tfreg/Learn2Reg voxels, world mm or an "
+                   "ITK/ANTs warp) and optionally affine_FIXED_MOVING.mat (ITK/ANTs).")
+@click.option("--l2r-submission", type=click.Path(file_okay=False), default=None,
+              help="Also write every pair's field into this folder in the Learn2Reg submission "
+                   "layout: disp_FIXED_MOVING.nii.gz (voxels, float16 precision).")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Only the first N pairs of the split (quick checks).")
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
@@ -35,7 +42,8 @@ from tfreg_cli.common import user_errors
 @click.option("-q", "--quiet", is_flag=True, help="No per-pair lines, only the summary.")
 @user_errors
 def evaluate(data, split, model, finetune, preset, iterations, levels, lam, learning_rate,
-             similarity, no_affine, affine_iterations, xla, out, keypoints, limit, device, quiet):
+             similarity, no_affine, affine_iterations, xla, out, keypoints, transforms,
+             l2r_submission, limit, device, quiet):
     """Register the pairs of DATA's split (a data spec YAML) and report Dice, HD95 (mm and
     voxels), SDlogJ (plain and Learn2Reg's), %folding, NDV, TRE (with --keypoints) and runtime
     per pair (CSV) and on average, printed as a Markdown table with the leaderboards' names."""
@@ -43,8 +51,10 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
     from tfreg.evaluate import evaluate_spec, format_table, write_csv
     from tfreg.register import write_json
 
-    if finetune and not model:
-        raise ConfigError("--finetune: needs --model")
+    if finetune and not (model or transforms):
+        raise ConfigError("--finetune: needs --model or --transforms")
+    if model and transforms:
+        raise ConfigError("--transforms: give either --model or --transforms, not both")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
 
@@ -59,9 +69,11 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
     progress = StageProgress(enabled=False)
     rows, summary = evaluate_spec(data, split=split, config=cfg, model=model, finetune=finetune,
                                   device=device, limit=limit, on_pair=on_pair, progress=progress,
-                                  keypoints=keypoints)
+                                  keypoints=keypoints, transforms=transforms,
+                                  l2r_submission=l2r_submission)
     csv_path = write_csv(out, rows)
     summary.update(data=str(data), split=split, method=f"model {model}" if model else
+                   f"external transforms {transforms}" if transforms else
                    f"instance optimisation ({preset})")
     summary_path = write_json(Path(str(out) + ".summary.json") if not str(out).endswith(".csv")
                               else Path(str(out)[:-4] + ".summary.json"), summary)

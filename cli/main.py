@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "tfreg_cli.cmd_export:export",
     "register": "tfreg_cli.cmd_register:register",
     "warp": "tfreg_cli.cmd_warp:warp",
+    "convert": "tfreg_cli.cmd_convert:convert",
     "evaluate": "tfreg_cli.cmd_evaluate:evaluate",
     "show": "tfreg_cli.cmd_show:show",
     "import-voxelmorph": "tfreg_cli.cmd_import:import_voxelmorph",

@@ -51,6 +51,8 @@ TABLE = (
 def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
                   model: str | Path | None = None, finetune: int = 0, device: str | None = None,
                   limit: int | None = None, keypoints: str | Path | None = None,
+                  transforms: str | Path | None = None,
+                  l2r_submission: str | Path | None = None,
                   on_pair: Callable[[int, int, dict], None] | None = None,
                   progress: Callable[[str, int, int, float], None] | None = None
                   ) -> tuple[list[dict], dict]:
@@ -66,6 +68,12 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
         limit: score only the first `limit` pairs.
         keypoints: folder of Learn2Reg keypoint CSVs named after the images
             (`<keypoints>/<image name without .nii.gz>.csv`, voxel coordinates): adds the TRE.
+        transforms: score external results instead of registering: a folder with, per pair,
+            `disp_FIXED_MOVING.nii.gz` (`tfreg.transforms_io.l2r_name`; tfreg/Learn2Reg voxels,
+            world mm or an ITK/ANTs warp) and optionally `affine_FIXED_MOVING.mat` (ITK/ANTs,
+            applied after the warp); refined by `finetune` steps when given.
+        l2r_submission: write each pair's field into this folder in the Learn2Reg submission
+            layout (`disp_FIXED_MOVING.nii.gz`, voxels, float16 precision).
         on_pair: called as `on_pair(index, total, row)` after each pair.
         progress: per-pair stage progress callback (see `tfreg.register.register_volumes`).
 
@@ -93,9 +101,15 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
         fixed, moving, fixed_l, moving_l = load_pair(pair.fixed, pair.moving, pair.fixed_labels,
                                                      pair.moving_labels)
         points = load_keypoints(*csvs[index], fixed, moving) if csvs else None
+        init = _external(transforms, pair, fixed) if transforms is not None else None
         result = register_volumes(fixed, moving, fixed_labels=fixed_l, moving_labels=moving_l,
                                   config=config, model=model, finetune=finetune, device=device,
-                                  progress=progress, keypoints=points)
+                                  progress=progress, keypoints=points, init_disp=init)
+        if l2r_submission is not None:
+            from tfreg.transforms_io import l2r_name, save_field
+
+            save_field(Path(l2r_submission) / l2r_name(pair.fixed, pair.moving), result.disp,
+                       fixed.affine, "l2r")
         rep = result.report
         row: dict[str, Any] = {
             "pair": f"{nifti_stem(pair.moving)}->{nifti_stem(pair.fixed)}",
@@ -109,6 +123,20 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
         if on_pair:
             on_pair(index, len(pairs), row)
     return rows, summarize_rows(rows)
+
+
+def _external(folder: str | Path, pair, fixed) -> np.ndarray:
+    """A pair's external result from `folder` as a tfreg displacement on the fixed grid."""
+    from tfreg.transforms_io import l2r_name, read_transform
+
+    name = l2r_name(pair.fixed, pair.moving)
+    field = Path(folder) / name
+    affine = Path(folder) / ("affine" + name[len("disp"):-len(".nii.gz")] + ".mat")
+    if not field.is_file() and not affine.is_file():
+        raise InputError(f"{field}: missing transform for {pair.moving} -> {pair.fixed} "
+                         "(--transforms expects disp_FIXED_MOVING.nii.gz per pair)")
+    return read_transform(field if field.is_file() else None,
+                          affine=affine if affine.is_file() else None, reference=fixed).data
 
 
 def _keypoint_files(folder: str | Path, pair) -> tuple[Path, Path]:
