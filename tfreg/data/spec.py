@@ -9,6 +9,7 @@ The format is documented in ``configs/data/README.md``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -25,8 +26,8 @@ from tfreg.data.cache import VolumeCache, default_cache_dir
 from tfreg.data.preprocess import Preprocessing, PrepRecord
 from tfreg.data.sources import (Learn2RegDataset, PairRow, group_of, read_pairs_csv,
                                 resolve_images, resolve_labels, resolve_paths)
-from tfreg.errors import ConfigError, InputError
-from tfreg.io import Volume, load_volume, read_info
+from tfreg.errors import ConfigError, InputError, TfregError, all_problems
+from tfreg.io import Volume, check_label_grid, load_volume, read_info
 
 __all__ = ["DataSpec", "Pair", "Scan", "PairSampler", "SPEC_KEYS", "PAIRINGS", "SPLITS",
            "SAMPLINGS"]
@@ -248,40 +249,54 @@ class DataSpec:
             labels = self.preprocessing.apply(lab, record, label=True)
         return image, labels, record
 
-    def validate(self, deep: bool = False, workers: int | None = None) -> int:
-        """Check the data before training.
+    def validate(self, deep: bool = False, workers: int | None = None,
+                 images: set[Path] | None = None) -> int:
+        """Check the data before training (or evaluation).
 
         Shallow checks (headers, keys, files) already ran when the spec was built. With `deep`,
         every volume is decoded: truncated data, NaN/Inf voxels and non-integer labels are
         reported now rather than mid-training. With a cache, preprocessed scans are stored on the
         way (and scans already cached, whose files are unchanged, are not read again).
 
+        Args:
+            deep: decode every volume.
+            workers: reader threads (default: up to 4).
+            images: check only the scans of these image paths (e.g. one split's pairs).
+
         Returns:
             The number of scans checked.
 
         Raises:
-            InputError: the first bad file, in scan order.
+            InputError: every bad file, in scan order (one line for one problem; else a numbered
+                list in the error's `details` and a summary line).
         """
         if not deep:
             return 0
         workers = workers or min(4, os.cpu_count() or 1)
+        wanted = None if images is None else {_norm(Path(p)) for p in images}
+        indices = [i for i, scan in enumerate(self.scans)
+                   if wanted is None or _norm(Path(scan.image)) in wanted]
 
-        def check(index: int) -> None:
-            if self._cache is not None:
-                self.load_scan(index)
-                return
-            scan = self.scans[index]
-            image = load_volume(scan.image)
-            if scan.labels is not None:
-                labels = load_volume(scan.labels, label=True)
-                if labels.shape != image.shape:
-                    raise InputError(f"{scan.labels}: shape {labels.shape} differs from its "
-                                     f"image {scan.image} {image.shape}")
+        def check(index: int) -> TfregError | None:
+            try:
+                if self._cache is not None:
+                    self.load_scan(index)
+                    return None
+                scan = self.scans[index]
+                image = load_volume(scan.image)
+                if scan.labels is not None:
+                    labels = load_volume(scan.labels, label=True)
+                    if labels.shape != image.shape:
+                        raise InputError(f"{scan.labels}: shape {labels.shape} differs from its "
+                                         f"image {scan.image} {image.shape}")
+            except TfregError as err:
+                return err
+            return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(check, range(len(self.scans))):
-                pass
-        return len(self.scans)
+            problems = [err for err in pool.map(check, indices) if err is not None]
+        all_problems(problems, f"{self.source}: {len(indices)} scans checked")
+        return len(indices)
 
 
 class PairSampler:
@@ -561,26 +576,41 @@ def _row_to_pair(row: PairRow, csv_path: Path, table: _Scans, by_image: dict[Pat
 
 
 def _check_headers(scans: list[Scan], source: str) -> list[tuple[int, ...]]:
-    """Read every header once; image shapes (spatial) in scan order."""
-    seen: dict[Path, tuple[int, ...]] = {}
+    """Read every header once; image shapes (spatial) in scan order. Every bad file is reported
+    at once (`tfreg.errors.all_problems`); a label map whose header differs slightly from its
+    image's is accepted with a warning (`tfreg.io.check_label_grid`)."""
+    seen: dict[Path, Any] = {}
+    problems: list[InputError] = []
 
-    def shape_of(path: Path) -> tuple[int, ...]:
+    def info_of(path: Path):
         if path not in seen:
             try:
-                seen[path] = read_info(path).shape
+                seen[path] = read_info(path)
             except InputError as err:
-                raise InputError(f"{err} (named by {source})") from None
+                seen[path] = None
+                problems.append(InputError(f"{err} (named by {source})"))
         return seen[path]
 
     shapes = []
+    checked: set[tuple[Path, Path]] = set()
     for scan in scans:
-        shape = shape_of(scan.image)
-        if scan.labels is not None:
-            lab_shape = shape_of(scan.labels)
-            if lab_shape != shape:
-                raise InputError(f"{scan.labels}: shape {list(lab_shape)} differs from its image "
-                                 f"{scan.image} {list(shape)}")
-        shapes.append(shape)
+        info = info_of(scan.image)
+        shapes.append(info.shape if info is not None else ())
+        if scan.labels is None or info is None:
+            continue
+        lab = info_of(scan.labels)
+        if lab is None or (scan.labels, scan.image) in checked:
+            continue
+        checked.add((scan.labels, scan.image))
+        try:
+            note = check_label_grid(scan.labels, lab.affine, lab.shape, scan.image, info.affine,
+                                    info.shape)
+        except InputError as err:
+            problems.append(err)
+            continue
+        if note:
+            logging.getLogger("tfreg").warning(note)
+    all_problems(problems, source)
     return shapes
 
 
