@@ -3,6 +3,8 @@ and the patch network's architecture (shapes 15 -> 8 -> 5 -> 8 -> 15, unshared e
 dropout positions, Monte-Carlo sampling)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,32 @@ def test_network_shapes_unshared_encoders_and_dropout():
     samples = [prob(batch, training=True)["momentum"].numpy() for _ in range(2)]
     assert samples[0].shape == (1, 15, 15, 2)
     assert not np.allclose(samples[0], samples[1])       # Monte-Carlo samples differ
+
+
+def test_momentum_cache_reuse_invalidation_and_atomic_write(tmp_path):
+    import nibabel as nib
+
+    from tfreg_plugins.quicksilver.targets import MomentumCache, pair_key
+
+    data = np.random.default_rng(0).random((6, 6)).astype(np.float32)
+    for name in ("f", "m"):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    f, m = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    cache = MomentumCache(tmp_path / "cache")
+    calls = []
+
+    def build():
+        calls.append(1)
+        return np.full((6, 6, 2), float(len(calls)), np.float32), {"energy": 0.5}
+
+    key = pair_key(f, m, {"sigma": 0.2})
+    first, reused = cache.get(key, build)
+    assert not reused and first[0, 0, 0] == 1.0
+    again, reused = cache.get(pair_key(f, m, {"sigma": 0.2}), build)
+    assert reused and len(calls) == 1 and again[0, 0, 0] == 1.0
+    assert pair_key(f, m, {"sigma": 0.1}) != key              # settings are part of the key
+    nib.save(nib.Nifti1Image(data * 2, np.eye(4)), str(f))     # changed input -> new entry
+    os.utime(f, ns=(1, 1))
+    _, reused = cache.get(pair_key(f, m, {"sigma": 0.2}), build)
+    assert not reused and len(calls) == 2
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".h5", ".h5"]  # no temps
