@@ -110,3 +110,20 @@ def test_momentum_cache_reuse_invalidation_and_atomic_write(tmp_path):
     _, reused = cache.get(pair_key(f, m, {"sigma": 0.2}), build)
     assert not reused and len(calls) == 2
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".h5", ".h5"]  # no temps
+
+
+def test_predict_momentum_skips_background_and_samples():
+    from tfreg_plugins.quicksilver.network import build_network
+    from tfreg_plugins.quicksilver.predict import predict_momentum
+
+    shape = (32, 32)
+    moving = np.zeros(shape, np.float32)
+    fixed = np.zeros(shape, np.float32)
+    moving[2:10, 2:10] = 1.0                     # only patch 0 (rows/cols 0..14) has content
+    net = build_network(2, features=2, dropout=0.2)
+    mean, std = predict_momentum(net, moving, fixed)
+    assert mean.shape == (32, 32, 2) and std is None
+    assert np.abs(mean[20:, 20:]).max() == 0.0   # no patch covers it: 0
+    assert np.abs(mean[:14, :14]).max() > 0.0    # patch 0 predicted (the original drops it)
+    mean, std = predict_momentum(net, moving, fixed, samples=3)
+    assert std.shape == (32, 32, 2) and std[:14, :14].max() > 0.0
