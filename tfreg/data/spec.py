@@ -29,9 +29,13 @@ from tfreg.data.sources import (Learn2RegDataset, PairRow, group_of, read_pairs_
 from tfreg.errors import ConfigError, InputError, TfregError, all_problems
 from tfreg.io import Volume, check_label_grid, load_volume, read_info
 
-__all__ = ["DataSpec", "Pair", "Scan", "PairSampler", "SPEC_KEYS", "PAIRINGS", "SPLITS"]
+__all__ = ["DataSpec", "Pair", "Scan", "PairSampler", "SPEC_KEYS", "PAIRINGS", "SPLITS",
+           "SAMPLINGS"]
 
-SPEC_KEYS = ("images", "labels", "shape", "pairing", "groups", "atlas", "atlas_labels",
+#: ``sampling:`` values: training pairs per epoch, or independent draws with replacement.
+SAMPLINGS = ("epoch", "replacement")
+
+SPEC_KEYS = ("images", "labels", "shape", "pairing", "sampling", "groups", "atlas", "atlas_labels",
              "atlas_role", "pairs", "split", "preprocess", "cache", "augment")
 PAIRINGS = ("scan-to-scan", "scan-to-atlas", "pairs")
 SPLITS = ("train", "val", "test")
@@ -64,6 +68,8 @@ class DataSpec:
         base_dir: folder relative paths are resolved against.
         shape: network input shape `(*S,)`; `ndims` = len(shape).
         pairing: ``"scan-to-scan"``, ``"scan-to-atlas"`` or ``"pairs"``.
+        sampling: training draws, ``"epoch"`` (every scan or row once per epoch) or
+            ``"replacement"`` (independent random pairs, voxelmorph's generators).
         has_labels: every scan has a label map (batches then carry ``*_labels``).
         preprocessing: `Preprocessing` settings (stored with exported models).
         augmentation: `Augmentation` or None (off).
@@ -76,8 +82,9 @@ class DataSpec:
                  preprocessing: Preprocessing, pairing: str, items: dict[str, list[int]],
                  pair_lists: dict[str, list[tuple[int, int]]], groups: list[str] | None,
                  atlas: int | None, atlas_role: str, augmentation: Augmentation | None,
-                 cache_dir: Path | None, notes: list[str]):
+                 cache_dir: Path | None, notes: list[str], sampling: str = "epoch"):
         self.source = source
+        self.sampling = sampling
         self.base_dir = base_dir
         self.scans = scans
         self.preprocessing = preprocessing
@@ -177,6 +184,7 @@ class DataSpec:
         return {
             "source": self.source,
             "pairing": self.pairing,
+            "sampling": self.sampling,
             "scans": len(self.scans),
             "labels": self.has_labels,
             "preprocessing": self.preprocessing.to_dict(),
@@ -298,8 +306,10 @@ class PairSampler:
     ``shuffle=True``: epochs of ``len(self)`` elements; epoch ``e`` visits a permutation
     (seeded by ``(seed, e)``) of the split's scans (scan-to-scan: each scan is the fixed image once,
     with a random moving scan of its group; scan-to-atlas: each scan once with the atlas) or of
-    its CSV rows (pairs). Element ``k`` depends only on ``(seed, k)``, not on the thread or
-    worker that computes it.
+    its CSV rows (pairs). With the spec's ``sampling: replacement`` every element is instead an
+    independent uniform draw (voxelmorph's generators): the fixed scan (or CSV row, or atlas
+    partner) with replacement, and a random other scan of its group as the moving one. Element
+    ``k`` depends only on ``(seed, k)``, not on the thread or worker that computes it.
     """
 
     def __init__(self, spec: DataSpec, split: str, shuffle: bool, seed: int):
@@ -329,9 +339,14 @@ class PairSampler:
             raise ConfigError(f"{self.spec.source}: split '{self.split}' has no pairs")
         if not self.shuffle:
             return self._pairs[k % n]
-        epoch, pos = divmod(int(k), n)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        pick = self._candidates[order[pos]]
+        if self.spec.sampling == "replacement":
+            epoch, pos = int(k), 0  # every element its own independent draw
+            pick = self._candidates[int(np.random.default_rng([self.seed, epoch, 2])
+                                        .integers(n))]
+        else:
+            epoch, pos = divmod(int(k), n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            pick = self._candidates[order[pos]]
         if self.spec.pairing == "pairs":
             return self._pairs[pick]
         if self.spec.pairing == "scan-to-atlas":
@@ -365,6 +380,7 @@ def _norm(path: Path) -> Path:
 def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
     chk.check_keys(d, SPEC_KEYS, source)
     pairing = chk.choice(d.get("pairing", "scan-to-scan"), PAIRINGS, source, "pairing")
+    sampling = chk.choice(d.get("sampling", "epoch"), SAMPLINGS, source, "sampling")
     _check_pairing_keys(d, pairing, source)
     notes: list[str] = []
 
@@ -489,7 +505,7 @@ def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
     return DataSpec(source=source, base_dir=base, scans=table.scans, preprocessing=preprocessing,
                     pairing=pairing, items=split_items, pair_lists=pair_lists, groups=groups,
                     atlas=atlas, atlas_role=atlas_role, augmentation=augmentation,
-                    cache_dir=cache_dir, notes=notes)
+                    cache_dir=cache_dir, notes=notes, sampling=sampling)
 
 
 def _check_pairing_keys(d: Mapping[str, Any], pairing: str, source: str) -> None:
