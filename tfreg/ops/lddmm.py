@@ -145,11 +145,25 @@ class FluidKernel:
 
     def smooth(self, m: tf.Tensor) -> tf.Tensor:
         """``v = K m`` `(B, *S, N)`."""
-        return apply_matrix_multiplier(m, self.kernel)
+        return _self_adjoint(m, self.kernel)
 
     def apply_operator(self, v: tf.Tensor) -> tf.Tensor:
         """``m = L v`` `(B, *S, N)`."""
-        return apply_matrix_multiplier(v, self.operator)
+        return _self_adjoint(v, self.operator)
+
+
+def _self_adjoint(x: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+    """Apply a real symmetric, frequency-even matrix multiplier; its gradient is the same
+    operator applied to the upstream gradient (the operator is self-adjoint). TensorFlow has
+    no gradient for the 3D real FFTs, so this also makes 3D LDDMM differentiable."""
+    @tf.custom_gradient
+    def apply(t, mat):
+        def grad(dy):
+            return apply_matrix_multiplier(dy, mat), tf.zeros_like(mat)
+
+        return apply_matrix_multiplier(t, mat), grad
+
+    return apply(tf.convert_to_tensor(x, tf.float32), matrix)
 
 
 # ---------------------------------------------------------------------- maps and their algebra
