@@ -25,6 +25,9 @@ from tfreg_cli.common import user_errors
               default="evaluation.csv", show_default=True,
               help="CSV with one row per pair (Dice per label too); the summary goes to "
                    "<out>.summary.json beside it.")
+@click.option("--keypoints", type=click.Path(), default=None,
+              help="Folder of Learn2Reg keypoint CSVs, <folder>/<image name>.csv per image "
+                   "(voxel coordinates, x,y,z per line): adds the TRE in mm.")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Only the first N pairs of the split (quick checks).")
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
@@ -32,11 +35,12 @@ from tfreg_cli.common import user_errors
 @click.option("-q", "--quiet", is_flag=True, help="No per-pair lines, only the summary.")
 @user_errors
 def evaluate(data, split, model, finetune, preset, iterations, levels, lam, learning_rate,
-             similarity, no_affine, affine_iterations, xla, out, limit, device, quiet):
-    """Register the pairs of DATA's split (a data spec YAML) and report Dice mean ± sd, HD95,
-    %folding, SDlogJ and runtime per pair (CSV) and on average."""
+             similarity, no_affine, affine_iterations, xla, out, keypoints, limit, device, quiet):
+    """Register the pairs of DATA's split (a data spec YAML) and report Dice, HD95 (mm and
+    voxels), SDlogJ (plain and Learn2Reg's), %folding, NDV, TRE (with --keypoints) and runtime
+    per pair (CSV) and on average, printed as a Markdown table with the leaderboards' names."""
     from tfreg.errors import ConfigError
-    from tfreg.evaluate import evaluate_spec, format_summary, write_csv
+    from tfreg.evaluate import evaluate_spec, format_table, write_csv
     from tfreg.register import write_json
 
     if finetune and not model:
@@ -54,11 +58,12 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
 
     progress = StageProgress(enabled=False)
     rows, summary = evaluate_spec(data, split=split, config=cfg, model=model, finetune=finetune,
-                                  device=device, limit=limit, on_pair=on_pair, progress=progress)
+                                  device=device, limit=limit, on_pair=on_pair, progress=progress,
+                                  keypoints=keypoints)
     csv_path = write_csv(out, rows)
     summary.update(data=str(data), split=split, method=f"model {model}" if model else
                    f"instance optimisation ({preset})")
     summary_path = write_json(Path(str(out) + ".summary.json") if not str(out).endswith(".csv")
                               else Path(str(out)[:-4] + ".summary.json"), summary)
-    click.echo(format_summary(summary))
+    click.echo(format_table(summary))
     click.echo(f"per pair:  {csv_path}\nsummary:   {summary_path}")

@@ -130,6 +130,11 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
               help="Label map of FIXED: Dice and HD95 per label go into report.json "
                    "(needs --moving-labels).")
+@click.option("--fixed-keypoints", type=click.Path(dir_okay=False),
+              help="Learn2Reg keypoint CSV of FIXED (voxel coordinates, x,y,z per line): the "
+                   "TRE in mm goes into report.json (needs --moving-keypoints).")
+@click.option("--moving-keypoints", type=click.Path(dir_okay=False),
+              help="Keypoint CSV of MOVING, row k matching row k of --fixed-keypoints.")
 @click.option("--model", type=click.Path(file_okay=False),
               help="Exported model folder (tfreg export); without it the pair is registered "
                    "by instance optimisation, no training needed.")
@@ -145,7 +150,8 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
-def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetune, recursions,
+def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoints,
+             moving_keypoints, model, finetune, recursions,
              preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
              xla, device, quiet):
@@ -173,7 +179,9 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
         report, written = register_files(fixed, moving, out_dir, fixed_labels=fixed_labels,
                                          moving_labels=moving_labels, config=cfg, model=model,
                                          finetune=finetune, recursions=recursions,
-                                         device=device, progress=progress)
+                                         device=device, progress=progress,
+                                         fixed_keypoints=fixed_keypoints,
+                                         moving_keypoints=moving_keypoints)
     finally:
         progress.close()
     click.echo(summary_text(report, written))
@@ -184,13 +192,20 @@ def summary_text(report: dict, written: dict) -> str:
     lines = [f"runtime {report['runtime_seconds']:.1f} s on {report['device']} "
              "(excluding file I/O, including compilation)",
              f"similarity (local NCC) {report['similarity_before']:.3f} -> "
-             f"{report['similarity']:.3f}; folding {report['folding_percent']:.3f}% of voxels; "
-             f"SDlogJ {report['sdlogj']:.3f}"]
+             f"{report['similarity']:.3f}",
+             f"folding {report['folding_percent']:.3f}% of voxels; NDV {report['ndv_percent']:.4f}%; "
+             f"SDlogJ {report['sdlogj']:.3f}"
+             + (f" (Learn2Reg's {report['sdlogj_l2r']:.3f})"
+                if report.get("sdlogj_l2r") is not None else "")]
     if report.get("mean_dice") is not None:
         hd = report.get("mean_hd95_mm")
         lines.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f} "
                      f"over {len(report['dice'])} labels"
-                     + (f"; mean HD95 {hd:.2f} mm" if hd is not None else ""))
+                     + (f"; mean HD95 {hd:.2f} mm ({report['mean_hd95_vox']:.2f} voxels)"
+                        if hd is not None else ""))
+    if report.get("tre_mm") is not None:
+        lines.append(f"TRE {report['tre_mm_before']:.2f} -> {report['tre_mm']:.2f} mm over "
+                     f"{report['keypoints']} keypoints")
     if report.get("recursions"):
         lines.append("recursions  global r   local NCC")
         for row in report["recursions"]:

@@ -2,10 +2,11 @@
 
 Each pair goes through the same pipeline as `tfreg register` (`tfreg.register.register_volumes`):
 the original files, moving resampled onto the fixed grid when needed, then a trained model or
-instance optimisation. Metrics are computed on the fixed grid: Dice and HD95 (mm) over the labels
-of the fixed label map, %folding and SDlogJ of the displacement, the local NCC, and the runtime
-(excluding file I/O, including compilation; the first pair of a shape pays the XLA compilation,
-later pairs of the same shape reuse it).
+instance optimisation. Metrics are computed on the fixed grid: Dice and HD95 (mm and voxels) over
+the labels of the fixed label map, %folding, SDlogJ (plain and Learn2Reg's) and NDV of the
+displacement, TRE with keypoints, the local NCC, and the runtime (excluding file I/O, including
+compilation; the first pair of a shape pays the XLA compilation, later pairs of the same shape
+reuse it). `format_table` prints the summary as a Markdown table under the leaderboards' names.
 """
 
 from __future__ import annotations
@@ -22,16 +23,34 @@ import numpy as np
 from tfreg.errors import ConfigError, InputError
 from tfreg.io import atomic_path, nifti_stem
 
-__all__ = ["evaluate_spec", "summarize_rows", "format_summary", "COLUMNS"]
+__all__ = ["evaluate_spec", "summarize_rows", "format_summary", "format_table", "COLUMNS",
+           "TABLE"]
 
 #: CSV columns, in order.
 COLUMNS = ("pair", "fixed", "moving", "mean_dice", "mean_dice_before", "mean_hd95_mm",
-           "folding_percent", "sdlogj", "similarity", "similarity_before", "runtime_seconds")
+           "mean_hd95_vox", "folding_percent", "sdlogj", "sdlogj_l2r", "ndv_percent", "tre_mm",
+           "tre_mm_before", "similarity", "similarity_before", "runtime_seconds")
+
+#: Rows of the printed table: (column, what it is, the leaderboards' names for it, digits).
+TABLE = (
+    ("mean_dice", "Dice", "Learn2Reg DSC, LUMIR Dice", 4),
+    ("mean_dice_before", "Dice before registration", "", 4),
+    ("mean_hd95_mm", "HD95 (mm)", "LUMIR HD95", 3),
+    ("mean_hd95_vox", "HD95 (voxels)", "Learn2Reg HD95 (OASIS)", 3),
+    ("sdlogj", "SDlogJ", "std of log det J", 4),
+    ("sdlogj_l2r", "SDlogJ, Learn2Reg's (+3, crop 2)", "Learn2Reg SDlogJ (LogJacDetStd)", 4),
+    ("folding_percent", "% folding (det J <= 0)", "", 4),
+    ("ndv_percent", "NDV (%)", "LUMIR NDV", 4),
+    ("tre_mm", "TRE (mm)", "Learn2Reg TRE", 3),
+    ("tre_mm_before", "TRE before registration (mm)", "", 3),
+    ("similarity", "local NCC", "", 4),
+    ("runtime_seconds", "runtime (s)", "", 2),
+)
 
 
 def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
                   model: str | Path | None = None, finetune: int = 0, device: str | None = None,
-                  limit: int | None = None,
+                  limit: int | None = None, keypoints: str | Path | None = None,
                   on_pair: Callable[[int, int, dict], None] | None = None,
                   progress: Callable[[str, int, int, float], None] | None = None
                   ) -> tuple[list[dict], dict]:
@@ -45,6 +64,8 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
         finetune: instance-optimisation steps after the model.
         device: "cpu", "gpu", "gpu:N" or None.
         limit: score only the first `limit` pairs.
+        keypoints: folder of Learn2Reg keypoint CSVs named after the images
+            (`<keypoints>/<image name without .nii.gz>.csv`, voxel coordinates): adds the TRE.
         on_pair: called as `on_pair(index, total, row)` after each pair.
         progress: per-pair stage progress callback (see `tfreg.register.register_volumes`).
 
@@ -54,10 +75,10 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
 
     Raises:
         ConfigError: the split has no pairs, or the spec is invalid.
-        InputError: a file of a pair is unreadable (names the file).
+        InputError: a file of a pair is unreadable (names the file), a keypoint CSV is missing.
     """
     from tfreg.data import DataSpec
-    from tfreg.register import load_pair, register_volumes
+    from tfreg.register import load_keypoints, load_pair, register_volumes
 
     spec = DataSpec.from_yaml(spec_path)
     pairs = spec.pairs(split)
@@ -66,13 +87,15 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
                           "choose another split with --split)")
     if limit is not None:
         pairs = pairs[:limit]
+    csvs = [_keypoint_files(keypoints, pair) for pair in pairs] if keypoints else None
     rows = []
     for index, pair in enumerate(pairs):
         fixed, moving, fixed_l, moving_l = load_pair(pair.fixed, pair.moving, pair.fixed_labels,
                                                      pair.moving_labels)
+        points = load_keypoints(*csvs[index], fixed, moving) if csvs else None
         result = register_volumes(fixed, moving, fixed_labels=fixed_l, moving_labels=moving_l,
                                   config=config, model=model, finetune=finetune, device=device,
-                                  progress=progress)
+                                  progress=progress, keypoints=points)
         rep = result.report
         row: dict[str, Any] = {
             "pair": f"{nifti_stem(pair.moving)}->{nifti_stem(pair.fixed)}",
@@ -86,6 +109,21 @@ def evaluate_spec(spec_path: str | Path, *, split: str = "test", config=None,
         if on_pair:
             on_pair(index, len(pairs), row)
     return rows, summarize_rows(rows)
+
+
+def _keypoint_files(folder: str | Path, pair) -> tuple[Path, Path]:
+    """`<folder>/<stem>.csv` for the fixed and the moving image of a pair; checked to exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: --keypoints folder does not exist")
+    out = []
+    for image in (pair.fixed, pair.moving):
+        path = folder / f"{nifti_stem(image)}.csv"
+        if not path.is_file():
+            raise InputError(f"{path}: missing keypoint CSV for {image} (--keypoints expects "
+                             "<folder>/<image name>.csv for every image of the split)")
+        out.append(path)
+    return out[0], out[1]
 
 
 def _stats(values: list) -> dict[str, float | None]:
@@ -119,6 +157,22 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     with atomic_path(path, suffix=".csv") as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
     return path
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a Markdown table: metric, mean ± sd over pairs, the leaderboards' names.
+
+    Rows whose metric was not computed (no labels, no keypoints) are left out; the table pastes
+    into a README or an issue as it is.
+    """
+    lines = [f"| metric ({summary['pairs']} pairs) | mean ± sd | leaderboard name |",
+             "|---|---:|---|"]
+    for key, what, names, digits in TABLE:
+        s = summary.get(key) or {}
+        if s.get("mean") is None:
+            continue
+        lines.append(f"| {what} | {s['mean']:.{digits}f} ± {s['sd']:.{digits}f} | {names} |")
+    return "\n".join(lines)
 
 
 def format_summary(summary: dict) -> str:

@@ -12,6 +12,8 @@ Summary (``N`` = spatial rank, ``C`` = channels, means run over the batch too):
                    default: ``-mean(cc)`` with ``cc = cross^2 / (var_I * var_J)`` (squared).
 ``MultiResolutionNCC``  weighted sum of ``NCC`` on successively average-pooled images (LapIRN).
 ``GlobalNCC``      ``-mean_batch(pearson(I, J))`` over the whole volume.
+``MKLNCC``         multi-kernel local NCC, ``sum_k w_k (1 - mean(cc_k))`` over strided, dilated
+                   windows sized from the image (vSVF's similarity; `tfreg.ops.mk_lncc`).
 ``MSE``            ``mean((I - J)^2) / sigma^2``.
 ``Grad``           mean forward-difference ``|du|`` (l1) or ``du^2`` (l2), averaged over axes.
 ``BendingEnergy``  mean over voxels and components of the squared Frobenius norm of the Hessian.
@@ -31,10 +33,13 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfreg.ops import mk_lncc as _mk_lncc
+
 __all__ = [
     "NCC",
     "MultiResolutionNCC",
     "GlobalNCC",
+    "MKLNCC",
     "MSE",
     "Grad",
     "BendingEnergy",
@@ -309,6 +314,50 @@ class GlobalNCC:
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
         return -tf.reduce_mean(self.correlation(y_true, y_pred))
+
+
+class MKLNCC:
+    """Multi-kernel local NCC (`tfreg.ops.mk_lncc`): ``sum_k w_k (1 - mean(cross^2 / (var_I var_J
+    + eps)))`` over windows of ``k`` taps per axis, spaced by a dilation and evaluated at a stride of
+    ``max(int((k + 1) / 4), 1)`` voxels, inside the volume only. 0 for a perfect local match.
+
+    Args:
+        fractions: window sizes as fractions of the smallest spatial size; None = the automatic
+            rule of the vSVF original (``S >= 128``: 1/16, 1/8, 1/4 with weights .1, .3, .6 and
+            dilation 2; ``64 <= S < 128``: 1/4, 1/2 with .3, .7 and dilation 2; else 1/2, dilation 1).
+        weights: one per fraction (required with `fractions`).
+        dilation: tap spacing (with `fractions`), an int or one per window.
+        eps: added to ``var_I var_J``. Defaults to 1e-5.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+
+    def __init__(self, fractions: Sequence[float] | None = None,
+                 weights: Sequence[float] | None = None, dilation: int | Sequence[int] = 1,
+                 eps: float = 1e-5):
+        if (fractions is None) != (weights is None):
+            raise ValueError("`fractions` and `weights` go together (or neither, for the automatic "
+                             f"windows). Received: fractions={fractions!r}, weights={weights!r}")
+        if fractions is not None and (not list(fractions) or any(not 0 < f <= 1 for f in fractions)):
+            raise ValueError(f"`fractions` must be in (0, 1]. Received: fractions={fractions!r}")
+        if not eps > 0:
+            raise ValueError(f"`eps` must be > 0. Received: eps={eps!r}")
+        self.fractions = None if fractions is None else tuple(float(f) for f in fractions)
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.dilation = dilation
+        self.eps = float(eps)
+
+    def windows(self, shape: Sequence[int]):
+        """The `tfreg.ops.mk_lncc.LNCCWindows` used for an image of spatial `shape`."""
+        if self.fractions is None:
+            return _mk_lncc.auto_windows(shape)
+        return _mk_lncc.windows_from_fractions(shape, self.fractions, self.weights, self.dilation)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        i, j = _pair(y_true, y_pred)
+        _ndims(j, "y_pred")
+        return _mk_lncc.mk_lncc(i, j, self.windows(tuple(j.shape[1:-1])), eps=self.eps)
 
 
 class MSE:

@@ -33,6 +33,7 @@ from tfreg.errors import ConfigError, InputError, reason
 from tfreg.io import Volume, atomic_path, load_volume, save_volume
 
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
+           "score", "load_keypoints",
            "resolve_device", "device_name", "warp_file"]
 
 #: output file names inside the output folder.
@@ -194,6 +195,37 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
     return fixed_v, moving_v, labels[0], labels[1]
 
 
+def load_keypoints(fixed_csv: str | Path | None, moving_csv: str | Path | None,
+                   fixed: Volume, moving: Volume) -> tuple[np.ndarray, np.ndarray] | None:
+    """Read a pair of Learn2Reg keypoint CSVs (voxel coordinates of `fixed` and of `moving`).
+
+    Raises:
+        InputError: only one CSV given, unreadable or malformed rows, different point counts,
+            a point outside its image.
+    """
+    from tfreg.metrics import read_keypoints
+
+    if fixed_csv is None and moving_csv is None:
+        return None
+    if fixed_csv is None or moving_csv is None:
+        given = fixed_csv if moving_csv is None else moving_csv
+        raise InputError(f"{given}: TRE needs both fixed and moving keypoints")
+    points = []
+    for path, image in ((fixed_csv, fixed), (moving_csv, moving)):
+        pts = read_keypoints(path, image.ndims)
+        outside = np.any((pts < -0.5) | (pts > np.asarray(image.shape) - 0.5), axis=1)
+        if outside.any():
+            row = int(np.argmax(outside)) + 1
+            raise InputError(f"{path}: keypoint {row} {pts[row - 1].tolist()} lies outside its "
+                             f"image {image.path} {list(image.shape)} (voxel coordinates "
+                             "expected)")
+        points.append(pts)
+    if len(points[0]) != len(points[1]):
+        raise InputError(f"{moving_csv}: has {len(points[1])} keypoints but {fixed_csv} has "
+                         f"{len(points[0])} (one moving point per fixed point)")
+    return points[0], points[1]
+
+
 def _check_image(volume: Volume) -> None:
     if volume.data.size == 0 or float(volume.data.max()) == float(volume.data.min()):
         raise InputError(f"{volume.path}: image is constant (nothing to register)")
@@ -204,7 +236,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                      moving_labels: Volume | None = None, config=None,
                      model: str | Path | None = None, finetune: int = 0,
                      recursions: int | None = None, device: str | None = None,
-                     progress: Callable[[str, int, int, float], None] | None = None
+                     progress: Callable[[str, int, int, float], None] | None = None,
+                     keypoints: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> RegisterResult:
     """Register `moving` to `fixed` (loaded volumes; any grids, same number of axes).
 
@@ -220,19 +253,24 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             the similarity after each recursion.
         device: "cpu", "gpu", "gpu:N" or None (TensorFlow's choice).
         progress: `progress(stage, step, total, loss)` callback.
+        keypoints: optional `(fixed_points, moving_points)`, `(K, N)` voxel coordinates of
+            matching keypoints on the fixed and on the moving grid (Learn2Reg CSVs, see
+            `tfreg.metrics.read_keypoints`): the report gets the TRE.
 
     Returns:
         `RegisterResult`. Its report holds: `runtime_seconds` (from the loaded volumes to the
         warped outputs: resampling, preprocessing, compilation, optimisation or prediction,
-        warping; not file I/O, not the metrics below), `device`, `method`, `similarity` and
-        `similarity_before` (`tfreg.instance.local_ncc`), `folding_percent`, `sdlogj`, and with
-        both label maps `dice`/`hd95_mm` per label, `mean_dice`, `mean_hd95_mm`,
-        `mean_dice_before` (labels resampled onto the fixed grid, not registered); `resampled`
-        (whether the moving grid differed), `stage_seconds`, `affine`, `config`.
+        warping; not file I/O, not the metrics), `device`, `method`, `similarity` and
+        `similarity_before` (`tfreg.instance.local_ncc`), and the metrics of `score`:
+        `folding_percent`, `sdlogj`, `sdlogj_l2r`, `ndv_percent`; with both label maps
+        `dice`/`hd95_mm`/`hd95_vox` per label, `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox`,
+        `mean_dice_before` (labels resampled onto the fixed grid, not registered); with
+        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `resampled` (whether the moving grid
+        differed), `stage_seconds`, `affine`, `config`.
     """
     import tensorflow as tf
 
-    from tfreg import instance, metrics
+    from tfreg import instance
 
     _check_image(fixed)
     _check_image(moving)
@@ -285,22 +323,85 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         similarity=round(float(sim_after), 5), similarity_before=round(float(sim_before), 5),
         similarity_metric="local NCC, window 7, signed, weighted by fixed-image contrast "
                           "(1 = identical images)",
-        folding_percent=round(metrics.folding_percent(disp), 5),
-        sdlogj=round(metrics.sdlogj(disp), 5),
     )
+    unregistered = None
+    if fixed_labels is not None and moving_labels is not None:
+        unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving,
+                                      "nearest")
+    moving_points = None
+    if keypoints is not None:
+        moving_points = _points_on_fixed(keypoints[1], to_moving)
+    report.update(score(disp, fixed.spacing,
+                        fixed_labels=None if fixed_labels is None else fixed_labels.data,
+                        warped_labels=warped_labels if fixed_labels is not None else None,
+                        unregistered_labels=unregistered,
+                        keypoints=None if keypoints is None else (keypoints[0], moving_points)))
+    return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report)
+
+
+def _points_on_fixed(points: np.ndarray, to_moving: np.ndarray | None) -> np.ndarray:
+    """Moving-grid voxel coordinates `(K, N)` -> fixed-grid voxel coordinates."""
+    points = np.asarray(points, np.float64)
+    if to_moving is None:
+        return points
+    n = points.shape[1]
+    back = np.linalg.inv(to_moving)
+    return points @ back[:n, :n].T + back[:n, n]
+
+
+def score(disp: np.ndarray, spacing, *, fixed_labels: np.ndarray | None = None,
+          warped_labels: np.ndarray | None = None,
+          unregistered_labels: np.ndarray | None = None,
+          keypoints: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """The metrics of one registered pair, under the report's names (docs/register.md).
+
+    Args:
+        disp: `(*S, N)` displacement in fixed voxels.
+        spacing: fixed voxel size in mm.
+        fixed_labels, warped_labels: `(*S,)` label maps (both, or none).
+        unregistered_labels: `(*S,)` moving labels on the fixed grid without registration
+            (gives `mean_dice_before`).
+        keypoints: `(fixed_points, moving_points)`, both in fixed-grid voxel coordinates.
+
+    Returns:
+        `folding_percent`, `sdlogj`, `sdlogj_l2r` (Learn2Reg's SDlogJ; when every size >= 5),
+        `ndv_percent` (LUMIR's NDV); with labels `dice`, `hd95_mm`, `hd95_vox` per label and
+        their means `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox` (Learn2Reg's HD95, spacing 1),
+        `mean_dice_before`; with keypoints `tre_mm` and `tre_mm_before` (means over
+        keypoints, Learn2Reg's TRE) and `keypoints` (their number).
+    """
+    from tfreg import metrics
+
+    out: dict[str, Any] = {
+        "folding_percent": round(metrics.folding_percent(disp), 5),
+        "sdlogj": round(metrics.sdlogj(disp), 5),
+        "sdlogj_l2r": (round(metrics.sdlogj_l2r(disp), 5)
+                       if all(s >= 5 for s in disp.shape[:-1]) else None),
+        "ndv_percent": round(metrics.ndv_percent(disp), 6),
+    }
     if fixed_labels is not None and warped_labels is not None:
-        labels = sorted(int(v) for v in np.unique(fixed_labels.data) if v != 0)
-        dice = metrics.dice(fixed_labels.data, warped_labels, labels=labels)
-        hd = metrics.hd95(fixed_labels.data, warped_labels, spacing=fixed.spacing, labels=labels)
-        unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving, "nearest")
-        before = metrics.dice(fixed_labels.data, unregistered, labels=labels)
-        report.update(
+        labels = sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
+        dice = metrics.dice(fixed_labels, warped_labels, labels=labels)
+        hd = metrics.hd95(fixed_labels, warped_labels, spacing=spacing, labels=labels)
+        hd_vox = (hd if np.allclose(spacing, 1.0) else
+                  metrics.hd95(fixed_labels, warped_labels, spacing=1.0, labels=labels))
+        out.update(
             mean_dice=_round(metrics.mean_dice(dice)), mean_hd95_mm=_round(metrics.mean_dice(hd)),
-            mean_dice_before=_round(metrics.mean_dice(before)),
+            mean_hd95_vox=_round(metrics.mean_dice(hd_vox)),
             dice={str(k): _round(v) for k, v in dice.items()},
             hd95_mm={str(k): _round(v) for k, v in hd.items()},
+            hd95_vox={str(k): _round(v) for k, v in hd_vox.items()},
         )
-    return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report)
+        if unregistered_labels is not None:
+            before = metrics.dice(fixed_labels, unregistered_labels, labels=labels)
+            out["mean_dice_before"] = _round(metrics.mean_dice(before))
+    if keypoints is not None:
+        fixed_points, moving_points = keypoints
+        errors = metrics.tre(fixed_points, moving_points, disp, spacing)
+        before = metrics.tre(fixed_points, moving_points, np.zeros_like(disp), spacing)
+        out.update(tre_mm=_round(errors.mean()), tre_mm_before=_round(before.mean()),
+                   keypoints=int(len(errors)))
+    return out
 
 
 def _round(value: float, digits: int = 5) -> float | None:
@@ -429,20 +530,26 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
                    fixed_labels: str | Path | None = None, moving_labels: str | Path | None = None,
                    config=None, model: str | Path | None = None, finetune: int = 0,
                    recursions: int | None = None, device: str | None = None,
-                   progress: Callable[[str, int, int, float], None] | None = None
+                   progress: Callable[[str, int, int, float], None] | None = None,
+                   fixed_keypoints: str | Path | None = None,
+                   moving_keypoints: str | Path | None = None
                    ) -> tuple[dict, dict[str, Path]]:
     """Register two files and write the outputs into `out_dir` (atomic writes).
+
+    `fixed_keypoints`/`moving_keypoints`: Learn2Reg keypoint CSVs (both or none) for the TRE.
 
     Returns:
         `(report, written)` with `written` = output name -> path.
     """
     fixed_v, moving_v, fixed_l, moving_l = load_pair(fixed, moving, fixed_labels, moving_labels)
+    keypoints = load_keypoints(fixed_keypoints, moving_keypoints, fixed_v, moving_v)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     result = register_volumes(fixed_v, moving_v, fixed_labels=fixed_l, moving_labels=moving_l,
                               config=config, model=model, finetune=finetune,
-                              recursions=recursions, device=device, progress=progress)
+                              recursions=recursions, device=device, progress=progress,
+                              keypoints=keypoints)
     report = dict(result.report)
     report.update(fixed=str(fixed), moving=str(moving),
                   fixed_labels=None if fixed_labels is None else str(fixed_labels),

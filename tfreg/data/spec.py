@@ -478,8 +478,10 @@ def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
 
 
 def _check_pairing_keys(d: Mapping[str, Any], pairing: str, source: str) -> None:
-    own = {"scan-to-atlas": ("atlas", "atlas_labels", "atlas_role"), "pairs": ("pairs",),
-           "scan-to-scan": ("groups",)}
+    own = {"scan-to-atlas": ("atlas", "atlas_labels", "atlas_role"), "pairs": ("pairs",)}
+    if pairing == "scan-to-atlas" and d.get("groups") is not None:
+        raise chk.fail(source, "groups", "only used with pairing: scan-to-scan or pairs "
+                       "(pairing is scan-to-atlas)")
     for mode, keys in own.items():
         for key in keys:
             if mode != pairing and d.get(key) is not None:
@@ -589,8 +591,7 @@ def _splits(value: Any, pairing: str, items: list[int], table: _Scans, by_image:
         if value is None:
             return empty, {"train": rows, "val": [], "test": []}
         fractions, seed = _fractions(value, source)
-        parts = _divide(len(rows), fractions, seed)
-        return empty, {s: [rows[k] for k in parts[s]] for s in SPLITS}
+        return empty, _divide_pairs_by_subject(rows, fractions, seed, groups, source)
 
     if value is None:
         return {"train": list(items), "val": [], "test": []}, {}
@@ -659,6 +660,61 @@ def _divide(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[in
     n_test = min(int(round(fractions["test"] * n)), n - n_val)
     return {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
             "train": sorted(order[n_val + n_test:])}
+
+
+def _subjects(rows: list[tuple[int, int]], groups: list[str] | None) -> list[list[int]]:
+    """Indices of `rows` grouped so that no scan (or `groups` subject) is in two groups.
+
+    Two rows share a group when they share a scan or, with `groups`, scans of one subject:
+    the connected components of the graph whose nodes are subjects and whose edges are pairs.
+    """
+    parent: dict[Any, Any] = {}
+
+    def find(a: Any) -> Any:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def subject(scan: int) -> Any:
+        return ("group", groups[scan]) if groups else scan
+
+    for fixed, moving in rows:
+        parent[find(subject(fixed))] = find(subject(moving))
+    members: dict[Any, list[int]] = {}
+    for k, (fixed, _) in enumerate(rows):
+        members.setdefault(find(subject(fixed)), []).append(k)
+    return list(members.values())
+
+
+def _divide_pairs_by_subject(rows: list[tuple[int, int]], fractions: dict[str, float], seed: int,
+                             groups: list[str] | None, source: str
+                             ) -> dict[str, list[tuple[int, int]]]:
+    """Fraction splits of CSV pairs that keep every subject within one split.
+
+    The subject components (`_subjects`) are shuffled with `seed` and dealt out: val until it
+    holds ``round(f_val * rows)`` pairs, then test likewise, the rest to train.
+
+    Raises:
+        ConfigError: a split with a positive fraction would get no pair, because the pairs link
+            too many subjects together (e.g. one atlas in every pair).
+    """
+    components = _subjects(rows, groups)
+    order = [int(k) for k in np.random.default_rng(seed).permutation(len(components))]
+    targets = {"val": int(round(fractions["val"] * len(rows))),
+               "test": int(round(fractions["test"] * len(rows)))}
+    taken: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for k in order:
+        split = next((s for s in ("val", "test") if len(taken[s]) < targets[s]), "train")
+        taken[split].extend(components[k])
+    wanted = [s for s in SPLITS if fractions[s] > 0 and (s == "train" or targets[s] > 0)]
+    empty = [s for s in wanted if not taken[s]]
+    if empty:
+        raise chk.fail(source, "split", f"cannot keep subjects apart: the {len(rows)} pairs link "
+                       f"their scans into {len(components)} group(s) sharing a subject, too few "
+                       f"for a non-empty '{empty[0]}' split (give one pairs CSV per split)")
+    return {s: [rows[k] for k in sorted(taken[s])] for s in SPLITS}
 
 
 def _learn2reg_split(items: list[int], table: _Scans, by_image: dict[Path, int], source: str,
