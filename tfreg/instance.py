@@ -52,7 +52,12 @@ from tfreg.errors import ConfigError, InputError
 __all__ = ["InstanceConfig", "InstanceResult", "PRESETS", "make_config", "register_arrays",
            "adapt_to_shape", "moments_init", "normalize_image", "local_ncc"]
 
-SIMILARITIES = ("ncc", "mse")
+SIMILARITIES = ("ncc", "mse", "mind", "nmi")
+#: similarities that compare images of different contrasts (the affine stage uses them too).
+MULTI_CONTRAST = ("mind", "nmi")
+#: smoothness weight relative to `InstanceConfig.lam` per similarity (their gradients differ in
+#: scale; tuned on benchmarks/bench_contrasts.py).
+LAMBDA_SCALE = {"ncc": 1.0, "mse": 1.0, "mind": 1.0, "nmi": 1.0}
 _PER_LEVEL = ("iterations", "learning_rate", "ncc_win")
 
 
@@ -71,8 +76,11 @@ class InstanceConfig:
         field_level: finest level the velocity lives on (1 = half resolution).
         int_steps: scaling-and-squaring steps.
         lr_decay: the step size decays linearly within each level to this fraction.
-        similarity: ``"ncc"`` (local signed NCC, robust to intensity differences between scans)
-            or ``"mse"`` (same contrast and intensity scale only).
+        similarity: ``"ncc"`` (local signed NCC, robust to intensity differences between scans
+            of one contrast), ``"mse"`` (same contrast and intensity scale only), ``"mind"``
+            (L1 distance of MIND-SSC descriptors, `tfreg.ops.mind`; any contrasts) or ``"nmi"``
+            (Parzen-window normalised mutual information, `tfreg.ops.mutual_information`; any
+            contrasts). Used by the affine and the deformable stages alike.
         ncc_eps: stabiliser of ``cross / sqrt(var_f var_w + eps)`` (sums over the window).
         ncc_floor: at the finest level of the schedule (and in the affine stage), NCC windows
             are weighted by ``var_f / (var_f + n ncc_floor^2)`` (``var_f`` the fixed image's
@@ -258,14 +266,15 @@ def normalize_image(image: np.ndarray, low: float = 0.0, high: float = 99.9) -> 
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def moments_init(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+def moments_init(fixed: np.ndarray, moving: np.ndarray, binary: bool = False) -> np.ndarray:
     """Translation aligning the intensity centres of mass, as a centred affine `(N, N+1)`.
 
-    Intensities below 10% of each image's maximum are ignored (background). Returns ``[I | b]``
-    with ``b = com_moving - com_fixed`` (voxels).
+    Intensities below 10% of each image's maximum are ignored (background). With `binary`, every
+    foreground voxel weighs 1 (the centre of the foreground, independent of the contrast).
+    Returns ``[I | b]`` with ``b = com_moving - com_fixed`` (voxels).
     """
     def com(img: np.ndarray) -> np.ndarray:
-        w = np.where(img > 0.1 * img.max(), img, 0.0).astype(np.float64)
+        w = np.where(img > 0.1 * img.max(), 1.0 if binary else img, 0.0).astype(np.float64)
         total = w.sum()
         if total <= 0:
             return (np.asarray(img.shape) - 1) / 2.0
@@ -277,6 +286,17 @@ def moments_init(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     out[:, :ndims] = np.eye(ndims)
     out[:, ndims] = com(moving) - com(fixed)
     return out
+
+
+def _feature_pyramid(pyramid: list[tf.Tensor], similarity: str) -> list[tf.Tensor]:
+    """What the similarity compares at each level: the images, or for ``"mind"`` their MIND-SSC
+    descriptors (`tfreg.ops.mind.mind_ssc`, sigma 0.8, dilation 2 level voxels), computed once per
+    level; the moving descriptors are then warped like an image (12 channels in 3D)."""
+    if similarity != "mind":
+        return pyramid
+    from tfreg.ops.mind import mind_ssc
+
+    return [mind_ssc(level, sigma=0.8, dilation=2) for level in pyramid]
 
 
 def _pyramid(image: tf.Tensor, depth: int) -> list[tf.Tensor]:
@@ -377,6 +397,14 @@ def _similarity_fn(cfg: InstanceConfig, win: int
     """
     if cfg.similarity == "mse":
         return lambda f, w, floor: 100.0 * tf.reduce_mean(tf.square(f - w))
+    if cfg.similarity == "mind":
+        # images are MIND-SSC descriptor stacks here (see `_feature_pyramid`)
+        return lambda f, w, floor: tf.reduce_mean(tf.abs(f - w))
+    if cfg.similarity == "nmi":
+        from tfreg.ops.mutual_information import normalized_mutual_information
+
+        return lambda f, w, floor: -tf.reduce_mean(
+            normalized_mutual_information(f, w, bins=32, value_range=(0.0, 1.0)))
 
     def ncc(f: tf.Tensor, w: tf.Tensor, floor: tf.Tensor) -> tf.Tensor:
         cc, var_f = _ncc_terms(f, w, win, cfg.ncc_eps)
@@ -509,7 +537,7 @@ def _svf_step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
             target = _apply_affine(_level_grid(shape, factor, centre) + u, affine, centre)
             disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
             sim_loss = sim(fixed, layers.warp(moving, disp), floor)
-            loss = sim_loss + cfg.lam * _grad_l2(v)
+            loss = sim_loss + cfg.lam * LAMBDA_SCALE[cfg.similarity] * _grad_l2(v)
         w, m, s = _adam(w, tape.gradient(loss, w), m, s, t, lr)
         return w, m, s, sim_loss
 
@@ -597,15 +625,16 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
     report = progress or (lambda *a: None)
     times: dict[str, float] = {}
 
-    f_pyr = _pyramid(tf.constant(fixed[None, ..., None]), depth)
-    m_pyr = _pyramid(tf.constant(moving[None, ..., None]), depth)
+    moving_t = tf.constant(moving[None, ..., None])
+    f_pyr = _feature_pyramid(_pyramid(tf.constant(fixed[None, ..., None]), depth), cfg.similarity)
+    m_pyr = _feature_pyramid(_pyramid(moving_t, depth), cfg.similarity)
     shapes = [tuple(x.shape[1:-1]) for x in f_pyr]
     scale = float(max(shape)) / 10.0
 
     if init_affine is not None:
         affine = np.asarray(init_affine, np.float32).reshape(ndims, ndims + 1)
     elif cfg.affine:
-        affine = moments_init(fixed, moving)
+        affine = moments_init(fixed, moving, binary=cfg.similarity in MULTI_CONTRAST)
     else:
         affine = np.eye(ndims, ndims + 1, dtype=np.float32)
     affine = tf.constant(affine, tf.float32)
@@ -672,7 +701,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
         points = points + u
     disp = (_apply_affine(points, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims)))[0]
     disp = disp.numpy()
-    warped = layers.warp(m_pyr[0], disp[None]).numpy()[0, ..., 0]
+    warped = layers.warp(moving_t, disp[None]).numpy()[0, ..., 0]
     result = InstanceResult(disp=disp, affine=affine.numpy(),
                             similarity=local_ncc(fixed, warped),
                             initial_similarity=local_ncc(fixed, moving), config=cfg)

@@ -265,12 +265,14 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         `folding_percent`, `sdlogj`, `sdlogj_l2r`, `ndv_percent`; with both label maps
         `dice`/`hd95_mm`/`hd95_vox` per label, `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox`,
         `mean_dice_before` (labels resampled onto the fixed grid, not registered); with
-        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `resampled` (whether the moving grid
-        differed), `stage_seconds`, `affine`, `config`.
+        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `contrast` (`tfreg.contrast.check`: NMI
+        before, after the affine stage and after, whether the result is worse than its start,
+        the histogram distance) and `warnings` (one-line messages the command line prints);
+        `resampled` (whether the moving grid differed), `stage_seconds`, `affine`, `config`.
     """
     import tensorflow as tf
 
-    from tfreg import instance
+    from tfreg import contrast, instance
 
     _check_image(fixed)
     _check_image(moving)
@@ -297,6 +299,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                           affine=np.asarray(result.affine).tolist(),
                           stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
             sim_after, sim_before = result.similarity, result.initial_similarity
+            affine_warped = _affine_warp(moving_n, result.affine) if result.config.affine \
+                else None
+            used = result.config.similarity
         else:
             disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
                                                             None, moving.path), progress,
@@ -311,6 +316,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                               stage_seconds=stage)
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
+            affine_warped = None
+            used = cfg.similarity if finetune > 0 else "model"
         warped = _sample_moving(moving.data.astype(np.float32), disp, to_moving, "linear")
         warped_labels = None
         if moving_labels is not None:
@@ -324,6 +331,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         similarity_metric="local NCC, window 7, signed, weighted by fixed-image contrast "
                           "(1 = identical images)",
     )
+    # not part of the runtime: the checks of tfreg.contrast (worse than its start? contrasts?)
+    checks = contrast.check(fixed_n, moving_n, _sample_moving(moving_n, disp, None, "linear"),
+                            affine_warped, used)
+    report.update(contrast=checks.to_dict(), warnings=list(checks.warnings))
     unregistered = None
     if fixed_labels is not None and moving_labels is not None:
         unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving,
@@ -337,6 +348,17 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                         unregistered_labels=unregistered,
                         keypoints=None if keypoints is None else (keypoints[0], moving_points)))
     return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report)
+
+
+def _affine_warp(moving_n: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The moving image after the affine stage alone (centred `(N, N+1)` affine)."""
+    import tensorflow as tf
+
+    from tfreg import layers
+
+    disp = layers.affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
+                                 moving_n.shape)
+    return _sample_moving(moving_n, np.asarray(disp)[0], None, "linear")
 
 
 def _points_on_fixed(points: np.ndarray, to_moving: np.ndarray | None) -> np.ndarray:

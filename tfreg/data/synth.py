@@ -241,9 +241,13 @@ class LabelMapSource:
         return len(self.shape)
 
     @property
-    def preprocessing(self) -> dict:
-        """Inference preprocessing of models trained here: images min-max scaled to [0, 1]."""
-        return {"normalize": "minmax", "shape": list(self.shape)}
+    def preprocessing(self):
+        """Inference preprocessing of models trained here (`tfreg.data.Preprocessing`): images
+        cropped/padded to `shape`, min-max scaled to [0, 1] as the synthesised ones are."""
+        from tfreg.data.preprocess import Preprocessing
+
+        return Preprocessing.from_dict({"normalize": "minmax", "shape": list(self.shape)},
+                                       source=self.source)
 
     def summary(self) -> str:
         counts = ", ".join(f"{len(m)} {split}" for split, m in self.maps.items())
