@@ -35,11 +35,14 @@ def _pair(seed: int = 5):
     return fixed, moving, labels.astype(np.int32), moving_labels
 
 
-def test_histogram_distance_separates_contrasts():
+def test_histograms_separate_contrasts():
     fixed, moving, labels, moving_labels = _pair()
     same = ndimage.gaussian_filter(T1[moving_labels], 0.7)
     assert contrast.histogram_distance(fixed, same) < 0.05
-    assert contrast.histogram_distance(fixed, moving) > contrast.HINT_DISTANCE + 0.05
+    assert contrast.foreground_correlation(fixed, same) > 0.3
+    assert contrast.foreground_correlation(fixed, moving) < -0.2
+    assert not contrast.check(fixed, same, same, None, "ncc").different_contrasts
+    assert contrast.check(fixed, moving, moving, None, "ncc").different_contrasts
 
 
 def test_worse_than_start_is_flagged():
@@ -48,6 +51,7 @@ def test_worse_than_start_is_flagged():
     bad = np.roll(aligned, 6, axis=1)
     report = contrast.check(fixed, moving, bad, aligned, "ncc")
     assert report.worse_than_start and report.nmi_after < report.nmi_affine
+    assert report.mind_after > report.mind_affine
     assert any("less than" in w and "the affine stage" in w and "--similarity mind" in w
                for w in report.warnings)
     assert any(w.startswith("hint:") and "--similarity mind" in w for w in report.warnings)
