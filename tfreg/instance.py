@@ -55,9 +55,6 @@ __all__ = ["InstanceConfig", "InstanceResult", "PRESETS", "make_config", "regist
 SIMILARITIES = ("ncc", "mse", "mind", "nmi")
 #: similarities that compare images of different contrasts (the affine stage uses them too).
 MULTI_CONTRAST = ("mind", "nmi")
-#: smoothness weight relative to `InstanceConfig.lam` per similarity (their gradients differ in
-#: scale; tuned on benchmarks/bench_contrasts.py).
-LAMBDA_SCALE = {"ncc": 1.0, "mse": 1.0, "mind": 1.0, "nmi": 1.0}
 _PER_LEVEL = ("iterations", "learning_rate", "ncc_win")
 
 
@@ -563,7 +560,7 @@ def _svf_step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
             target = _apply_affine(_level_grid(shape, factor, centre) + u, affine, centre)
             disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
             sim_loss = sim(fixed, layers.warp(moving, disp), floor)
-            loss = sim_loss + cfg.lam * LAMBDA_SCALE[cfg.similarity] * _grad_l2(v)
+            loss = sim_loss + cfg.lam * _grad_l2(v)
         w, m, s = _adam(w, tape.gradient(loss, w), m, s, t, lr)
         return w, m, s, sim_loss
 
