@@ -87,10 +87,12 @@ def labels_from_data(config: Mapping[str, Any], max_pairs: int = 3) -> list[int]
     if not data:
         raise ConfigError("loss.labels: null takes the label values from the data, but no data "
                           "spec is given; set loss.labels, e.g. [1, 2, 3]")
-    from tfreg.data import DataSpec
+    from tfreg.data import LabelMapSource, open_data
     from tfreg.io import load_volume
 
-    spec = DataSpec.from_yaml(data)
+    spec = open_data(data)
+    if isinstance(spec, LabelMapSource):  # pairs synthesised from label maps: all their labels
+        return sorted(int(v) for v in spec.values if v != 0)
     if not spec.has_labels:
         raise ConfigError(f"loss.dice_weight: > 0 needs label maps, but {data} has none "
                           "(set loss.dice_weight: 0)")
