@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_output_file, user_errors
 
 FORMATS = ("tfreg", "world", "itk", "l2r")
 
@@ -39,6 +39,7 @@ def convert(source, out, to, reference, affine):
     """
     from pathlib import Path
 
+    check_output_file(out, "OUT")  # inputs: read_transform names a missing or unusable one
     from tfreg import transforms_io as tio
 
     field, affine_file = source, affine

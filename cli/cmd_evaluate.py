@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from tfreg_cli.cmd_register import StageProgress, build_config, instance_options
-from tfreg_cli.common import user_errors
+from tfreg_cli import interrupt
+from tfreg_cli.common import (check_input_dirs, check_inputs, check_output_dir,
+                              check_output_file, user_errors)
 
 
 @click.command("evaluate", short_help="Score registration on a data spec's test split.")
@@ -23,8 +25,12 @@ from tfreg_cli.common import user_errors
 @instance_options
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False),
               default="evaluation.csv", show_default=True,
-              help="CSV with one row per pair (Dice per label too); the summary goes to "
+              help="CSV with one row per pair (Dice per label too), rewritten after each pair "
+                   "so an interrupted run keeps its rows; the summary goes to "
                    "<out>.summary.json beside it.")
+@click.option("--resume", is_flag=True,
+              help="Keep the rows already in the CSV given by -o and register only the pairs "
+                   "missing from it (after Ctrl-C or a failing pair).")
 @click.option("--keypoints", type=click.Path(), default=None,
               help="Folder of Learn2Reg keypoint CSVs, <folder>/<image name>.csv per image "
                    "(voxel coordinates, x,y,z per line): adds the TRE in mm.")
@@ -42,7 +48,7 @@ from tfreg_cli.common import user_errors
 @click.option("-q", "--quiet", is_flag=True, help="No per-pair lines, only the summary.")
 @user_errors
 def evaluate(data, split, model, finetune, preset, iterations, levels, lam, learning_rate,
-             similarity, no_affine, affine_iterations, xla, out, keypoints, transforms,
+             similarity, no_affine, affine_iterations, xla, out, resume, keypoints, transforms,
              l2r_submission, limit, device, quiet):
     """Register the pairs of DATA's split (a data spec YAML) and report Dice, HD95 (mm and
     voxels), SDlogJ (plain and Learn2Reg's), %folding, NDV, TRE (with --keypoints) and runtime
@@ -55,10 +61,21 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
         raise ConfigError("--finetune: needs --model or --transforms")
     if model and transforms:
         raise ConfigError("--transforms: give either --model or --transforms, not both")
+    check_inputs(data)
+    check_input_dirs(model, keypoints, transforms)
+    summary_out = (Path(str(out) + ".summary.json") if not str(out).endswith(".csv")
+                   else Path(str(out)[:-4] + ".summary.json"))
+    check_output_file(out, "-o")
+    check_output_file(summary_out, "-o")
+    if l2r_submission is not None:
+        check_output_dir(l2r_submission, "--l2r-submission")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
 
     def on_pair(index: int, total: int, row: dict) -> None:
+        interrupt.set_message(f"interrupted: {index + 1} of {total} pairs written to {out}, "
+                              f"{total - index - 1} remain; run the same command with --resume "
+                              "to finish")
         if quiet:
             return
         dice = row.get("mean_dice")
@@ -69,13 +86,12 @@ def evaluate(data, split, model, finetune, preset, iterations, levels, lam, lear
     progress = StageProgress(enabled=False)
     rows, summary = evaluate_spec(data, split=split, config=cfg, model=model, finetune=finetune,
                                   device=device, limit=limit, on_pair=on_pair, progress=progress,
-                                  keypoints=keypoints, transforms=transforms,
-                                  l2r_submission=l2r_submission)
+                                  out=out, resume=resume, keypoints=keypoints,
+                                  transforms=transforms, l2r_submission=l2r_submission)
     csv_path = write_csv(out, rows)
     summary.update(data=str(data), split=split, method=f"model {model}" if model else
                    f"external transforms {transforms}" if transforms else
                    f"instance optimisation ({preset})")
-    summary_path = write_json(Path(str(out) + ".summary.json") if not str(out).endswith(".csv")
-                              else Path(str(out)[:-4] + ".summary.json"), summary)
+    summary_path = write_json(summary_out, summary)
     click.echo(format_table(summary))
     click.echo(f"per pair:  {csv_path}\nsummary:   {summary_path}")

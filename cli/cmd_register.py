@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_input_dirs, check_inputs, check_output_dir, user_errors
 
 
 class StageProgress:
@@ -124,7 +124,8 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="tfreg-out",
               show_default=True,
               help="Output folder: warped.nii.gz, disp.nii.gz, warped_labels.nii.gz, "
-                   "report.json, affine.mat (ITK/ANTs; 3D) (existing files are replaced).")
+                   "report.json, affine.mat (ITK/ANTs; 3D). Outputs of an earlier run there are "
+                   "replaced or removed (other files are kept).")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
@@ -156,9 +157,9 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
                    "beside affine.mat; transformlist=[itk_warp, affine] reproduces warped.nii.gz "
                    "from the original MOVING (3D).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
-              help="With --model of a shared-weight cascade method: run K recursions of its "
-                   "cascade (K may exceed the trained count); report.json and the summary show "
-                   "the similarity after each recursion.")
+              help="With --model of a cascade method: run K recursion steps (shared weights: "
+                   "any K; n distinct cascades: K a multiple of n, each cascade K/n times in "
+                   "order); report.json and the summary show the similarity after each step.")
 @instance_options
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
@@ -184,6 +185,10 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
                           "model is the default; use --iterations to change its steps)")
     if recursions is not None and not model:
         raise ConfigError("--cascades: needs --model (a trained cascade model)")
+    check_inputs(fixed, moving, moving_labels, fixed_labels, fixed_keypoints, moving_keypoints,
+                 init, init_affine)
+    check_input_dirs(model)
+    check_output_dir(out_dir, "-o")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
     from tfreg.register import register_files

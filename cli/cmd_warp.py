@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_inputs, check_output_file, user_errors
 
 
 @click.command("warp", short_help="Apply a displacement field to an image.")
@@ -32,6 +32,12 @@ def warp(moving, disp, out, nearest, affine, reference):
     """
     from pathlib import Path
 
+    from tfreg.errors import InputError
+
+    check_inputs(moving, disp, affine, reference)
+    if not out.lower().endswith((".nii.gz", ".nii")):
+        raise InputError(f"{out}: output must end in .nii.gz or .nii")
+    check_output_file(out, "-o")
     from tfreg.register import warp_file
 
     if Path(disp).suffix.lower() in (".mat", ".txt", ".tfm"):

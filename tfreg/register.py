@@ -24,7 +24,9 @@ image (`transformlist=[itk_warp, affine]`), and `itk_inverse_warp.nii.gz` with `
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tfreg.errors import ConfigError, InputError, reason
-from tfreg.io import Volume, atomic_path, load_volume, save_volume
+from tfreg.io import Volume, atomic_path, check_label_grid, load_volume, save_volume
 
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
            "score", "load_keypoints",
@@ -49,6 +51,9 @@ OUTPUTS = {"warped": "warped.nii.gz", "disp": "disp.nii.gz",
            "disp_inverse": "disp_inverse.nii.gz", "affine": "affine.mat",
            "affine_txt": "affine.txt", "itk_warp": "itk_warp.nii.gz",
            "itk_inverse_warp": "itk_inverse_warp.nii.gz"}
+#: files an earlier `register` (or `show`) left in an output folder that a new run removes when
+#: it does not write them again (they would describe another registration).
+STALE_OUTPUTS = tuple(OUTPUTS.values()) + ("overview.png",)
 
 
 @dataclass
@@ -188,7 +193,9 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
 
     Raises:
         InputError: one line naming the file: unreadable, wrong rank, NaN, a label map whose grid
-            differs from its image's, 2D/3D mismatch, a label map given for only one side.
+            differs from its image's beyond `tfreg.io.check_label_grid`'s tolerance (a small
+            difference is logged as a warning on the "tfreg" logger and the image's header is
+            used), 2D/3D mismatch, a label map given for only one side.
     """
     if (fixed_labels is None) != (moving_labels is None) and fixed_labels is not None:
         raise InputError(f"{fixed_labels}: --fixed-labels needs --moving-labels too "
@@ -207,9 +214,11 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
         if lab.shape != image.shape:
             raise InputError(f"{path}: shape {lab.shape} does not match its image {image.path} "
                              f"{image.shape}")
-        if not np.allclose(lab.affine, image.affine, atol=1e-3):
-            raise InputError(f"{path}: its affine differs from its image {image.path} "
-                             "(label map and image must share one grid)")
+        note = check_label_grid(path, lab.affine, lab.shape, image.path, image.affine,
+                                image.shape)
+        if note:
+            logging.getLogger("tfreg").warning(note)
+            lab = Volume(lab.data, image.affine, image.header, lab.path, lab.vector)
         labels.append(lab)
     return fixed_v, moving_v, labels[0], labels[1]
 
@@ -539,10 +548,10 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     With `recursions`, the model is rebuilt with that many cascades (`model.cascades`) and the
     info gets `recursions`: the similarity after each recursion (see `recursion_table`)."""
     from tfreg.data import Preprocessing, field_to_source
-    from tfreg.export import load_model
 
     if recursions is None:
-        model = load_model(model_dir)
+        model = _load_model_once(str(Path(model_dir).resolve()),
+                                 _mtime(Path(model_dir) / "tfreg_model.json"))
     else:
         model = _load_recursive(model_dir, recursions)
     if model.ndims != fixed.ndims:
@@ -565,24 +574,64 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     if recursions is not None:
         from tfreg.config import load_yaml
 
-        trained = load_yaml(Path(model_dir) / "config.yaml").get("model", {}).get("cascades")
+        trained_model = load_yaml(Path(model_dir) / "config.yaml").get("model", {})
+        trained = trained_model.get("cascades")
+        if not trained_model.get("shared_weights", False) and recursions != trained:
+            trained = None  # cascades repeated in place: no step is the trained model
         info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
     return field_to_source(disp, rec_f, rec_m), info
 
 
+@functools.lru_cache(maxsize=2)
+def _load_model_once(model_dir: str, mtime: float):
+    """`tfreg.export.load_model`, loaded once per folder (and modification time) per process,
+    so `evaluate` does not reload the model for every pair."""
+    from tfreg.export import load_model
+
+    return load_model(model_dir)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def recursion_overrides(config: dict, recursions: int) -> dict:
+    """Config overrides that run a cascade model with `recursions` steps.
+
+    Shared weights: ``{"model.cascades": K}`` (any K). Distinct cascades (n of them): each runs
+    ``K / n`` times in order, ``{"model.repeats": K // n}`` (the original's test-time recursion).
+
+    Raises:
+        ConfigError: K < 1, or K not a multiple of the n distinct cascades.
+    """
+    model = config.get("model") or {}
+    if recursions < 1:
+        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    if model.get("shared_weights", False):
+        return {"model.cascades": int(recursions)}
+    n = int(model.get("cascades") or 0)
+    if n < 1 or recursions % n:
+        raise ConfigError(f"--cascades: {recursions} is not a multiple of the {n} distinct "
+                          f"cascades of this model (each cascade runs K/{n} times; use K = "
+                          f"{n}, {2 * n}, {3 * n}, ...)")
+    return {"model.repeats": int(recursions) // n}
+
+
 def _load_recursive(model_dir: str | Path, recursions: int):
-    """Load a shared-weight cascade model rebuilt with `recursions` cascades."""
+    """Load a cascade model rebuilt to run `recursions` steps (`recursion_overrides`)."""
+    from tfreg.config import load_yaml
     from tfreg.errors import TfregError
     from tfreg.export import load_model
 
-    if recursions < 1:
-        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    overrides = recursion_overrides(load_yaml(Path(model_dir) / "config.yaml"), int(recursions))
     try:
-        return load_model(model_dir, overrides={"model.cascades": int(recursions)})
+        return load_model(model_dir, overrides=overrides)
     except TfregError as err:
         raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
-                          "recursions; it needs a cascade model trained with "
-                          f"model.shared_weights: true ({reason(err)})") from None
+                          f"recursions; it needs a cascade model ({reason(err)})") from None
 
 
 def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,
@@ -687,9 +736,10 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
                               recursions=recursions, device=device, progress=progress,
                               keypoints=keypoints, init_disp=init_disp, inverse=inverse)
     report = dict(result.report)
-    report.update(fixed=str(fixed), moving=str(moving),
-                  fixed_labels=None if fixed_labels is None else str(fixed_labels),
-                  moving_labels=None if moving_labels is None else str(moving_labels))
+    report.update(fixed=_relative_to(fixed, out_dir), moving=_relative_to(moving, out_dir),
+                  fixed_labels=_relative_to(fixed_labels, out_dir),
+                  moving_labels=_relative_to(moving_labels, out_dir),
+                  paths_relative_to="report")
     written = {}
     written["warped"] = save_volume(out_dir / OUTPUTS["warped"], result.warped, fixed_v.affine,
                                     fixed_v.header)
@@ -700,7 +750,18 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
     written.update(_write_transforms(out_dir, result, fixed_v, moving_v, itk=itk))
     report["outputs"] = {k: str(v) for k, v in written.items()}
     written["report"] = write_json(out_dir / OUTPUTS["report"], report)
+    for name in STALE_OUTPUTS:  # an earlier run's outputs that this run does not replace
+        if name not in {p.name for p in written.values()}:
+            (out_dir / name).unlink(missing_ok=True)
     return report, written
+
+
+def _relative_to(path: str | Path | None, out_dir: Path) -> str | None:
+    """`path` relative to the output folder (as `report.json` records inputs), so the report
+    stays valid from any working directory and when the folders move together."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).absolute(), Path(out_dir).absolute())
 
 
 def _write_transforms(out_dir: Path, result: RegisterResult, fixed: Volume, moving: Volume, *,
