@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_input_dirs, check_inputs, check_output_dir, user_errors
 
 
 class StageProgress:
@@ -124,7 +124,8 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="tfreg-out",
               show_default=True,
               help="Output folder: warped.nii.gz, disp.nii.gz, warped_labels.nii.gz, "
-                   "report.json (existing files are replaced).")
+                   "report.json, affine.mat (ITK/ANTs; 3D). Outputs of an earlier run there are "
+                   "replaced or removed (other files are kept).")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
@@ -139,8 +140,22 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Exported model folder (tfreg export); without it the pair is registered "
                    "by instance optimisation, no training needed.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --model: N instance-optimisation steps that refine the network's "
-                   "field (a diffeomorphic correction composed with it).")
+              help="With --model or --init: N instance-optimisation steps that refine the "
+                   "network's (or the initial) field (a diffeomorphic correction composed "
+                   "with it).")
+@click.option("--init", "init", type=click.Path(dir_okay=False),
+              help="Start from an external result instead of --model: a displacement field "
+                   "(tfreg voxels, world mm, or an ITK/ANTs warp); refine it with --finetune.")
+@click.option("--init-affine", type=click.Path(dir_okay=False),
+              help="ITK/ANTs affine (.mat/.txt) of the external result, applied after --init's "
+                   "warp as ANTs' transformlist=[warp, affine]; alone, an affine start.")
+@click.option("--inverse", is_flag=True, default=False,
+              help="Also write disp_inverse.nii.gz (on MOVING's grid: maps the fixed image onto "
+                   "the moving one) and the inverse-consistency error in mm to report.json.")
+@click.option("--itk", is_flag=True, default=False,
+              help="Also write the ITK/ANTs files: itk_warp.nii.gz (LPS mm) and affine.txt "
+                   "beside affine.mat; transformlist=[itk_warp, affine] reproduces warped.nii.gz "
+                   "from the original MOVING (3D).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
               help="With --model of a shared-weight cascade method: run K recursions of its "
                    "cascade (K may exceed the trained count); report.json and the summary show "
@@ -151,7 +166,7 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
 def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoints,
-             moving_keypoints, model, finetune, recursions,
+             moving_keypoints, model, finetune, init, init_affine, inverse, itk, recursions,
              preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
              xla, device, quiet):
@@ -165,11 +180,15 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
     """
     from tfreg.errors import ConfigError
 
-    if finetune and not model:
-        raise ConfigError("--finetune: needs --model (instance optimisation without a model "
-                          "is the default; use --iterations to change its steps)")
+    if finetune and not (model or init or init_affine):
+        raise ConfigError("--finetune: needs --model or --init (instance optimisation without a "
+                          "model is the default; use --iterations to change its steps)")
     if recursions is not None and not model:
         raise ConfigError("--cascades: needs --model (a trained cascade model)")
+    check_inputs(fixed, moving, moving_labels, fixed_labels, fixed_keypoints, moving_keypoints,
+                 init, init_affine)
+    check_input_dirs(model)
+    check_output_dir(out_dir, "-o")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
     from tfreg.register import register_files
@@ -181,7 +200,8 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
                                          finetune=finetune, recursions=recursions,
                                          device=device, progress=progress,
                                          fixed_keypoints=fixed_keypoints,
-                                         moving_keypoints=moving_keypoints)
+                                         moving_keypoints=moving_keypoints, init=init,
+                                         init_affine=init_affine, inverse=inverse, itk=itk)
     finally:
         progress.close()
     click.echo(summary_text(report, written))
@@ -206,6 +226,10 @@ def summary_text(report: dict, written: dict) -> str:
     if report.get("tre_mm") is not None:
         lines.append(f"TRE {report['tre_mm_before']:.2f} -> {report['tre_mm']:.2f} mm over "
                      f"{report['keypoints']} keypoints")
+    ic = report.get("inverse_consistency_mm")
+    if ic and ic.get("mean") is not None:
+        lines.append(f"inverse consistency |phi(phi^-1(y)) - y|: mean {ic['mean']:.4f} mm, "
+                     f"max {ic['max']:.4f} mm ({report['inverse_method']})")
     if report.get("recursions"):
         lines.append("recursions  global r   local NCC")
         for row in report["recursions"]:

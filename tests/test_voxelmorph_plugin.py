@@ -148,7 +148,8 @@ def test_constant_flow_head_gives_that_displacement():
     ({"model.int_resolution": 3}, (32, 32), "model.int_resolution: expected a power of two"),
     ({"model.enc_features": [16, 0]}, (32, 32), "model.enc_features: expected a non-empty list of positive integers"),
     ({"model.dec_features": [8, 8]}, (32, 32), "model.dec_features: needs at least len(enc_features) = 4 entries, got 2"),
-    ({"model.variant": "stride2", "model.svf_resolution": 2}, (32, 32), "model.svf_resolution: the stride2 variant"),
+    ({"model.variant": "stride2", "model.svf_resolution": 4}, (32, 32), "model.svf_resolution: the stride2 variant"),
+    ({"model.variant": "stride2", "model.svf_resolution": 2}, (32, 32), "model.dec_features: the stride2 variant with svf_resolution 2"),
 ])
 def test_model_config_errors(options, shape, message):
     with pytest.raises(ConfigError, match=None) as err:

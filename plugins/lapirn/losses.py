@@ -27,6 +27,10 @@ i.e. `tfreg.losses.Grad("l2", loss_mult=4)` applied to the level's voxel-unit fi
 original weights carry over unchanged: ``smooth = 3.5`` (diffeomorphic) and ``1.0`` (displacement).
 The differences are taken per voxel of the level's grid, so R measures the same dimensionless
 strain at every level.
+
+With ``model.units: voxels`` (the original's ``unorm`` displacement script) the original
+regularises the displacement in voxels directly, so the factor is 1:
+``R(u) = (1/N) sum_k mean((u[x + e_k] - u[x])^2)``.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class LossOptions:
     variant: str
     smooth: float
     antifold: float
+    smooth_factor: float = SMOOTH_UNIT_FACTOR
 
 
 def _number(value, key: str, allow_none: bool = False) -> float | None:
@@ -89,13 +94,15 @@ def loss_options(config: dict) -> LossOptions:
     Raises:
         ConfigError: ``"loss.<key>: <problem>"`` (or ``"model.<key>: ..."``).
     """
-    variant = model_options(config).variant
+    model = model_options(config)
+    variant = model.variant
     section = config.get("loss") or {}
     smooth = _number(section.get("smooth"), "smooth", allow_none=True)
     antifold = _number(section.get("antifold", 0.0), "antifold")
     return LossOptions(variant=variant,
                        smooth=DEFAULT_SMOOTH[variant] if smooth is None else smooth,
-                       antifold=antifold)
+                       antifold=antifold,
+                       smooth_factor=1.0 if model.units == "voxels" else SMOOTH_UNIT_FACTOR)
 
 
 def stage_level(name: str) -> int:
@@ -107,16 +114,17 @@ def stage_level(name: str) -> int:
                      f"Received: name={name!r}")
 
 
-def smoothness(field: tf.Tensor) -> tf.Tensor:
+def smoothness(field: tf.Tensor, factor: float = SMOOTH_UNIT_FACTOR) -> tf.Tensor:
     """LapIRN's smoothness of a field in voxels of its own grid (see the module docstring).
 
     Args:
         field: `(B, *S, N)` velocity or displacement, voxels.
+        factor: 4 for the normalised-unit models, 1 for ``units: voxels``.
 
     Returns:
-        Scalar float32: ``4 * (1/N) sum_k mean((field[x + e_k] - field[x])^2)``.
+        Scalar float32: ``factor * (1/N) sum_k mean((field[x + e_k] - field[x])^2)``.
     """
-    return Grad(penalty="l2", loss_mult=SMOOTH_UNIT_FACTOR)(None, field)
+    return Grad(penalty="l2", loss_mult=factor)(None, field)
 
 
 def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
@@ -157,7 +165,8 @@ def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tens
             fixed = pool_half(fixed)
         terms = {
             "ncc": similarity[level](fixed, outputs[f"warped_l{level}"]),
-            "smooth": opts.smooth * smoothness(outputs[f"{field_key}_l{level}"]),
+            "smooth": opts.smooth * smoothness(outputs[f"{field_key}_l{level}"],
+                                               opts.smooth_factor),
         }
         if opts.antifold > 0:
             terms["antifold"] = opts.antifold * negative_jacobian(outputs[f"disp_l{level}"])

@@ -8,6 +8,11 @@ Terms returned by the loss function (already weighted; the engine minimises thei
 - ``"smooth"``: ``lambda * Grad(grad_penalty, loss_mult=int_resolution)`` on ``preint_flow`` (the
   SVF at integration resolution), as voxelmorph's training script. ``lambda: null`` means 1 for
   NCC and 0.01 for MSE (voxelmorph's README).
+- ``"kl"`` instead of ``"smooth"`` with ``model.probabilistic``: ``lambda * KL(prior_lambda)`` on
+  ``flow_params`` (mean and log variance of the velocity, Dalca et al. 2018/2019); ``lambda:
+  null`` means 1 (the 2018 training script's loss weights 1 and 1; bidir 0.5, 0.5 and 1). The
+  image term is then the reconstruction ``MSE / image_sigma^2`` (2018: ``image_sigma`` 0.01,
+  ``prior_lambda`` 25).
 - ``"dice"`` (only when ``dice_weight > 0`` and the batch has label maps):
   ``dice_weight * Dice(one_hot(fixed_labels), warp(one_hot(moving_labels), disp))``, soft Dice of
   the linearly warped one-hot moving labels (voxelmorph's semi-supervised training), over
@@ -25,7 +30,7 @@ import tensorflow as tf
 
 from tfreg.errors import ConfigError
 from tfreg.layers import warp
-from tfreg.losses import MSE, NCC, Dice, Grad, one_hot
+from tfreg.losses import KL, MSE, NCC, Dice, Grad, one_hot
 
 #: ``loss.image`` values.
 IMAGE_LOSSES = ("ncc", "mse")
@@ -44,12 +49,12 @@ def _number(loss: Mapping[str, Any], key: str, *, positive: bool = False) -> flo
     return float(value)
 
 
-def grad_weight(loss: Mapping[str, Any]) -> float:
-    """The smoothness weight lambda: ``loss.lambda``, or the voxelmorph default for the image
-    loss when it is null."""
+def grad_weight(loss: Mapping[str, Any], probabilistic: bool = False) -> float:
+    """The regulariser weight lambda: ``loss.lambda``, or when it is null the voxelmorph default
+    for the image loss (Grad), or 1 for the KL term of the probabilistic model."""
     image = loss.get("image", "mse")
     if loss.get("lambda") is None:
-        return DEFAULT_LAMBDA[image]
+        return 1.0 if probabilistic else DEFAULT_LAMBDA[image]
     return _number(loss, "lambda")
 
 
@@ -100,13 +105,15 @@ def build(config: Mapping[str, Any]) -> LossFn:
     """Build the loss function of a resolved config.
 
     Args:
-        config: resolved config; reads ``loss:`` and ``model.{bidir, int_resolution}``.
+        config: resolved config; reads ``loss:`` and
+            ``model.{bidir, int_resolution, probabilistic}``.
 
     Returns:
         ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
         tensors. ``batch`` holds ``"fixed"``, ``"moving"`` `(B, *S, 1)` and optionally
         ``"fixed_labels"``, ``"moving_labels"`` `(B, *S, 1)` int32; ``outputs`` are the model's
-        (``"warped"``, ``"disp"``, ``"preint_flow"``, and with bidir ``"warped_fixed"``).
+        (``"warped"``, ``"disp"``, ``"preint_flow"``, with bidir ``"warped_fixed"``, with
+        probabilistic ``"flow_params"``).
 
     Raises:
         ConfigError: a ``loss.<key>`` has an invalid value (one line naming it).
@@ -123,7 +130,9 @@ def build(config: Mapping[str, Any]) -> LossFn:
         similarity = NCC(win=window)
     else:
         similarity = MSE(sigma=_number(loss, "image_sigma", positive=True))
-    lam = grad_weight(loss)
+    probabilistic = bool(model.get("probabilistic", False))
+    lam = grad_weight(loss, probabilistic)
+    kl = KL(_number(loss, "prior_lambda", positive=True)) if probabilistic else None
     penalty = loss.get("grad_penalty", "l2")
     if penalty not in ("l1", "l2"):
         raise ConfigError(f"loss.grad_penalty: expected l1 or l2, got {penalty!r}")
@@ -145,7 +154,10 @@ def build(config: Mapping[str, Any]) -> LossFn:
                 0.5 * similarity(moving, outputs["warped_fixed"])
         else:
             sim = similarity(fixed, outputs["warped"])
-        terms = {"sim": sim, "smooth": lam * grad(None, outputs["preint_flow"])}
+        if kl is not None:
+            terms = {"sim": sim, "kl": lam * kl(None, outputs["flow_params"])}
+        else:
+            terms = {"sim": sim, "smooth": lam * grad(None, outputs["preint_flow"])}
         if dice_weight > 0 and "fixed_labels" in batch and "moving_labels" in batch:
             terms["dice"] = dice_weight * label_dice(batch["fixed_labels"], batch["moving_labels"],
                                                      outputs["disp"], values, dice)
