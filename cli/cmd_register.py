@@ -157,9 +157,9 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
                    "beside affine.mat; transformlist=[itk_warp, affine] reproduces warped.nii.gz "
                    "from the original MOVING (3D).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
-              help="With --model of a shared-weight cascade method: run K recursions of its "
-                   "cascade (K may exceed the trained count); report.json and the summary show "
-                   "the similarity after each recursion.")
+              help="With --model of a cascade method: run K recursion steps (shared weights: "
+                   "any K; n distinct cascades: K a multiple of n, each cascade K/n times in "
+                   "order); report.json and the summary show the similarity after each step.")
 @instance_options
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")

@@ -569,7 +569,10 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     if recursions is not None:
         from tfreg.config import load_yaml
 
-        trained = load_yaml(Path(model_dir) / "config.yaml").get("model", {}).get("cascades")
+        trained_model = load_yaml(Path(model_dir) / "config.yaml").get("model", {})
+        trained = trained_model.get("cascades")
+        if not trained_model.get("shared_weights", False) and recursions != trained:
+            trained = None  # cascades repeated in place: no step is the trained model
         info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
     return field_to_source(disp, rec_f, rec_m), info
 
@@ -590,19 +593,40 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def recursion_overrides(config: dict, recursions: int) -> dict:
+    """Config overrides that run a cascade model with `recursions` steps.
+
+    Shared weights: ``{"model.cascades": K}`` (any K). Distinct cascades (n of them): each runs
+    ``K / n`` times in order, ``{"model.repeats": K // n}`` (the original's test-time recursion).
+
+    Raises:
+        ConfigError: K < 1, or K not a multiple of the n distinct cascades.
+    """
+    model = config.get("model") or {}
+    if recursions < 1:
+        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    if model.get("shared_weights", False):
+        return {"model.cascades": int(recursions)}
+    n = int(model.get("cascades") or 0)
+    if n < 1 or recursions % n:
+        raise ConfigError(f"--cascades: {recursions} is not a multiple of the {n} distinct "
+                          f"cascades of this model (each cascade runs K/{n} times; use K = "
+                          f"{n}, {2 * n}, {3 * n}, ...)")
+    return {"model.repeats": int(recursions) // n}
+
+
 def _load_recursive(model_dir: str | Path, recursions: int):
-    """Load a shared-weight cascade model rebuilt with `recursions` cascades."""
+    """Load a cascade model rebuilt to run `recursions` steps (`recursion_overrides`)."""
+    from tfreg.config import load_yaml
     from tfreg.errors import TfregError
     from tfreg.export import load_model
 
-    if recursions < 1:
-        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    overrides = recursion_overrides(load_yaml(Path(model_dir) / "config.yaml"), int(recursions))
     try:
-        return load_model(model_dir, overrides={"model.cascades": int(recursions)})
+        return load_model(model_dir, overrides=overrides)
     except TfregError as err:
         raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
-                          "recursions; it needs a cascade model trained with "
-                          f"model.shared_weights: true ({reason(err)})") from None
+                          f"recursions; it needs a cascade model ({reason(err)})") from None
 
 
 def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,
