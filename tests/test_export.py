@@ -123,13 +123,17 @@ def test_load_model_registers_numpy_arrays(trained):
     other = load_model(model_dir, overrides={"model.int_steps": 0})
     assert other.config["model"]["int_steps"] == 0
 
+    with pytest.raises(InputError) as err:
+        model.register(np.zeros((8, 8, 8)), moving)
+    assert str(err.value) == "fixed: expected shape (16, 16, 16) or (B, *(16, 16, 16), C), got (8, 8, 8)"
+    with pytest.raises(ConfigError, match=r"model\.nope: unknown key"):
+        load_model(model_dir, overrides={"model.nope": 1})
+
 
 def test_changed_setting_changes_a_non_trivial_field(trained, tmp_path):
     """A 2-step model's field is ~1e-5 voxels, where exp(v) and v differ by ~1e-10: scale its flow
     head so the field reaches ~2 voxels; then skipping the integration must change it by a
     measurable amount (the squarings' second-order term), far above float32 noise (~1e-6)."""
-    import shutil
-
     _, model_dir = trained
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
@@ -143,12 +147,6 @@ def test_changed_setting_changes_a_non_trivial_field(trained, tmp_path):
     plain = load_model(copy, overrides={"model.int_steps": 0}).register(fixed, moving)[1]
     assert 1.0 < np.abs(integrated).max() < 4.0
     assert np.abs(plain - integrated).max() > 0.02
-
-    with pytest.raises(InputError) as err:
-        model.register(np.zeros((8, 8, 8)), moving)
-    assert str(err.value) == "fixed: expected shape (16, 16, 16) or (B, *(16, 16, 16), C), got (8, 8, 8)"
-    with pytest.raises(ConfigError, match=r"model\.nope: unknown key"):
-        load_model(model_dir, overrides={"model.nope": 1})
 
 
 def test_export_falls_back_to_the_newest_checkpoint(trained, tmp_path):
