@@ -10,7 +10,9 @@ message (`set_message`, default "interrupted (Ctrl-C)") on its own line and ends
 with status 130. Outputs are written atomically, so an interrupted write leaves no partial file.
 
 Commands that handle Ctrl-C themselves (training saves a checkpoint at the end of the step)
-install their own SIGINT handler; while it is in place the watchdog stays out of the way.
+install their own SIGINT handler; while it is in place, the watchdog only says at once that the
+command will stop after the current step, and a second Ctrl-C ends the process within `GRACE`
+seconds (without saving; the newest checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 __all__ = ["install", "set_message", "GRACE"]
 
 #: seconds the main thread gets to reach Python's handler before the watchdog ends the process.
-GRACE = 1.0
+GRACE = 0.5
 
 _message = "interrupted (Ctrl-C)"
 _handled = threading.Event()
@@ -60,7 +62,16 @@ def install() -> None:
                      name="tfreg-interrupt").start()
 
 
+def _say(text: str) -> None:
+    try:
+        sys.stderr.write(("\n" if sys.stderr.isatty() else "") + text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def _watch(receive: socket.socket, send: socket.socket) -> None:
+    foreign = 0  # Ctrl-C received while a command's own handler was in charge
     while True:
         try:
             data = receive.recv(64)
@@ -68,16 +79,33 @@ def _watch(receive: socket.socket, send: socket.socket) -> None:
             return
         if not data:
             return
-        if signal.SIGINT not in data or signal.getsignal(signal.SIGINT) is not _handler:
-            continue  # another signal, or a command that handles Ctrl-C itself
+        if signal.SIGINT not in data:
+            continue
+        if signal.getsignal(signal.SIGINT) is not _handler:
+            # a command that stops gracefully (training: finish the step, save a checkpoint);
+            # the first Ctrl-C is its to handle, a second one ends the process at once
+            foreign += 1
+            if foreign == 1:
+                _say("stopping after the current step (Ctrl-C again to stop at once)")
+                continue
+            if _handled.wait(GRACE):
+                time.sleep(GRACE)
+            else:
+                _say("interrupted twice: stopped at once without saving (the newest checkpoint "
+                     "is kept)")
+            _exit()
         handled = _handled.wait(GRACE)
         if handled:  # the main thread is reporting it; give it as long again, then end anyway
             time.sleep(GRACE)
+        else:
+            _say(_message)
+        _exit()
+
+
+def _exit() -> None:
+    for stream in (sys.stdout, sys.stderr):
         try:
-            if not handled:
-                sys.stderr.write(("\n" if sys.stderr.isatty() else "") + _message + "\n")
-            sys.stderr.flush()
-            sys.stdout.flush()
+            stream.flush()
         except (OSError, ValueError):
             pass
-        os._exit(130)
+    os._exit(130)

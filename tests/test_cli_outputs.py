@@ -424,3 +424,30 @@ def test_ctrl_c_inside_a_long_native_call_exits_130_within_2_s(tmp_path):
     assert proc.returncode == 130, (out, err)
     assert err.splitlines() == ["interrupted (Ctrl-C)"] and "not interrupted" not in out
     assert seconds < 2.0, seconds
+
+
+def test_second_ctrl_c_ends_a_command_that_stops_gracefully(tmp_path):
+    """Training installs its own SIGINT handler (finish the step, save): the first Ctrl-C is
+    acknowledged at once, the second ends the process with 130 even inside a long C call."""
+    import signal
+
+    script = ("import hashlib, signal\n"
+              "from tfreg_cli import interrupt\n"
+              "interrupt.install()\n"
+              "signal.signal(signal.SIGINT, lambda *a: None)\n"
+              "print('ready', flush=True)\n"
+              "hashlib.pbkdf2_hmac('sha256', b'x', b'y', 2**31 - 1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first Ctrl-C is the command's to handle
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.perf_counter() - sent < 2.0
+    assert err.splitlines() == [
+        "stopping after the current step (Ctrl-C again to stop at once)",
+        "interrupted twice: stopped at once without saving (the newest checkpoint is kept)"]

@@ -274,7 +274,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         fixed, moving: images from `tfreg.io.load_volume`.
         fixed_labels, moving_labels: optional label maps on their image's grid (both or none for
             Dice/HD95; `moving_labels` alone still gives `warped_labels`).
-        config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset).
+        config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset), or a
+            `tfreg.ops.lddmm.LddmmConfig` for optimisation-based LDDMM (no model).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
         recursions: with a shared-weight cascade `model`: run it with this many recursions of
@@ -308,6 +309,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     import tensorflow as tf
 
     from tfreg import contrast, instance
+    from tfreg.ops.lddmm import LddmmConfig
 
     _check_image(fixed)
     _check_image(moving)
@@ -328,7 +330,11 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     report: dict[str, Any] = {}
     with tf.device(tf_device) if tf_device else contextlib.nullcontext():
         affine, inverse_warp = None, None
-        if model is None and init_disp is None:
+        if model is None and init_disp is None and isinstance(cfg, LddmmConfig):
+            disp, inverse_warp, sim_before, sim_after = _lddmm(fixed_n, moving_n, fixed.spacing,
+                                                               cfg, progress, report)
+            affine_warped, used = None, "ncc"
+        elif model is None and init_disp is None:
             result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
             disp, affine = result.disp, np.asarray(result.affine, np.float64)
             report.update(method="instance optimisation", config=_config_dict(result.config),
@@ -347,6 +353,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                                             recursions=recursions)
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
+                if inverse and finetune == 0 and model_info["inverse"] is not None:
+                    inverse_warp = model_info["inverse"]   # the network's own inverse
                 if recursions is not None:
                     report["recursions"] = model_info["recursions"]
             else:
@@ -366,6 +374,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         inverse_disp = None
         if inverse:
             inverse_disp, inverse_warp, how = _inverse(disp, affine, inverse_warp)
+            if isinstance(cfg, LddmmConfig):
+                how = "exact: the forward map of the geodesic shooting"
             report.update(inverse_method=how,
                           inverse_consistency_mm=inverse_consistency(disp, inverse_disp,
                                                                      fixed.affine))
@@ -411,6 +421,27 @@ def _affine_warp(moving_n: np.ndarray, affine: np.ndarray) -> np.ndarray:
     disp = layers.affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
                                  moving_n.shape)
     return _sample_moving(moving_n, np.asarray(disp)[0], None, "linear")
+
+
+def _lddmm(fixed_n: np.ndarray, moving_n: np.ndarray, spacing, cfg,
+           progress: Callable | None, report: dict) -> tuple:
+    """Optimisation-based LDDMM on normalised images of one grid (no affine stage: the pair is
+    expected to be affinely aligned). Returns ``(disp, forward map, similarity before, after)``
+    and fills the report's `method`, `config`, `stage_seconds` and `lddmm_energy`."""
+    import dataclasses
+
+    from tfreg import instance
+    from tfreg.ops import lddmm
+
+    result = lddmm.register_pair(fixed_n, moving_n, spacing, cfg, progress=progress)
+    first, last = result.history[0], result.history[-1]
+    report.update(method="lddmm", config=dataclasses.asdict(cfg),
+                  stage_seconds={"lddmm": round(result.seconds, 3)},
+                  lddmm_energy={"regularity": [round(first[0], 6), round(last[0], 6)],
+                                "image": [round(first[1], 6), round(last[1], 6)],
+                                "note": "per voxel, before -> after"})
+    return (result.disp, result.forward, instance.local_ncc(fixed_n, moving_n),
+            instance.local_ncc(fixed_n, result.warped))
 
 
 def _points_on_fixed(points: np.ndarray, to_moving: np.ndarray | None) -> np.ndarray:
@@ -510,7 +541,8 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     from tfreg.transforms_io import deformable_part
 
     n = disp.shape[-1]
-    how = "exact: inverse affine and integration of the negated velocity"
+    how = ("exact: inverse affine and integration of the negated velocity" if affine is not None
+           else "the model's inverse output")
     if inverse_warp is None:
         warp = disp if affine is None else deformable_part(disp, affine)
         inverse_warp = invert_displacement(warp[None].astype(np.float32), iterations=200,
@@ -584,14 +616,19 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     f_in, m_in = prep.apply(fixed, rec_f), prep.apply(moving, rec_m)
     if progress:
         progress("network", 0, 1, float("nan"))
-    _, disp = model.register(f_in, m_in)
+    _, disp, inverse = model.register(f_in, m_in, inverse=True)
     if progress:
         progress("network", 1, 1, float("nan"))
-    info = {"method": model.method, "inshape": model.inshape}
+    info = {"method": model.method, "inshape": model.inshape,
+            # the network's inverse lives on the moving image's preprocessed grid
+            "inverse": None if inverse is None else field_to_source(inverse, rec_m, rec_f)}
     if recursions is not None:
         from tfreg.config import load_yaml
 
-        trained = load_yaml(Path(model_dir) / "config.yaml").get("model", {}).get("cascades")
+        trained_model = load_yaml(Path(model_dir) / "config.yaml").get("model", {})
+        trained = trained_model.get("cascades")
+        if not trained_model.get("shared_weights", False) and recursions != trained:
+            trained = None  # cascades repeated in place: no step is the trained model
         info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
     return field_to_source(disp, rec_f, rec_m), info
 
@@ -612,19 +649,40 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def recursion_overrides(config: dict, recursions: int) -> dict:
+    """Config overrides that run a cascade model with `recursions` steps.
+
+    Shared weights: ``{"model.cascades": K}`` (any K). Distinct cascades (n of them): each runs
+    ``K / n`` times in order, ``{"model.repeats": K // n}`` (the original's test-time recursion).
+
+    Raises:
+        ConfigError: K < 1, or K not a multiple of the n distinct cascades.
+    """
+    model = config.get("model") or {}
+    if recursions < 1:
+        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    if model.get("shared_weights", False):
+        return {"model.cascades": int(recursions)}
+    n = int(model.get("cascades") or 0)
+    if n < 1 or recursions % n:
+        raise ConfigError(f"--cascades: {recursions} is not a multiple of the {n} distinct "
+                          f"cascades of this model (each cascade runs K/{n} times; use K = "
+                          f"{n}, {2 * n}, {3 * n}, ...)")
+    return {"model.repeats": int(recursions) // n}
+
+
 def _load_recursive(model_dir: str | Path, recursions: int):
-    """Load a shared-weight cascade model rebuilt with `recursions` cascades."""
+    """Load a cascade model rebuilt to run `recursions` steps (`recursion_overrides`)."""
+    from tfreg.config import load_yaml
     from tfreg.errors import TfregError
     from tfreg.export import load_model
 
-    if recursions < 1:
-        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    overrides = recursion_overrides(load_yaml(Path(model_dir) / "config.yaml"), int(recursions))
     try:
-        return load_model(model_dir, overrides={"model.cascades": int(recursions)})
+        return load_model(model_dir, overrides=overrides)
     except TfregError as err:
         raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
-                          "recursions; it needs a cascade model trained with "
-                          f"model.shared_weights: true ({reason(err)})") from None
+                          f"recursions; it needs a cascade model ({reason(err)})") from None
 
 
 def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,

@@ -136,6 +136,8 @@ def build_loss(config: dict):
     symmetric = section.get("symmetric")
     if not isinstance(symmetric, bool):
         raise ConfigError(f"loss.symmetric: expected true or false, got {symmetric!r}")
+    # engines that pass no step counters (a bare Stage): count the loss calls of this process
+    calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="avsm_loss_calls")
     reg_factor = _number(section, "reg_factor") if "reg_factor" in section else 0.0
     ic = _number(section, "inverse_consistency") if "inverse_consistency" in section else 0.0
 
@@ -174,6 +176,9 @@ def build_loss(config: dict):
 
     def loss(batch: dict, outputs: dict, ctx) -> dict:
         stage, step, stage_step = _context(ctx)
+        if step is None:
+            step = calls.assign_add(1) - 1
+            stage_step = step
         if stage.name.startswith("affine"):
             return affine_terms(batch, outputs, stage, step, stage_step)
         if stage.name.startswith("vsvf"):
