@@ -347,6 +347,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                                             recursions=recursions)
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
+                if inverse and finetune == 0 and model_info["inverse"] is not None:
+                    inverse_warp = model_info["inverse"]   # the network's own inverse
                 if recursions is not None:
                     report["recursions"] = model_info["recursions"]
             else:
@@ -516,7 +518,8 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     from tfreg.transforms_io import deformable_part
 
     n = disp.shape[-1]
-    how = "exact: inverse affine and integration of the negated velocity"
+    how = ("exact: inverse affine and integration of the negated velocity" if affine is not None
+           else "the model's inverse output")
     if inverse_warp is None:
         warp = disp if affine is None else deformable_part(disp, affine)
         inverse_warp = invert_displacement(warp[None].astype(np.float32), iterations=200,
@@ -590,10 +593,12 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     f_in, m_in = prep.apply(fixed, rec_f), prep.apply(moving, rec_m)
     if progress:
         progress("network", 0, 1, float("nan"))
-    _, disp = model.register(f_in, m_in)
+    _, disp, inverse = model.register(f_in, m_in, inverse=True)
     if progress:
         progress("network", 1, 1, float("nan"))
-    info = {"method": model.method, "inshape": model.inshape}
+    info = {"method": model.method, "inshape": model.inshape,
+            # the network's inverse lives on the moving image's preprocessed grid
+            "inverse": None if inverse is None else field_to_source(inverse, rec_m, rec_f)}
     if recursions is not None:
         from tfreg.config import load_yaml
 
