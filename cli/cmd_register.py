@@ -161,6 +161,17 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
                    "any K; n distinct cascades: K a multiple of n, each cascade K/n times in "
                    "order); report.json and the summary show the similarity after each step.")
 @instance_options
+@click.option("--method", "reg_method", type=click.Choice(["instance", "lddmm"]),
+              default="instance", show_default=True,
+              help="Without --model: 'instance' (affine + stationary velocity field, NCC) or "
+                   "'lddmm' (optimisation-based vector-momentum LDDMM, geodesic shooting, "
+                   "sum of squared differences; inputs must be affinely aligned; spacing from "
+                   "FIXED's header). For lddmm, --iterations is the number of iterations "
+                   "(default 50) and --lr the step (gd: 4e-6, adam: 5e-4).")
+@click.option("--lddmm-optimizer", type=click.Choice(["gd", "adam"]), default="gd",
+              show_default=True,
+              help="With --method lddmm: 'gd' the original fixed-step gradient descent, "
+                   "'adam' usually reaches a lower energy in the same iterations.")
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
@@ -169,7 +180,7 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
              moving_keypoints, model, finetune, init, init_affine, inverse, itk, recursions,
              preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
-             xla, device, quiet):
+             xla, reg_method, lddmm_optimizer, device, quiet):
     """Register MOVING to FIXED (NIfTI files, 2D or 3D).
 
     Without --model the pair is registered by instance optimisation: a moments and affine
@@ -189,8 +200,13 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
                  init, init_affine)
     check_input_dirs(model)
     check_output_dir(out_dir, "-o")
-    cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
-                       affine_iterations, xla)
+    if reg_method == "lddmm":
+        cfg = lddmm_config(model, init, iterations, learning_rate, lddmm_optimizer, xla,
+                           levels=levels, lam=lam, similarity=similarity,
+                           affine_iterations=affine_iterations)
+    else:
+        cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
+                           affine_iterations, xla)
     from tfreg.register import register_files
 
     progress = StageProgress(enabled=not quiet)
@@ -205,6 +221,31 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
     finally:
         progress.close()
     click.echo(summary_text(report, written))
+
+
+def lddmm_config(model, init, iterations, learning_rate, optimizer, xla, **unused):
+    """A `tfreg.ops.lddmm.LddmmConfig` from the command line (`ConfigError` for options that
+    --method lddmm does not use)."""
+    from tfreg.errors import ConfigError
+    from tfreg.ops.lddmm import LddmmConfig
+
+    if model or init:
+        raise ConfigError("--method lddmm: registers without --model/--init (optimisation only)")
+    for name, value in unused.items():
+        if value is not None:
+            raise ConfigError(f"--{name.replace('_', '-')}: not used by --method lddmm")
+    iters = parse_per_level(iterations, "--iterations", int)
+    step = parse_per_level(learning_rate, "--lr", float)
+    if isinstance(iters, tuple) or isinstance(step, tuple):
+        raise ConfigError("--iterations/--lr: --method lddmm takes one value each")
+    cfg = {"optimizer": optimizer}
+    if iters is not None:
+        cfg["iterations"] = iters
+    if step is not None:
+        cfg["step_size" if optimizer == "gd" else "learning_rate"] = step
+    if xla is not None:
+        cfg["jit"] = bool(xla)
+    return LddmmConfig(**cfg)
 
 
 def summary_text(report: dict, written: dict) -> str:

@@ -274,7 +274,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         fixed, moving: images from `tfreg.io.load_volume`.
         fixed_labels, moving_labels: optional label maps on their image's grid (both or none for
             Dice/HD95; `moving_labels` alone still gives `warped_labels`).
-        config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset).
+        config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset), or a
+            `tfreg.ops.lddmm.LddmmConfig` for optimisation-based LDDMM (no model).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
         recursions: with a shared-weight cascade `model`: run it with this many recursions of
@@ -306,6 +307,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     import tensorflow as tf
 
     from tfreg import instance
+    from tfreg.ops.lddmm import LddmmConfig
 
     _check_image(fixed)
     _check_image(moving)
@@ -326,7 +328,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     report: dict[str, Any] = {}
     with tf.device(tf_device) if tf_device else contextlib.nullcontext():
         affine, inverse_warp = None, None
-        if model is None and init_disp is None:
+        if model is None and init_disp is None and isinstance(cfg, LddmmConfig):
+            disp, inverse_warp, sim_before, sim_after = _lddmm(fixed_n, moving_n, fixed.spacing,
+                                                               cfg, progress, report)
+        elif model is None and init_disp is None:
             result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
             disp, affine = result.disp, np.asarray(result.affine, np.float64)
             report.update(method="instance optimisation", config=_config_dict(result.config),
@@ -342,6 +347,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                                             recursions=recursions)
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
+                if inverse and finetune == 0 and model_info["inverse"] is not None:
+                    inverse_warp = model_info["inverse"]   # the network's own inverse
                 if recursions is not None:
                     report["recursions"] = model_info["recursions"]
             else:
@@ -359,6 +366,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         inverse_disp = None
         if inverse:
             inverse_disp, inverse_warp, how = _inverse(disp, affine, inverse_warp)
+            if isinstance(cfg, LddmmConfig):
+                how = "exact: the forward map of the geodesic shooting"
             report.update(inverse_method=how,
                           inverse_consistency_mm=inverse_consistency(disp, inverse_disp,
                                                                      fixed.affine))
@@ -389,6 +398,27 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                         keypoints=None if keypoints is None else (keypoints[0], moving_points)))
     return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report,
                           affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp)
+
+
+def _lddmm(fixed_n: np.ndarray, moving_n: np.ndarray, spacing, cfg,
+           progress: Callable | None, report: dict) -> tuple:
+    """Optimisation-based LDDMM on normalised images of one grid (no affine stage: the pair is
+    expected to be affinely aligned). Returns ``(disp, forward map, similarity before, after)``
+    and fills the report's `method`, `config`, `stage_seconds` and `lddmm_energy`."""
+    import dataclasses
+
+    from tfreg import instance
+    from tfreg.ops import lddmm
+
+    result = lddmm.register_pair(fixed_n, moving_n, spacing, cfg, progress=progress)
+    first, last = result.history[0], result.history[-1]
+    report.update(method="lddmm", config=dataclasses.asdict(cfg),
+                  stage_seconds={"lddmm": round(result.seconds, 3)},
+                  lddmm_energy={"regularity": [round(first[0], 6), round(last[0], 6)],
+                                "image": [round(first[1], 6), round(last[1], 6)],
+                                "note": "per voxel, before -> after"})
+    return (result.disp, result.forward, instance.local_ncc(fixed_n, moving_n),
+            instance.local_ncc(fixed_n, result.warped))
 
 
 def _points_on_fixed(points: np.ndarray, to_moving: np.ndarray | None) -> np.ndarray:
@@ -488,7 +518,8 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     from tfreg.transforms_io import deformable_part
 
     n = disp.shape[-1]
-    how = "exact: inverse affine and integration of the negated velocity"
+    how = ("exact: inverse affine and integration of the negated velocity" if affine is not None
+           else "the model's inverse output")
     if inverse_warp is None:
         warp = disp if affine is None else deformable_part(disp, affine)
         inverse_warp = invert_displacement(warp[None].astype(np.float32), iterations=200,
@@ -562,10 +593,12 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     f_in, m_in = prep.apply(fixed, rec_f), prep.apply(moving, rec_m)
     if progress:
         progress("network", 0, 1, float("nan"))
-    _, disp = model.register(f_in, m_in)
+    _, disp, inverse = model.register(f_in, m_in, inverse=True)
     if progress:
         progress("network", 1, 1, float("nan"))
-    info = {"method": model.method, "inshape": model.inshape}
+    info = {"method": model.method, "inshape": model.inshape,
+            # the network's inverse lives on the moving image's preprocessed grid
+            "inverse": None if inverse is None else field_to_source(inverse, rec_m, rec_f)}
     if recursions is not None:
         from tfreg.config import load_yaml
 
