@@ -254,22 +254,22 @@ def main() -> None:
         parser.error(f"unknown item {unknown[0]!r}; choose from {', '.join(ITEMS)}")
     if args.dice:
         items.append("avsm:dice")
-    rows = []
+    from tfreg.io import atomic_path
+
+    path = Path(args.json)
+    result = {"benchmark": "bench_avsm", "shape": list(_shape(args.shape)),
+              "device_setting": args.device, "steps": args.steps, "warmup": args.warmup,
+              "repeats": args.repeats, "python": platform.python_version(),
+              "machine": f"{os.cpu_count()} CPU cores (shared, loaded)", "results": []}
+    rows = result["results"]
     for item in items:
         start = time.perf_counter()
         row = _run_item(item, args)
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(f"{item}: done in {row['wall_s']} s", file=sys.stderr, flush=True)
-    result = {"benchmark": "bench_avsm", "shape": list(_shape(args.shape)),
-              "device_setting": args.device, "steps": args.steps, "warmup": args.warmup,
-              "repeats": args.repeats, "python": platform.python_version(),
-              "machine": f"{os.cpu_count()} CPU cores (shared, loaded)", "results": rows}
-    from tfreg.io import atomic_path
-
-    path = Path(args.json)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(path) as tmp:        # after every item: a long run keeps what it measured
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(_table(rows))
     print(f"wrote {path}")
 

@@ -1,4 +1,4 @@
-"""``tfreg convert``: a transform from one convention to another (tfreg, world mm, ITK/ANTs, L2R)."""
+"""``tfreg convert``: a transform from one convention to another (tfreg, world, ITK/ANTs, L2R)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def convert(source, out, to, reference, affine):
     \b
     tfreg convert out/disp.nii.gz disp_world.nii.gz --to world
     tfreg convert out/disp.nii.gz warp_itk.nii.gz --to itk
-    tfreg convert 1Warp.nii.gz disp.nii.gz --to tfreg --reference fixed.nii.gz --affine 0GenericAffine.mat
+    tfreg convert 1Warp.nii.gz disp.nii.gz --to tfreg --reference fixed.nii.gz \\
+        --affine 0GenericAffine.mat
     """
     from pathlib import Path
 

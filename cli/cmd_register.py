@@ -84,9 +84,12 @@ def instance_options(func):
                           "(larger = smoother, default: from the preset)."),
         click.option("--lr", "learning_rate", metavar="LR[,LR...]",
                      help="Adam step size per level, in voxels of velocity (default: preset)."),
-        click.option("--similarity", type=click.Choice(["ncc", "mse"]),
-                     help="Image similarity: 'ncc' local normalised cross-correlation (default; "
-                          "robust to intensity differences) or 'mse' (same contrast only)."),
+        click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi"]),
+                     help="Image similarity of the affine and deformable stages: 'ncc' local "
+                          "normalised cross-correlation (default; one contrast, robust to "
+                          "intensity differences), 'mse' (same contrast and scale), 'mind' "
+                          "(MIND-SSC descriptors; different contrasts, e.g. T2 to T1) or 'nmi' "
+                          "(normalised mutual information; different contrasts)."),
         click.option("--no-affine", is_flag=True, default=False,
                      help="Skip the moments + affine initialisation (inputs already aligned)."),
         click.option("--affine-iterations", type=click.IntRange(min=0),
@@ -278,4 +281,5 @@ def summary_text(report: dict, written: dict) -> str:
             lines.append(f"{label:<12}{row['global_r']:<11.4f}{row['local_ncc']:.4f}")
     for name, path in written.items():
         lines.append(f"{name + ':':<15}{Path(path)}")
+    lines.extend(report.get("warnings") or [])
     return "\n".join(lines)

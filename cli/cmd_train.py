@@ -202,9 +202,9 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
 
 def _load_spec(path: Path, divisible_by: int):
     """Load and deeply validate the data spec (files readable, shapes agree) before training."""
-    from tfreg.data import DataSpec
+    from tfreg.data import open_data
 
-    spec = DataSpec.from_yaml(path)
+    spec = open_data(path)
     spec.check_divisible(divisible_by)
     spec.validate(deep=True)
     for note in getattr(spec, "notes", []):

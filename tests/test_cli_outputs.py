@@ -204,8 +204,10 @@ def test_export_refuses_a_users_folder(files):
     mine = files["root"] / "mine"
     mine.mkdir()
     (mine / "a.txt").write_text("x")
-    proc, _ = _run_subprocess(["export", str(files["run"]), "-o", str(mine)], files["root"])
-    _assert_one_line(proc, "is not empty and is not a tfreg model folder")
+    result = CliRunner().invoke(cli, ["export", str(files["run"]), "-o", str(mine)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "exists and is not an exported tfreg model" in result.output
+    assert (mine / "a.txt").read_text() == "x"
 
 
 def test_register_removes_stale_outputs_and_show_resolves_paths(tmp_path, monkeypatch):

@@ -138,3 +138,48 @@ def test_evaluate_external_transforms_and_l2r_submission(tmp_path):
 
     row = next(csv.DictReader(open(tmp_path / "eval.csv")))
     assert float(row["mean_dice"]) == pytest.approx(float(row["mean_dice_before"]), abs=1e-6)
+
+
+def test_register_from_an_external_itk_result(files, tmp_path):
+    """`register --init WARP --init-affine A.mat` (no steps) reproduces `tfreg warp` with the same
+    files; `--inverse` inverts it by fixed-point iteration and reports the consistency in mm."""
+    tio.save_field(tmp_path / "w.nii.gz", files["u"], FIXED_AFFINE, "itk")
+    h = np.eye(4)
+    h[:3, 3] = [1.0, -0.5, 0.8]
+    tio.write_itk_affine(tmp_path / "a.mat", h)
+    out = tmp_path / "out"
+    result = _run("register", files["fixed"], files["moving"], "-o", out, "--init",
+                  tmp_path / "w.nii.gz", "--init-affine", tmp_path / "a.mat", "--inverse", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "external transform"
+    assert report["inverse_method"].startswith("fixed-point")
+    assert report["inverse_consistency_mm"]["mean"] < 0.02
+    _run("warp", files["moving"], tmp_path / "w.nii.gz", "--affine", tmp_path / "a.mat", "-o",
+         tmp_path / "ref.nii.gz")
+    np.testing.assert_allclose(load_volume(out / "warped.nii.gz").data,
+                               load_volume(tmp_path / "ref.nii.gz").data, atol=1e-5)
+    _one_line_error(_run("register", files["fixed"], files["moving"], "-o", out, "--finetune",
+                         "5"), "--finetune", "--init")
+
+
+def test_plus_5mm_right_moves_the_content_left(files, tmp_path):
+    """Pull convention, independently of any tool: a world field of +5 mm along R samples the
+    moving image 5 mm to the right, so a blob at R = r0 appears at R = r0 - 5 in the output."""
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-15.0, -15.0, -15.0]
+    grid = np.stack(np.meshgrid(*[np.arange(31.0)] * 3, indexing="ij"), -1) + affine[:3, 3]
+    blob = np.exp(-np.sum((grid - [4.0, 0, 0]) ** 2, -1) / 4.0).astype(np.float32)
+    save_volume(tmp_path / "blob.nii.gz", blob, affine)
+    five_right = np.broadcast_to(np.array([5.0, 0, 0]), (31, 31, 31, 3))  # voxels = mm here
+    tio.save_field(tmp_path / "world.nii.gz", five_right, affine, "world")
+    tio.save_field(tmp_path / "itk.nii.gz", five_right, affine, "itk")
+    assert load_volume(tmp_path / "world.nii.gz", allow_vector=True).data[0, 0, 0, 0] == 5.0
+    assert load_volume(tmp_path / "itk.nii.gz", allow_vector=True).data[0, 0, 0, 0] == -5.0
+    for fmt, path in (("world", tmp_path / "world.nii.gz"), ("itk", tmp_path / "itk.nii.gz")):
+        assert tio.field_format(path) == fmt
+        out = tmp_path / f"warped_{fmt}.nii.gz"
+        assert _run("warp", tmp_path / "blob.nii.gz", path, "-o", out).exit_code == 0
+        warped = load_volume(out).data
+        peak = np.unravel_index(np.argmax(warped), warped.shape)
+        np.testing.assert_allclose(grid[peak], [-1.0, 0, 0])

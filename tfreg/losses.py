@@ -21,6 +21,10 @@ Summary (``N`` = spatial rank, ``C`` = channels, means run over the batch too):
 ``Grad``           mean forward-difference ``|du|`` (l1) or ``du^2`` (l2), averaged over axes.
 ``BendingEnergy``  mean over voxels and components of the squared Frobenius norm of the Hessian.
 ``Dice``           ``-mean`` soft Dice over batch and one-hot channels.
+``MIND``           mean L1/L2 distance of MIND-SSC descriptors (`tfreg.ops.mind`), any contrasts.
+``NMI``            ``-mean_batch NMI`` from a Parzen-window joint histogram
+                   (`tfreg.ops.mutual_information`), any contrasts.
+``LabelLoss``      soft Dice or MSE between one-hot fixed labels and warped one-hot moving labels.
 ``KL``             KL divergence of a Gaussian velocity posterior from the Laplacian smoothness
                    prior (probabilistic diffeomorphic VoxelMorph).
 =================  ============================================================================
@@ -51,6 +55,9 @@ __all__ = [
     "Grad",
     "BendingEnergy",
     "Dice",
+    "MIND",
+    "NMI",
+    "LabelLoss",
     "KL",
     "degree_map",
     "one_hot",
@@ -425,6 +432,128 @@ def one_hot(labels, label_values: int | Sequence[int]) -> tf.Tensor:
         labels = tf.round(labels)
     labels = tf.cast(labels, "int32")
     return tf.cast(tf.equal(labels, tf.constant(values, "int32")), "float32")
+
+
+class MIND:
+    """Distance between MIND-SSC descriptors: a similarity for images of different contrasts.
+
+    ``mean_x mean_k |MIND_k(I)(x) - MIND_k(J)(x)|^p`` with ``p = 1`` (``"l1"``) or ``2``
+    (``"l2"``); the descriptor (`tfreg.ops.mind.mind_ssc`) compares each voxel's neighbourhood
+    with itself, so it does not change when an image's intensities are scaled, shifted or
+    inverted. 0 for identical descriptors.
+
+    Args:
+        sigma: Gaussian patch weight of the descriptor, voxels. Defaults to 0.8.
+        dilation: neighbour distance, voxels. Defaults to 2.
+        penalty: ``"l1"`` or ``"l2"`` (default).
+
+    Input shape:
+        ``y_true``, ``y_pred``: `(batch, *spatial, 1)` images, 2 or 3 spatial axes.
+    Returns:
+        Scalar float32 tensor in ``[0, 1]``.
+
+    Example:
+    >>> x = np.random.default_rng(0).random((1, 16, 16, 1)).astype("float32")
+    >>> round(float(MIND()(x, 5 - 3 * x)), 4)
+    0.0
+    """
+
+    def __init__(self, sigma: float = 0.8, dilation: int = 2, penalty: str = "l2"):
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0. Received: sigma={sigma!r}")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"`dilation` must be an int >= 1. Received: dilation={dilation!r}")
+        if penalty not in ("l1", "l2"):
+            raise ValueError(f"`penalty` must be 'l1' or 'l2'. Received: penalty={penalty!r}")
+        self.sigma, self.dilation, self.penalty = float(sigma), dilation, penalty
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        from tfreg.ops.mind import mind_distance, mind_ssc
+
+        t, p = _pair(y_true, y_pred)
+        _ndims(p, "y_pred")
+        return tf.reduce_mean(mind_distance(mind_ssc(t, self.sigma, self.dilation),
+                                            mind_ssc(p, self.sigma, self.dilation),
+                                            self.penalty))
+
+    def get_config(self) -> dict:
+        return {"sigma": self.sigma, "dilation": self.dilation, "penalty": self.penalty}
+
+
+class NMI:
+    """Negated normalised mutual information ``-(H(I) + H(J)) / H(I, J)``, mean over the batch.
+
+    The joint histogram is a differentiable Parzen-window estimate computed in chunks of voxels,
+    so memory does not grow with voxels x bins (`tfreg.ops.mutual_information`). Any one-to-one
+    map of one image's intensity levels leaves it unchanged.
+
+    Args:
+        bins: histogram bins per image. Defaults to 32.
+        sigma: Parzen window, in bin widths. Defaults to 0.5.
+        value_range: ``(lo, hi)`` intensity range of both images, or None (default): each
+            image's minimum and maximum.
+        chunk: voxels per chunk. Defaults to 16384.
+
+    Input shape:
+        ``y_true``, ``y_pred``: `(batch, *spatial, 1)`.
+    Returns:
+        Scalar float32 tensor in ``[-2, -1]``.
+    """
+
+    def __init__(self, bins: int = 32, sigma: float = 0.5,
+                 value_range: tuple[float, float] | None = None, chunk: int = 16384):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"`bins` must be an int >= 2. Received: bins={bins!r}")
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0. Received: sigma={sigma!r}")
+        self.bins, self.sigma, self.chunk = bins, float(sigma), int(chunk)
+        self.value_range = None if value_range is None else tuple(float(v) for v in value_range)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        from tfreg.ops.mutual_information import normalized_mutual_information
+
+        t, p = _pair(y_true, y_pred)
+        return -tf.reduce_mean(normalized_mutual_information(t, p, self.bins, self.sigma,
+                                                             self.value_range, self.chunk))
+
+    def get_config(self) -> dict:
+        return {"bins": self.bins, "sigma": self.sigma, "value_range": self.value_range,
+                "chunk": self.chunk}
+
+
+class LabelLoss:
+    """Overlap of warped moving labels with the fixed labels, for training from label maps.
+
+    ``y_true`` is the fixed label map, ``y_pred`` the one-hot moving label map warped linearly
+    by the predicted field (`tfreg.layers.warp(one_hot(moving_labels, values), disp)`); see
+    `warped_one_hot`. ``kind="dice"``: `Dice` (``-mean`` soft Dice over the listed labels,
+    ``-1`` = perfect); ``kind="mse"``: mean squared difference of the one-hot maps (0 = perfect).
+
+    Args:
+        label_values: label values scored, one channel each (background only if listed).
+        kind: ``"dice"`` (default) or ``"mse"``.
+    """
+
+    def __init__(self, label_values: Sequence[int], kind: str = "dice"):
+        if kind not in ("dice", "mse"):
+            raise ValueError(f"`kind` must be 'dice' or 'mse'. Received: kind={kind!r}")
+        self.values = [int(v) for v in label_values]
+        if not self.values:
+            raise ValueError("`label_values` must not be empty.")
+        self.kind = kind
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        target = one_hot(y_true, self.values)
+        pred = _f32(y_pred)
+        if self.kind == "dice":
+            return Dice()(target, pred)
+        return tf.reduce_mean(tf.square(target - pred))
+
+    def warped_one_hot(self, moving_labels, disp) -> tf.Tensor:
+        """`(B, *S, K)` one-hot moving labels warped linearly by `disp` (voxels, pull)."""
+        from tfreg.layers import warp
+
+        return warp(one_hot(moving_labels, self.values), _f32(disp), "linear")
 
 
 def degree_map(spatial: Sequence[int]) -> np.ndarray:

@@ -301,12 +301,14 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         `folding_percent`, `sdlogj`, `sdlogj_l2r`, `ndv_percent`; with both label maps
         `dice`/`hd95_mm`/`hd95_vox` per label, `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox`,
         `mean_dice_before` (labels resampled onto the fixed grid, not registered); with
-        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `resampled` (whether the moving grid
-        differed), `stage_seconds`, `affine`, `config`.
+        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `contrast` (`tfreg.contrast.check`: NMI
+        before, after the affine stage and after, whether the result is worse than its start,
+        the histogram distance) and `warnings` (one-line messages the command line prints);
+        `resampled` (whether the moving grid differed), `stage_seconds`, `affine`, `config`.
     """
     import tensorflow as tf
 
-    from tfreg import instance
+    from tfreg import contrast, instance
     from tfreg.ops.lddmm import LddmmConfig
 
     _check_image(fixed)
@@ -331,6 +333,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         if model is None and init_disp is None and isinstance(cfg, LddmmConfig):
             disp, inverse_warp, sim_before, sim_after = _lddmm(fixed_n, moving_n, fixed.spacing,
                                                                cfg, progress, report)
+            affine_warped, used = None, "ncc"
         elif model is None and init_disp is None:
             result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
             disp, affine = result.disp, np.asarray(result.affine, np.float64)
@@ -338,6 +341,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                           affine=np.asarray(result.affine).tolist(),
                           stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
             sim_after, sim_before = result.similarity, result.initial_similarity
+            affine_warped = _affine_warp(moving_n, result.affine) if result.config.affine \
+                else None
+            used = result.config.similarity
             if inverse:
                 inverse_warp = _velocity_inverse(result, disp.shape[:-1], cfg)
         else:
@@ -347,6 +353,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                                             recursions=recursions)
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
+                if inverse and finetune == 0 and model_info["inverse"] is not None:
+                    inverse_warp = model_info["inverse"]   # the network's own inverse
                 if recursions is not None:
                     report["recursions"] = model_info["recursions"]
             else:
@@ -361,6 +369,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                               stage_seconds=stage)
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
+            affine_warped = None
+            used = cfg.similarity if finetune > 0 else "model"
         inverse_disp = None
         if inverse:
             inverse_disp, inverse_warp, how = _inverse(disp, affine, inverse_warp)
@@ -382,6 +392,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         similarity_metric="local NCC, window 7, signed, weighted by fixed-image contrast "
                           "(1 = identical images)",
     )
+    # not part of the runtime: the checks of tfreg.contrast (worse than its start? contrasts?)
+    checks = contrast.check(fixed_n, moving_n, _sample_moving(moving_n, disp, None, "linear"),
+                            affine_warped, used)
+    report.update(contrast=checks.to_dict(), warnings=list(checks.warnings))
     unregistered = None
     if fixed_labels is not None and moving_labels is not None:
         unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving,
@@ -396,6 +410,17 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                         keypoints=None if keypoints is None else (keypoints[0], moving_points)))
     return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report,
                           affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp)
+
+
+def _affine_warp(moving_n: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The moving image after the affine stage alone (centred `(N, N+1)` affine)."""
+    import tensorflow as tf
+
+    from tfreg import layers
+
+    disp = layers.affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
+                                 moving_n.shape)
+    return _sample_moving(moving_n, np.asarray(disp)[0], None, "linear")
 
 
 def _lddmm(fixed_n: np.ndarray, moving_n: np.ndarray, spacing, cfg,
@@ -516,7 +541,8 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     from tfreg.transforms_io import deformable_part
 
     n = disp.shape[-1]
-    how = "exact: inverse affine and integration of the negated velocity"
+    how = ("exact: inverse affine and integration of the negated velocity" if affine is not None
+           else "the model's inverse output")
     if inverse_warp is None:
         warp = disp if affine is None else deformable_part(disp, affine)
         inverse_warp = invert_displacement(warp[None].astype(np.float32), iterations=200,
@@ -590,10 +616,12 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     f_in, m_in = prep.apply(fixed, rec_f), prep.apply(moving, rec_m)
     if progress:
         progress("network", 0, 1, float("nan"))
-    _, disp = model.register(f_in, m_in)
+    _, disp, inverse = model.register(f_in, m_in, inverse=True)
     if progress:
         progress("network", 1, 1, float("nan"))
-    info = {"method": model.method, "inshape": model.inshape}
+    info = {"method": model.method, "inshape": model.inshape,
+            # the network's inverse lives on the moving image's preprocessed grid
+            "inverse": None if inverse is None else field_to_source(inverse, rec_m, rec_f)}
     if recursions is not None:
         from tfreg.config import load_yaml
 

@@ -4,19 +4,19 @@ Every format below describes the same pull transform ``T``: a point of the **fix
 the point of the moving image whose intensity it takes. ``F`` is the fixed image's `(4, 4)`
 voxel-to-world (RAS mm) NIfTI affine, ``M = F[:3, :3]``, ``L = diag(-1, -1, 1)`` (RAS <-> LPS).
 
-=========  ======================  ===============  ==================================================
-format     array on disk           units / axes     meaning
-=========  ======================  ===============  ==================================================
-tfreg      ``(X, Y, Z, 3)`` f32    fixed voxels,    ``T(F x) = F (x + u(x))``: channel d along array
-                                   array axes       axis d (Learn2Reg's and voxelmorph's convention)
-world      ``(X, Y, Z, 3)`` f32    mm, RAS          ``d_ras(x) = M u(x)``; fixed grid; intent_name
-                                                    ``"RAS mm"`` marks it
-itk        ``(X, Y, Z, 1, 3)`` f32 mm, LPS          ``d_lps(x) = L M u(x)``; intent 1007 (vector), as
-                                                    antsApplyTransforms / ITK read displacement
-                                                    fields: ``T(p) = p + d(p)`` for LPS points p
-l2r        ``(X, Y, Z, 3)``        fixed voxels     tfreg's layout, values rounded to float16
-                                                    precision, named ``disp_FIXED_MOVING.nii.gz``
-=========  ======================  ===============  ==================================================
+=======  =====================  ============  ===============================================
+format   array on disk          units / axes  meaning
+=======  =====================  ============  ===============================================
+tfreg    ``(X, Y, Z, 3)`` f32   fixed voxels, ``T(F x) = F (x + u(x))``: channel d along array
+                                array axes    axis d (Learn2Reg's and voxelmorph's convention)
+world    ``(X, Y, Z, 3)`` f32   mm, RAS       ``d_ras(x) = M u(x)``; fixed grid; intent_name
+                                              ``"RAS mm"`` marks it
+itk      ``(X,Y,Z,1,3)`` f32    mm, LPS       ``d_lps(x) = L M u(x)``; intent 1007 (vector),
+                                              as antsApplyTransforms / ITK read displacement
+                                              fields: ``T(p) = p + d(p)`` for LPS points
+l2r      ``(X, Y, Z, 3)``       fixed voxels  tfreg's layout, values rounded to float16
+                                              precision, named ``disp_FIXED_MOVING.nii.gz``
+=======  =====================  ============  ===============================================
 
 The origin of voxel coordinates is the centre of the first voxel (NIfTI's and ITK's); world
 coordinates are the scanner's (the NIfTI affine's). An ITK affine transform file (``.mat``, MATLAB

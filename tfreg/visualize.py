@@ -15,15 +15,14 @@ from typing import Sequence
 import numpy as np
 
 from tfreg.errors import InputError
+from tfreg.ops.intensity import normalize_percentile
 
 __all__ = ["show_registration", "show_result_dir", "image_format", "FORMATS"]
 
 
 def _norm(image: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    if not hi > lo:
-        hi = lo + 1.0
-    return np.clip((image - lo) / (hi - lo), 0, 1)
+    """Display intensities: [0, 1] between the 0.5th and 99.5th percentiles."""
+    return normalize_percentile(image, 0.5, 99.5)
 
 
 def _slices(volume: np.ndarray, ndims: int) -> list[tuple[str, np.ndarray, tuple[int, int]]]:

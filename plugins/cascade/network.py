@@ -34,7 +34,8 @@ import keras
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
-from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer, affine_to_disp
+from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer
+from tfreg.ops.fields import affine_after_disp
 
 #: ``model.base`` values.
 BASES = ("vtn", "voxelmorph")
@@ -215,7 +216,8 @@ def compose_after_affine(affine: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     """Displacement of the affine transform followed by ``flow`` (exact, no resampling).
 
     With ``T(x) = A (x - c) + b + c`` and the image first warped by T, then by ``flow``:
-    ``x -> T(x + flow(x)) = x + u_T(x) + A flow(x)``, so the result is ``u_T + A flow``.
+    ``x -> T(x + flow(x)) = x + u_T(x) + A flow(x)``, so the result is ``u_T + A flow``
+    (`tfreg.ops.fields.affine_after_disp`).
 
     Args:
         affine: `(B, N, N+1)` centred affine ``[A | b]``.
@@ -224,13 +226,7 @@ def compose_after_affine(affine: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     Returns:
         `(B, *S, N)` float32 displacement.
     """
-    affine = tf.cast(affine, tf.float32)
-    flow = tf.cast(flow, tf.float32)
-    ndims = flow.shape.rank - 2
-    linear = affine[:, :, :ndims]
-    spatial = flow.shape[1:-1]
-    eq = "bij,bxyj->bxyi" if ndims == 2 else "bij,bxyzj->bxyzi"
-    return affine_to_disp(affine, spatial) + tf.einsum(eq, linear, flow)
+    return affine_after_disp(tf.cast(affine, tf.float32), tf.cast(flow, tf.float32))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

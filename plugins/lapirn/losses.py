@@ -41,7 +41,9 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
-from tfreg.losses import Grad, MultiResolutionNCC, avg_pool_half
+from tfreg.losses import Grad, MultiResolutionNCC
+from tfreg.ops.differences import jacobian_determinant
+from tfreg.ops.filters import pool_half
 
 from .network import LEVELS, model_options
 
@@ -129,7 +131,7 @@ def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
     """LapIRN's anti-folding term: ``mean(relu(-det(I + D u)))``, forward differences.
 
     ``D u`` uses ``u[x + e_k] - u[x]`` on the grid cropped by one voxel at the far end of every
-    axis. The determinant is invariant to the axis order, so this equals the original's
+    axis (`tfreg.ops.differences.jacobian_determinant(mode="forward")`). The determinant is invariant to the axis order, so this equals the original's
     ``neg_Jdet_loss`` on the same field in voxel units.
 
     Args:
@@ -138,25 +140,7 @@ def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
     Returns:
         Scalar float32 (0 when no voxel folds).
     """
-    disp = tf.cast(disp, "float32")
-    ndims = len(disp.shape) - 2
-    crop = (slice(None),) + (slice(0, -1),) * ndims + (slice(None),)
-    # grads[k][..., i] = d u_i / d x_k
-    grads = []
-    for k in range(ndims):
-        ahead = [slice(None)] + [slice(0, -1)] * ndims + [slice(None)]
-        ahead[k + 1] = slice(1, None)
-        grads.append(disp[tuple(ahead)] - disp[crop])
-
-    def jac(i: int, k: int) -> tf.Tensor:
-        return grads[k][..., i] + (1.0 if i == k else 0.0)
-
-    if ndims == 2:
-        det = jac(0, 0) * jac(1, 1) - jac(0, 1) * jac(1, 0)
-    else:
-        det = (jac(0, 0) * (jac(1, 1) * jac(2, 2) - jac(1, 2) * jac(2, 1))
-               - jac(0, 1) * (jac(1, 0) * jac(2, 2) - jac(1, 2) * jac(2, 0))
-               + jac(0, 2) * (jac(1, 0) * jac(2, 1) - jac(1, 1) * jac(2, 0)))
+    det = jacobian_determinant(tf.cast(disp, "float32"), mode="forward")
     return tf.reduce_mean(tf.nn.relu(-det))
 
 
@@ -178,7 +162,7 @@ def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tens
         level = stage_level(stage.name)
         fixed = tf.cast(batch["fixed"], "float32")
         for _ in range(LEVELS - level):
-            fixed = avg_pool_half(fixed)
+            fixed = pool_half(fixed)
         terms = {
             "ncc": similarity[level](fixed, outputs[f"warped_l{level}"]),
             "smooth": opts.smooth * smoothness(outputs[f"{field_key}_l{level}"],

@@ -272,7 +272,8 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         - ``"preint_flow"`` `(B, *S / int_resolution, N)`: the field the smoothness loss applies
           to (the SVF at integration resolution; the displacement itself when ``int_steps == 0``).
         - with ``bidir``: ``"warped_fixed"`` `(B, *S, 1)` (fixed warped to moving by the inverse)
-          and ``"neg_disp"`` `(B, *S, N)`.
+          and ``"neg_disp"`` `(B, *S, N)`; when also diffeomorphic (``int_steps > 0``) the same
+          field as ``"inverse_disp"``, the key tfreg's export and `tfreg register --inverse` use.
         - with ``probabilistic``: ``"flow_params"`` `(B, *S / svf_resolution, 2N)`, the mean and
           log variance of the velocity (the KL loss's input); ``preint_flow`` is then the sample
           (training) or the mean (inference).
@@ -326,5 +327,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         warped_fixed = SpatialTransformer("linear", arch.fill_value,
                                           name="neg_transformer")([fixed, neg])
         outputs.update(warped_fixed=warped_fixed, neg_disp=neg)
+        if arch.int_steps > 0:  # exp(-v) is the inverse of exp(v): exported as the model's inverse
+            outputs["inverse_disp"] = neg
 
     return keras.Model(inputs={"moving": moving, "fixed": fixed}, outputs=outputs, name="voxelmorph")

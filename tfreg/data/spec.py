@@ -499,7 +499,7 @@ def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
     augmentation = None
     if d.get("augment") not in (None, False):
         augmentation = Augmentation.from_dict(chk.mapping(d["augment"], source, "augment"),
-                                              source)
+                                              source, ndims=len(preprocessing.shape))
         augmentation = augmentation if augmentation.enabled else None
 
     return DataSpec(source=source, base_dir=base, scans=table.scans, preprocessing=preprocessing,
