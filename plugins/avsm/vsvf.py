@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from tfreg.layers import resize
 from tfreg.ops.advection import advect_map
-from tfreg.ops.fourier import apply_multiplier, multi_gaussian_multiplier
+from tfreg.ops.fourier import apply_symmetric_multiplier, multi_gaussian_multiplier
 
 __all__ = ["MomentumNet", "VSVFTransform", "SIGMAS", "WEIGHTS", "DIVISOR"]
 
@@ -132,7 +132,7 @@ class VSVFTransform(keras.layers.Layer):
 
     def call(self, inputs):
         momentum, initial = (tf.cast(x, tf.float32) for x in inputs)
-        velocity = apply_multiplier(momentum, self.multiplier)
+        velocity = apply_symmetric_multiplier(momentum, self.multiplier)
         disp_low = advect_map(velocity * self.to_voxels, initial, steps=self.steps)
         disp = resize(disp_low * self.to_image, self.image_shape, align="corners")
         return {"velocity": velocity, "disp_low": disp_low, "disp": disp}
