@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_output_dir, user_errors
 
 NORMALIZE = ("minmax", "zscore", "percentile", "none")
 
@@ -52,6 +52,7 @@ def import_voxelmorph(h5_file: str, model_dir: str, args: tuple[str, ...], norma
     checked shape by shape. Unsupported: use_probs, hyp_model (HyperMorph), input_model,
     src_feats/trg_feats other than 1, and classes other than VxmDense.
     """
+    check_output_dir(model_dir, "-o")
     from tfreg.vxm_h5 import import_voxelmorph as run_import
 
     written = run_import(h5_file, model_dir, _parse_args(args), normalize=normalize)

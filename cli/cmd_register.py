@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_input_dirs, check_inputs, check_output_dir, user_errors
 
 
 class StageProgress:
@@ -84,9 +84,12 @@ def instance_options(func):
                           "(larger = smoother, default: from the preset)."),
         click.option("--lr", "learning_rate", metavar="LR[,LR...]",
                      help="Adam step size per level, in voxels of velocity (default: preset)."),
-        click.option("--similarity", type=click.Choice(["ncc", "mse"]),
-                     help="Image similarity: 'ncc' local normalised cross-correlation (default; "
-                          "robust to intensity differences) or 'mse' (same contrast only)."),
+        click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi"]),
+                     help="Image similarity of the affine and deformable stages: 'ncc' local "
+                          "normalised cross-correlation (default; one contrast, robust to "
+                          "intensity differences), 'mse' (same contrast and scale), 'mind' "
+                          "(MIND-SSC descriptors; different contrasts, e.g. T2 to T1) or 'nmi' "
+                          "(normalised mutual information; different contrasts)."),
         click.option("--no-affine", is_flag=True, default=False,
                      help="Skip the moments + affine initialisation (inputs already aligned)."),
         click.option("--affine-iterations", type=click.IntRange(min=0),
@@ -124,7 +127,8 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="tfreg-out",
               show_default=True,
               help="Output folder: warped.nii.gz, disp.nii.gz, warped_labels.nii.gz, "
-                   "report.json (existing files are replaced).")
+                   "report.json, affine.mat (ITK/ANTs; 3D). Outputs of an earlier run there are "
+                   "replaced or removed (other files are kept).")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
@@ -139,22 +143,47 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Exported model folder (tfreg export); without it the pair is registered "
                    "by instance optimisation, no training needed.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --model: N instance-optimisation steps that refine the network's "
-                   "field (a diffeomorphic correction composed with it).")
+              help="With --model or --init: N instance-optimisation steps that refine the "
+                   "network's (or the initial) field (a diffeomorphic correction composed "
+                   "with it).")
+@click.option("--init", "init", type=click.Path(dir_okay=False),
+              help="Start from an external result instead of --model: a displacement field "
+                   "(tfreg voxels, world mm, or an ITK/ANTs warp); refine it with --finetune.")
+@click.option("--init-affine", type=click.Path(dir_okay=False),
+              help="ITK/ANTs affine (.mat/.txt) of the external result, applied after --init's "
+                   "warp as ANTs' transformlist=[warp, affine]; alone, an affine start.")
+@click.option("--inverse", is_flag=True, default=False,
+              help="Also write disp_inverse.nii.gz (on MOVING's grid: maps the fixed image onto "
+                   "the moving one) and the inverse-consistency error in mm to report.json.")
+@click.option("--itk", is_flag=True, default=False,
+              help="Also write the ITK/ANTs files: itk_warp.nii.gz (LPS mm) and affine.txt "
+                   "beside affine.mat; transformlist=[itk_warp, affine] reproduces warped.nii.gz "
+                   "from the original MOVING (3D).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
-              help="With --model of a shared-weight cascade method: run K recursions of its "
-                   "cascade (K may exceed the trained count); report.json and the summary show "
-                   "the similarity after each recursion.")
+              help="With --model of a cascade method: run K recursion steps (shared weights: "
+                   "any K; n distinct cascades: K a multiple of n, each cascade K/n times in "
+                   "order); report.json and the summary show the similarity after each step.")
 @instance_options
+@click.option("--method", "reg_method", type=click.Choice(["instance", "lddmm"]),
+              default="instance", show_default=True,
+              help="Without --model: 'instance' (affine + stationary velocity field, NCC) or "
+                   "'lddmm' (optimisation-based vector-momentum LDDMM, geodesic shooting, "
+                   "sum of squared differences; inputs must be affinely aligned; spacing from "
+                   "FIXED's header). For lddmm, --iterations is the number of iterations "
+                   "(default 50) and --lr the step (gd: 4e-6, adam: 5e-4).")
+@click.option("--lddmm-optimizer", type=click.Choice(["gd", "adam"]), default="gd",
+              show_default=True,
+              help="With --method lddmm: 'gd' the original fixed-step gradient descent, "
+                   "'adam' usually reaches a lower energy in the same iterations.")
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
 def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoints,
-             moving_keypoints, model, finetune, recursions,
+             moving_keypoints, model, finetune, init, init_affine, inverse, itk, recursions,
              preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
-             xla, device, quiet):
+             xla, reg_method, lddmm_optimizer, device, quiet):
     """Register MOVING to FIXED (NIfTI files, 2D or 3D).
 
     Without --model the pair is registered by instance optimisation: a moments and affine
@@ -165,13 +194,22 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
     """
     from tfreg.errors import ConfigError
 
-    if finetune and not model:
-        raise ConfigError("--finetune: needs --model (instance optimisation without a model "
-                          "is the default; use --iterations to change its steps)")
+    if finetune and not (model or init or init_affine):
+        raise ConfigError("--finetune: needs --model or --init (instance optimisation without a "
+                          "model is the default; use --iterations to change its steps)")
     if recursions is not None and not model:
         raise ConfigError("--cascades: needs --model (a trained cascade model)")
-    cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
-                       affine_iterations, xla)
+    check_inputs(fixed, moving, moving_labels, fixed_labels, fixed_keypoints, moving_keypoints,
+                 init, init_affine)
+    check_input_dirs(model)
+    check_output_dir(out_dir, "-o")
+    if reg_method == "lddmm":
+        cfg = lddmm_config(model, init, iterations, learning_rate, lddmm_optimizer, xla,
+                           levels=levels, lam=lam, similarity=similarity,
+                           affine_iterations=affine_iterations)
+    else:
+        cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
+                           affine_iterations, xla)
     from tfreg.register import register_files
 
     progress = StageProgress(enabled=not quiet)
@@ -181,10 +219,36 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
                                          finetune=finetune, recursions=recursions,
                                          device=device, progress=progress,
                                          fixed_keypoints=fixed_keypoints,
-                                         moving_keypoints=moving_keypoints)
+                                         moving_keypoints=moving_keypoints, init=init,
+                                         init_affine=init_affine, inverse=inverse, itk=itk)
     finally:
         progress.close()
     click.echo(summary_text(report, written))
+
+
+def lddmm_config(model, init, iterations, learning_rate, optimizer, xla, **unused):
+    """A `tfreg.ops.lddmm.LddmmConfig` from the command line (`ConfigError` for options that
+    --method lddmm does not use)."""
+    from tfreg.errors import ConfigError
+    from tfreg.ops.lddmm import LddmmConfig
+
+    if model or init:
+        raise ConfigError("--method lddmm: registers without --model/--init (optimisation only)")
+    for name, value in unused.items():
+        if value is not None:
+            raise ConfigError(f"--{name.replace('_', '-')}: not used by --method lddmm")
+    iters = parse_per_level(iterations, "--iterations", int)
+    step = parse_per_level(learning_rate, "--lr", float)
+    if isinstance(iters, tuple) or isinstance(step, tuple):
+        raise ConfigError("--iterations/--lr: --method lddmm takes one value each")
+    cfg = {"optimizer": optimizer}
+    if iters is not None:
+        cfg["iterations"] = iters
+    if step is not None:
+        cfg["step_size" if optimizer == "gd" else "learning_rate"] = step
+    if xla is not None:
+        cfg["jit"] = bool(xla)
+    return LddmmConfig(**cfg)
 
 
 def summary_text(report: dict, written: dict) -> str:
@@ -206,6 +270,10 @@ def summary_text(report: dict, written: dict) -> str:
     if report.get("tre_mm") is not None:
         lines.append(f"TRE {report['tre_mm_before']:.2f} -> {report['tre_mm']:.2f} mm over "
                      f"{report['keypoints']} keypoints")
+    ic = report.get("inverse_consistency_mm")
+    if ic and ic.get("mean") is not None:
+        lines.append(f"inverse consistency |phi(phi^-1(y)) - y|: mean {ic['mean']:.4f} mm, "
+                     f"max {ic['max']:.4f} mm ({report['inverse_method']})")
     if report.get("recursions"):
         lines.append("recursions  global r   local NCC")
         for row in report["recursions"]:
@@ -213,4 +281,5 @@ def summary_text(report: dict, written: dict) -> str:
             lines.append(f"{label:<12}{row['global_r']:<11.4f}{row['local_ncc']:.4f}")
     for name, path in written.items():
         lines.append(f"{name + ':':<15}{Path(path)}")
+    lines.extend(report.get("warnings") or [])
     return "\n".join(lines)

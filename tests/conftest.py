@@ -34,3 +34,24 @@ def tiny_collection(tmp_path_factory) -> Path:
     from tfreg.synthetic import write_collection
 
     return write_collection(tmp_path_factory.mktemp("tiny"), n=6, shape=(24, 24, 24), seed=0)
+
+
+def _blob_labels(shape: tuple[int, ...], n_labels: int = 5, margin: int = 6, seed: int = 0):
+    """Integer label map of smooth random blobs (labels 1..n_labels), background 0 within
+    `margin` voxels of the border; NumPy/SciPy only."""
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    fields = [ndimage.gaussian_filter(rng.normal(size=shape), 3.0) for _ in range(n_labels)]
+    labels = (np.argmax(np.stack(fields), axis=0) + 1).astype(np.int32)
+    inside = np.zeros(shape, bool)
+    inside[tuple(slice(margin, n - margin) for n in shape)] = True
+    labels[~inside] = 0
+    return labels
+
+
+@pytest.fixture(scope="session")
+def blob_labels():
+    """``blob_labels(shape, n_labels=5, margin=6, seed=0)`` -> int32 label map of random blobs."""
+    return _blob_labels

@@ -292,8 +292,11 @@ def test_wrong_dimensionality_and_bad_values(col):
         _spec(col, "images: images/*.nii.gz\nshape: 16\n")
     with pytest.raises(ConfigError, match=r"pairing: expected one of .*got 'scan2scan'"):
         _spec(col, "images: images/*.nii.gz\npairing: scan2scan\n")
-    with pytest.raises(ConfigError, match=r"augment\.deform\.max_disp: must be < spacing / 2"):
-        _spec(col, "images: images/*.nii.gz\naugment: {deform: {max_disp: 5, spacing: 8}}\n")
+    # the old limit spacing / 2 let folding fields through (3.9 at spacing 8): 3D bound is 8 / 6
+    with pytest.raises(ConfigError, match=r"augment\.deform\.max_disp: must be < 1\.333 in 3D"):
+        _spec(col, "images: images/*.nii.gz\naugment: {deform: {max_disp: 3.9, spacing: 8}}\n")
+    with pytest.raises(ConfigError, match=r"augment\.affine\.shear: must be < 0\.5 in 3D"):
+        _spec(col, "images: images/*.nii.gz\naugment: {affine: {shear: 0.6}}\n")
 
 
 def test_user_errors_exit_non_zero_with_one_line(col):

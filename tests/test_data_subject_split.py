@@ -6,6 +6,7 @@ import itertools
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfreg.data import DataSpec
@@ -81,3 +82,24 @@ def test_pairs_split_refused_when_one_atlas_links_everything(col):
                                           "pairs"):
         _spec(col, "images: images/*.nii.gz\nshape: [8, 8, 8]\npairing: scan-to-atlas\n"
                    f"atlas: {names[0]}\ngroups: 'sub-(\\d+)'\n")
+
+
+def test_sampling_with_replacement_draws_independent_pairs(col):
+    base = "images: images/*.nii.gz\nshape: [8, 8, 8]\n"
+    epoch = _spec(col, base).sampler("train", shuffle=True, seed=3)
+    draws = [epoch(k) for k in range(10)]
+    assert sorted(f for f, _ in draws) == list(range(10))  # each scan fixed once per epoch
+    spec = _spec(col, base + "sampling: replacement\n")
+    assert spec.describe()["sampling"] == "replacement"
+    sampler = spec.sampler("train", shuffle=True, seed=3)
+    draws = [sampler(k) for k in range(400)]
+    assert draws == [sampler(k) for k in range(400)]  # a function of (seed, k)
+    assert all(f != m for f, m in draws)
+    fixed = [f for f, _ in draws]
+    # with replacement: within the first 10 draws some scan repeats (all distinct has
+    # probability 10!/10^10 < 4e-4), and over 400 draws each scan is fixed about 40 times
+    assert len(set(fixed[:10])) < 10
+    counts = np.bincount(fixed, minlength=10)
+    assert counts.min() > 15 and counts.max() < 70
+    with pytest.raises(ConfigError, match=r"sampling: expected one of epoch, replacement"):
+        _spec(col, base + "sampling: random\n")

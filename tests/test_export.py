@@ -122,13 +122,31 @@ def test_load_model_registers_numpy_arrays(trained):
     np.testing.assert_allclose(same.register(fixed, moving)[1], disp_b, atol=1e-5)
     other = load_model(model_dir, overrides={"model.int_steps": 0})
     assert other.config["model"]["int_steps"] == 0
-    assert np.abs(other.register(fixed, moving)[1] - disp_b).max() > 1e-7
 
     with pytest.raises(InputError) as err:
         model.register(np.zeros((8, 8, 8)), moving)
     assert str(err.value) == "fixed: expected shape (16, 16, 16) or (B, *(16, 16, 16), C), got (8, 8, 8)"
     with pytest.raises(ConfigError, match=r"model\.nope: unknown key"):
         load_model(model_dir, overrides={"model.nope": 1})
+
+
+def test_changed_setting_changes_a_non_trivial_field(trained, tmp_path):
+    """A 2-step model's field is ~1e-5 voxels, where exp(v) and v differ by ~1e-10: scale its flow
+    head so the field reaches ~2 voxels; then skipping the integration must change it by a
+    measurable amount (the squarings' second-order term), far above float32 noise (~1e-6)."""
+    _, model_dir = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    fixed, moving = _pair(3)
+    keras_model = load_model(copy, overrides={"model.int_steps": 7}).keras_model
+    before = np.abs(keras_model({"fixed": fixed, "moving": moving})["disp"]).max()
+    flow = keras_model.get_layer("flow")
+    flow.set_weights([w * (2.0 / before) for w in flow.get_weights()])
+    keras_model.save_weights(str(copy / "model.weights.h5"))
+    integrated = load_model(copy, overrides={"model.int_steps": 7}).register(fixed, moving)[1]
+    plain = load_model(copy, overrides={"model.int_steps": 0}).register(fixed, moving)[1]
+    assert 1.0 < np.abs(integrated).max() < 4.0
+    assert np.abs(plain - integrated).max() > 0.02
 
 
 def test_export_falls_back_to_the_newest_checkpoint(trained, tmp_path):

@@ -223,7 +223,7 @@ def test_entry_point_and_defaults_follow_the_original():
     cfg = _config()
     assert cfg["train"]["learning_rate"] == 1e-4 and cfg["train"]["batch_size"] == 1
     assert cfg["model"] == {"variant": "diffeomorphic", "features": 28, "res_blocks": 5,
-                            "range_flow": 0.4, "int_steps": 7}
+                            "range_flow": 0.4, "int_steps": 7, "units": "normalised"}
     assert cfg["loss"] == {"smooth": None, "antifold": 0.0}
     stages = METHOD.resolve_stages(cfg)
     assert [(s.name, s.steps, s.frozen, s.freeze_steps) for s in stages] == [

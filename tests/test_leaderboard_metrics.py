@@ -124,4 +124,4 @@ def test_register_and_evaluate_report_tre_and_table(tmp_path):
     result = CliRunner().invoke(cli, [str(a) for a in [
         "evaluate", spec, "--split", "test", "-o", csv_path, "--keypoints", tmp_path / "none"]])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "--keypoints folder does not exist" in result.output
+    assert "none: folder not found" in result.output or "none: --keypoints folder does not exist" in result.output

@@ -148,7 +148,8 @@ def test_constant_flow_head_gives_that_displacement():
     ({"model.int_resolution": 3}, (32, 32), "model.int_resolution: expected a power of two"),
     ({"model.enc_features": [16, 0]}, (32, 32), "model.enc_features: expected a non-empty list of positive integers"),
     ({"model.dec_features": [8, 8]}, (32, 32), "model.dec_features: needs at least len(enc_features) = 4 entries, got 2"),
-    ({"model.variant": "stride2", "model.svf_resolution": 2}, (32, 32), "model.svf_resolution: the stride2 variant"),
+    ({"model.variant": "stride2", "model.svf_resolution": 4}, (32, 32), "model.svf_resolution: the stride2 variant"),
+    ({"model.variant": "stride2", "model.svf_resolution": 2}, (32, 32), "model.dec_features: the stride2 variant with svf_resolution 2"),
 ])
 def test_model_config_errors(options, shape, message):
     with pytest.raises(ConfigError, match=None) as err:
@@ -242,7 +243,7 @@ def test_labels_null_reads_label_values_from_the_data(tmp_path):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"loss.image": "ssd"}, "loss.image: expected one of ncc, mse, got 'ssd'"),
+    ({"loss.image": "ssd"}, "loss.image: expected one of ncc, mse, mind, nmi, none, got 'ssd'"),
     ({"loss.image": "ncc", "loss.ncc_window": 4}, "loss.ncc_window: expected an odd integer >= 1, got 4"),
     ({"loss.lambda": -1.0}, "loss.lambda: expected a number >= 0, got -1.0"),
     ({"loss.grad_penalty": "l3"}, "loss.grad_penalty: expected l1 or l2, got 'l3'"),

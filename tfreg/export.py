@@ -3,10 +3,15 @@
 Model directory (`export`)::
 
     saved_model/        TF SavedModel, loadable with plain `tf.saved_model.load` (no tfreg):
-                          register(fixed, moving) -> {"warped", "displacement"}
+                          register(fixed, moving) -> {"warped", "displacement"
+                                                      [, "inverse_displacement"]}
                             fixed, moving: float32 (B, *S, 1); warped (B, *S, 1);
                             displacement (B, *S, N): voxels, fixed grid, channel d along array
-                            axis d, pull: warped(x) = moving(x + displacement(x))
+                            axis d, pull: warped(x) = moving(x + displacement(x));
+                            inverse_displacement (B, *S, N), for models that output their
+                            inverse ("inverse_disp": diffeomorphic and bidirectional ones):
+                            fixed(y + inverse_displacement(y)) maps the fixed image onto the
+                            moving one
                           warp(image, displacement) -> {"warped"}
                             nearest-neighbour (for label maps cast to float32),
                             image (B, *S, C), nearest border outside
@@ -54,14 +59,22 @@ class _Exported(tf.Module):
                                          tf.TensorSpec((None, *inshape, ndims), tf.float32)])
 
     def _register(self, fixed: tf.Tensor, moving: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs = self.model({"fixed": fixed, "moving": moving}, training=False)
-        return {"warped": tf.cast(outputs["warped"], tf.float32),
-                "displacement": tf.cast(outputs["disp"], tf.float32)}
+        return _signature_outputs(self.model({"fixed": fixed, "moving": moving}, training=False))
 
     def _warp(self, image: tf.Tensor, displacement: tf.Tensor) -> dict[str, tf.Tensor]:
         from tfreg.layers import warp
 
         return {"warped": warp(image, displacement, interp="nearest")}
+
+
+def _signature_outputs(outputs: dict) -> dict[str, tf.Tensor]:
+    """The `register` signature's outputs from a model's: `warped`, `displacement` and, when the
+    model outputs `inverse_disp`, `inverse_displacement` (all float32)."""
+    out = {"warped": tf.cast(outputs["warped"], tf.float32),
+           "displacement": tf.cast(outputs["disp"], tf.float32)}
+    if "inverse_disp" in outputs:
+        out["inverse_displacement"] = tf.cast(outputs["inverse_disp"], tf.float32)
+    return out
 
 
 def _read_run(run_dir: Path) -> tuple[dict, Any]:
@@ -198,7 +211,9 @@ def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None
         "step": state.step,
         "signatures": {
             "register": "(fixed, moving) float32 (B, *S, 1) -> {warped (B, *S, 1), "
-                        "displacement (B, *S, N) voxels, pull}",
+                        "displacement (B, *S, N) voxels, pull"
+                        + (", inverse_displacement (B, *S, N)"
+                           if "inverse_disp" in getattr(model, "output", {}) else "") + "}",
             "warp": "(image (B, *S, C), displacement (B, *S, N)) -> {warped}, nearest",
         },
         **(extra_info or {}),
@@ -254,15 +269,18 @@ class RegistrationModel:
             raise InputError(f"{name}: expected {channels} channel(s), got {array.shape[-1]}")
         return tf.convert_to_tensor(array.astype(np.float32)), batched
 
-    def register(self, fixed: Any, moving: Any) -> tuple[np.ndarray, np.ndarray]:
+    def register(self, fixed: Any, moving: Any, *, inverse: bool = False) -> tuple:
         """Register `moving` to `fixed` (preprocessed arrays at `inshape`).
 
         Args:
             fixed, moving: `(*S)` or `(B, *S, 1)` arrays.
+            inverse: also return the model's inverse displacement (None when the model has no
+                `inverse_displacement` output).
 
         Returns:
             `(warped, displacement)`: `(*S)` and `(*S, N)` for unbatched inputs, else
-            `(B, *S, 1)` and `(B, *S, N)`; displacement in voxels, pull convention.
+            `(B, *S, 1)` and `(B, *S, N)`; displacement in voxels, pull convention. With
+            `inverse`, a third item: the inverse displacement, same layout, or None.
         """
         fixed_t, batched = self._batched(fixed, "fixed")
         moving_t, _ = self._batched(moving, "moving")
@@ -271,9 +289,11 @@ class RegistrationModel:
                              f"{fixed_t.shape[0]}")
         out = self._register(fixed=fixed_t, moving=moving_t)
         warped, disp = out["warped"].numpy(), out["displacement"].numpy()
+        inv = out["inverse_displacement"].numpy() if "inverse_displacement" in out else None
         if not batched:
-            return warped[0, ..., 0], disp[0]
-        return warped, disp
+            warped, disp = warped[0, ..., 0], disp[0]
+            inv = None if inv is None else inv[0]
+        return (warped, disp, inv) if inverse else (warped, disp)
 
     def warp(self, image: Any, displacement: Any) -> np.ndarray:
         """Nearest-neighbour warp (label maps): `(*S)` or `(B, *S, C)` image, `(*S, N)` or
@@ -343,9 +363,7 @@ def load_model(model_dir: str | Path, overrides: dict | None = None) -> Registra
 
     @tf.function
     def register_fn(fixed, moving):
-        out = model({"fixed": fixed, "moving": moving}, training=False)
-        return {"warped": tf.cast(out["warped"], tf.float32),
-                "displacement": tf.cast(out["disp"], tf.float32)}
+        return _signature_outputs(model({"fixed": fixed, "moving": moving}, training=False))
 
     @tf.function
     def warp_fn(image, displacement):

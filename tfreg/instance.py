@@ -4,7 +4,7 @@ Pipeline, on two arrays already on the same grid (2D or 3D):
 
 1. **Moments**: a translation that aligns the intensity centres of mass.
 2. **Affine**: a centred affine ``y = A (x - c) + b + c`` (voxels of the fixed grid,
-   ``c = (shape - 1) / 2``, the convention of `tfreg.layers.affine_to_disp`), fitted by Adam on a
+   ``c = (shape - 1) / 2``, the convention of `tfreg.ops.fields.affine_to_disp`), fitted by Adam on a
    coarse pyramid level.
 3. **Diffeomorphic**: a stationary velocity field ``v`` optimised coarse to fine on an image
    pyramid; the displacement is ``u = exp(v)`` by scaling and squaring. ``v`` is a
@@ -27,10 +27,13 @@ Gradients: the backward pass treats ``exp`` as the identity (``du/dv ~ I``, exac
 ``v``; the forward pass integrates properly). Back-propagating through the squarings took 2.7x
 the time for +0.005 Dice on one benchmark pair.
 
+Optimiser: Keras' Adam (`keras.optimizers.Adam`), whose update runs inside the XLA-compiled step.
+The mathematics (sampling, fields, filters, NCC, smoothness) is `tfreg.ops` / `tfreg.losses`.
+
 Speed (see docs/register.md for measurements): one `tf.function` per pyramid level is XLA-compiled
 (on CPU XLA runs these gather-heavy steps ~10x faster than graph mode) and reused for every pair of
-the same shape in a process; images and parameters are passed as arguments, never captured as
-constants; the scaling-and-squaring loop is a `tf.while_loop`, which XLA compiles once; the steps
+the same shape in a process (kept in the bounded `tfreg.ops.compile_cache`); images are passed as
+arguments, never captured as constants; the parameters live in a variable per compiled step; the scaling-and-squaring loop is a `tf.while_loop`, which XLA compiles once; the steps
 of later levels are compiled in background threads while the first stage runs.
 """
 
@@ -43,16 +46,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from tfreg import layers, losses
+from tfreg import losses
 from tfreg.errors import ConfigError, InputError
+from tfreg.ops import compile_cache, fields, filters, intensity, sampling
 
 __all__ = ["InstanceConfig", "InstanceResult", "PRESETS", "make_config", "register_arrays",
-           "adapt_to_shape", "moments_init", "normalize_image", "local_ncc"]
+           "adapt_to_shape", "moments_init", "normalize_image", "local_ncc", "velocity_displacement"]
 
-SIMILARITIES = ("ncc", "mse")
+SIMILARITIES = ("ncc", "mse", "mind", "nmi")
+#: similarities that compare images of different contrasts (the affine stage uses them too).
+MULTI_CONTRAST = ("mind", "nmi")
 _PER_LEVEL = ("iterations", "learning_rate", "ncc_win")
 
 
@@ -71,8 +78,11 @@ class InstanceConfig:
         field_level: finest level the velocity lives on (1 = half resolution).
         int_steps: scaling-and-squaring steps.
         lr_decay: the step size decays linearly within each level to this fraction.
-        similarity: ``"ncc"`` (local signed NCC, robust to intensity differences between scans)
-            or ``"mse"`` (same contrast and intensity scale only).
+        similarity: ``"ncc"`` (local signed NCC, robust to intensity differences between scans
+            of one contrast), ``"mse"`` (same contrast and intensity scale only), ``"mind"``
+            (L1 distance of MIND-SSC descriptors, `tfreg.ops.mind`; any contrasts) or ``"nmi"``
+            (Parzen-window normalised mutual information, `tfreg.ops.mutual_information`; any
+            contrasts). Used by the affine and the deformable stages alike.
         ncc_eps: stabiliser of ``cross / sqrt(var_f var_w + eps)`` (sums over the window).
         ncc_floor: at the finest level of the schedule (and in the affine stage), NCC windows
             are weighted by ``var_f / (var_f + n ncc_floor^2)`` (``var_f`` the fixed image's
@@ -238,6 +248,10 @@ class InstanceResult:
         initial_similarity: the same before registration.
         stage_seconds: wall time per stage, tracing and XLA compilation included.
         config: the settings used (after `adapt_to_shape`).
+        velocity: `(*S_k, N)` stationary velocity (smoothed, level-``k`` voxels) on pyramid
+            level ``k = velocity_level``, or None without a deformable stage:
+            ``disp = Aff(x + velocity_displacement(velocity, k, S, steps)) - x``.
+        velocity_level: its pyramid level.
     """
 
     disp: np.ndarray
@@ -246,26 +260,31 @@ class InstanceResult:
     initial_similarity: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     config: InstanceConfig | None = None
+    velocity: np.ndarray | None = None
+    velocity_level: int = 0
 
 
 # ------------------------------------------------------------------------------------ helpers
+#: The similarity that `tfreg register` reports (`local_ncc`): signed local NCC, window 7,
+#: contrast-weighted; the same `tfreg.losses.NCC` the optimisation minimises (other window/eps).
+REPORT_NCC = dict(win=7, squared=False, eps=1e-3, eps_mode="add", contrast_floor=0.03)
+
+
 def normalize_image(image: np.ndarray, low: float = 0.0, high: float = 99.9) -> np.ndarray:
-    """Intensities mapped to [0, 1] by the `low` and `high` percentiles, then clipped; float32."""
-    image = np.asarray(image, np.float32)
-    lo, hi = np.percentile(image, [low, high])
-    if not hi > lo:
-        hi = lo + 1.0
-    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    """Intensities mapped to [0, 1] by the `low` and `high` percentiles, then clipped; float32
+    (`tfreg.ops.intensity.normalize_percentile`)."""
+    return intensity.normalize_percentile(image, low, high)
 
 
-def moments_init(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+def moments_init(fixed: np.ndarray, moving: np.ndarray, binary: bool = False) -> np.ndarray:
     """Translation aligning the intensity centres of mass, as a centred affine `(N, N+1)`.
 
-    Intensities below 10% of each image's maximum are ignored (background). Returns ``[I | b]``
-    with ``b = com_moving - com_fixed`` (voxels).
+    Intensities below 10% of each image's maximum are ignored (background). With `binary`, every
+    foreground voxel weighs 1 (the centre of the foreground, independent of the contrast).
+    Returns ``[I | b]`` with ``b = com_moving - com_fixed`` (voxels).
     """
     def com(img: np.ndarray) -> np.ndarray:
-        w = np.where(img > 0.1 * img.max(), img, 0.0).astype(np.float64)
+        w = np.where(img > 0.1 * img.max(), 1.0 if binary else img, 0.0).astype(np.float64)
         total = w.sum()
         if total <= 0:
             return (np.asarray(img.shape) - 1) / 2.0
@@ -279,163 +298,100 @@ def moments_init(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return out
 
 
+def _feature_pyramid(pyramid: list[tf.Tensor], similarity: str) -> list[tf.Tensor]:
+    """What the similarity compares at each level: the images, or for ``"mind"`` their MIND-SSC
+    descriptors (`tfreg.ops.mind.mind_ssc`, sigma 0.8, dilation 2 level voxels), computed once per
+    level; the moving descriptors are then warped like an image (12 channels in 3D)."""
+    if similarity != "mind":
+        return pyramid
+    from tfreg.ops.mind import mind_ssc
+
+    return [mind_ssc(level, sigma=0.8, dilation=2) for level in pyramid]
+
+
 def _pyramid(image: tf.Tensor, depth: int) -> list[tf.Tensor]:
-    """``[level 0 (input), ..., level depth]``: each `tfreg.losses.avg_pool_half` of the one
+    """``[level 0 (input), ..., level depth]``: each `tfreg.ops.filters.pool_half` of the one
     before."""
     out = [image]
     for _ in range(depth):
-        out.append(losses.avg_pool_half(out[-1]))
+        out.append(filters.pool_half(out[-1]))
     return out
 
 
 def _level_grid(shape: Sequence[int], factor: float, centre: Sequence[float]) -> tf.Tensor:
     """``factor * q - centre`` for the voxels ``q`` of a level, `(1, *shape, N)` float32."""
-    axes = [tf.range(n, dtype=tf.float32) * factor - float(c) for n, c in zip(shape, centre)]
-    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)[None]
+    return fields.centred_grid(shape, scale=factor, centre=centre)[None]
 
 
 def _apply_affine(points: tf.Tensor, affine: tf.Tensor, centre: Sequence[float]) -> tf.Tensor:
     """``A p + b + c`` for centred points ``p`` `(1, *S, N)`: full-resolution voxel positions."""
-    ndims = points.shape[-1]
-    moved = tf.tensordot(points, tf.transpose(affine[:, :ndims]), axes=1) + affine[:, ndims]
-    return moved + tf.constant(np.asarray(centre, np.float32))
+    return fields.apply_affine(affine, points) + tf.constant(np.asarray(centre, np.float32))
 
 
-def _upsample(x: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
-    """Linear interpolation of a level-``k`` array onto level ``k-1`` (voxel ``p`` <- ``p / 2``).
+def _similarity_fn(cfg: InstanceConfig, win: int, floor: float
+                   ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``loss(fixed, warped)`` (lower is better) for images `(1, *S, 1)`.
 
-    Output voxel ``2k`` copies input ``k``; ``2k+1`` averages inputs ``k`` and ``k+1`` (the last
-    input repeats at the border). Slices and reshapes only, so its gradient is cheap under XLA.
-    Values are not rescaled.
-
-    Args:
-        x: `(1, *S, C)` with ``S = ceil(shape / 2)``.
-        shape: spatial shape of the finer level.
-
-    Returns:
-        `(1, *shape, C)`.
-    """
-    ndims = len(shape)
-    for d, n_out in enumerate(shape):
-        axis = d + 1
-        n_in = x.shape[axis]
-        if n_in == n_out:
-            continue
-        if n_in > 1:
-            nxt = tf.concat([tf.gather(x, list(range(1, n_in)), axis=axis),
-                             tf.gather(x, [n_in - 1], axis=axis)], axis=axis)
-        else:
-            nxt = x
-        pair = tf.stack([x, 0.5 * (x + nxt)], axis=axis + 1)
-        new_shape = [-1] + [x.shape[i] for i in range(1, ndims + 2)]
-        new_shape[axis] = 2 * n_in
-        x = tf.reshape(pair, new_shape)
-        if 2 * n_in != n_out:
-            index = [slice(None)] * (ndims + 2)
-            index[axis] = slice(0, n_out)
-            x = x[tuple(index)]
-    return x
-
-
-def _smooth(x: tf.Tensor, sigma: float) -> tf.Tensor:
-    """Gaussian-like smoothing: three passes of a separable box filter of odd width ``w`` with
-    ``3 (w^2 - 1) / 12 ~ sigma^2`` (zero padding)."""
-    if sigma <= 0:
-        return x
-    width = max(1, int(round(math.sqrt(4.0 * sigma * sigma + 1.0))))
-    width += 1 - width % 2
-    if width == 1:
-        return x
-    ndims = len(x.shape) - 2
-    norm = 1.0 / float(width ** ndims)
-    for _ in range(3):
-        x = losses.box_sum(x, (width,) * ndims) * norm
-    return x
-
-
-def _ncc_terms(fixed: tf.Tensor, warped: tf.Tensor, win: int, eps: float
-               ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-voxel signed local NCC ``cross / sqrt(var_f var_w + eps)`` and ``var_f``, from sums
-    over the window."""
-    ndims = len(fixed.shape) - 2
-    n = float(win ** ndims)
-    sums = losses.box_sum(tf.concat([fixed, warped, fixed * fixed, warped * warped,
-                                     fixed * warped], axis=-1), (win,) * ndims)
-    s_f, s_w, s_ff, s_ww, s_fw = tf.unstack(sums, axis=-1)
-    var_f = tf.maximum(s_ff - s_f * s_f / n, 0.0)
-    var_w = tf.maximum(s_ww - s_w * s_w / n, 0.0)
-    cross = s_fw - s_f * s_w / n
-    return cross / tf.sqrt(var_f * var_w + eps), var_f
-
-
-def _similarity_fn(cfg: InstanceConfig, win: int
-                   ) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]:
-    """``loss(fixed, warped, floor)`` (lower is better) for images `(1, *S, 1)`.
-
-    For NCC, a `floor` > 0 (a scalar tensor) weights the windows by the fixed image's contrast
-    (see `InstanceConfig.ncc_floor`); 0 gives the plain mean over voxels. MSE ignores `floor`.
+    NCC is `tfreg.losses.NCC` (signed, ``eps`` added, window `win`); a `floor` > 0 weights the
+    windows by the fixed image's contrast (see `InstanceConfig.ncc_floor`), 0 gives the plain mean.
     """
     if cfg.similarity == "mse":
-        return lambda f, w, floor: 100.0 * tf.reduce_mean(tf.square(f - w))
+        mse = losses.MSE()
+        return lambda f, w: 100.0 * mse(f, w)
+    if cfg.similarity == "mind":
+        # images are MIND-SSC descriptor stacks here (see `_feature_pyramid`)
+        return lambda f, w: tf.reduce_mean(tf.abs(f - w))
+    if cfg.similarity == "nmi":
+        from tfreg.ops.mutual_information import normalized_mutual_information
 
-    def ncc(f: tf.Tensor, w: tf.Tensor, floor: tf.Tensor) -> tf.Tensor:
-        cc, var_f = _ncc_terms(f, w, win, cfg.ncc_eps)
-        n = float(win ** (len(f.shape) - 2))
-        contrast = var_f / (var_f + n * floor * floor + 1e-12)
-        weight = tf.stop_gradient(tf.where(floor > 0, contrast, tf.ones_like(var_f)))
-        return -tf.reduce_sum(weight * cc) / (tf.reduce_sum(weight) + 1e-12)
-
-    return ncc
+        return lambda f, w: -tf.reduce_mean(
+            normalized_mutual_information(f, w, bins=32, value_range=(0.0, 1.0)))
+    return losses.NCC(win=win, squared=False, eps=cfg.ncc_eps, eps_mode="add",
+                      contrast_floor=floor)
 
 
-def local_ncc(fixed: np.ndarray, warped: np.ndarray, win: int = 7, floor: float = 0.03) -> float:
+def local_ncc(fixed: np.ndarray, warped: np.ndarray, win: int = REPORT_NCC["win"],
+              floor: float = REPORT_NCC["contrast_floor"]) -> float:
     """Contrast-weighted mean of the signed local NCC (window `win`) of two images in [0, 1].
 
-    Windows are weighted by ``var_f / (var_f + n floor^2)`` (the fixed image's variance sum over the
-    window, ``n`` voxels), so flat background does not dilute the figure: about 1 for identical
-    images, about 0 for unrelated ones. Reported by `tfreg register` before and after.
+    ``tfreg.losses.NCC(**REPORT_NCC).similarity``: windows are weighted by
+    ``var_f / (var_f + n floor^2)`` (the fixed image's variance sum over the window, ``n``
+    voxels), so flat background does not dilute the figure: about 1 for identical images, about 0
+    for unrelated ones. Reported by `tfreg register` before and after.
     """
+    options = {**REPORT_NCC, "win": win, "contrast_floor": floor}
     f = tf.constant(np.asarray(fixed, np.float32)[None, ..., None])
     w = tf.constant(np.asarray(warped, np.float32)[None, ..., None])
-    cc, var_f = _ncc_terms(f, w, win, 1e-3)
-    n = float(win ** (f.shape.rank - 2))
-    weight = var_f / (var_f + n * floor * floor)
-    return float((tf.reduce_sum(weight * cc) / (tf.reduce_sum(weight) + 1e-12)).numpy())
+    return float(losses.NCC(**options).similarity(f, w).numpy())
 
 
 def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:
-    """Scaling and squaring ``u = exp(v)`` (as `tfreg.layers.integrate_svf`) in a `tf.while_loop`.
+    """Scaling and squaring as a `tf.while_loop` (`tfreg.ops.fields.integrate_svf(loop=True)`).
 
     XLA compiles the loop body once: 5 steps at 24x28x24 compile in ~0.17 s against ~0.33 s
-    unrolled (same run time, 1.2 ms). With an earlier formulation of `tfreg.layers.warp` the
-    unrolled form was pathological under XLA (~10 s to compile, ~90 ms per call).
+    unrolled (same run time, 1.2 ms).
     """
-    disp = velocity / float(2 ** steps)
-    if steps == 0:
-        return disp
-    _, disp = tf.while_loop(lambda i, d: i < steps, lambda i, d: (i + 1, d + layers.warp(d, d)),
-                            (tf.constant(0), disp), maximum_iterations=steps)
-    return disp
+    return fields.integrate_svf(velocity, steps, loop=True)
 
 
-def _grad_l2(v: tf.Tensor) -> tf.Tensor:
-    """``mean |grad v|^2`` by forward differences, averaged over axes."""
-    ndims = len(v.shape) - 2
-    terms = []
-    for d in range(ndims):
-        hi = [slice(None)] * (ndims + 2)
-        lo = [slice(None)] * (ndims + 2)
-        hi[d + 1], lo[d + 1] = slice(1, None), slice(None, -1)
-        terms.append(tf.reduce_mean(tf.square(v[tuple(hi)] - v[tuple(lo)])))
-    return tf.add_n(terms) / ndims
+def velocity_displacement(velocity, level: int, shape: Sequence[int], steps: int) -> tf.Tensor:
+    """Full-resolution displacement ``exp(v)`` of a velocity on pyramid level `level`.
 
+    Args:
+        velocity: `(*S_k, N)` velocity in level-`level` voxels (``InstanceResult.velocity``).
+        level: its pyramid level (grid ``ceil(shape / 2**level)``).
+        shape: full-resolution spatial shape `S`.
+        steps: scaling-and-squaring steps.
 
-def _adam(param, grad, m, s, t, lr, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam update (Kingma and Ba, 2015) on tensors; ``t`` is the 1-based step (float32)."""
-    m = beta1 * m + (1 - beta1) * grad
-    s = beta2 * s + (1 - beta2) * tf.square(grad)
-    step = lr * (m / (1 - beta1 ** t)) / (tf.sqrt(s / (1 - beta2 ** t)) + eps)
-    return param - step, m, s
+    Returns:
+        `(*S, N)` float32 displacement in full-resolution voxels. With ``-velocity`` it is the
+        inverse map's displacement (up to the interpolation of the upsampling).
+    """
+    shapes = [tuple(int(math.ceil(n / 2 ** k)) for n in shape) for k in range(level + 1)]
+    u = _integrate(tf.convert_to_tensor(velocity, tf.float32)[None], steps) * float(2 ** level)
+    for k in range(level, 0, -1):
+        u = fields.upsample_level(u, shapes[k - 1])
+    return u[0]
 
 
 def _params_to_affine(theta: tf.Tensor, init: tf.Tensor, ndims: int, scale: float) -> tf.Tensor:
@@ -447,73 +403,95 @@ def _params_to_affine(theta: tf.Tensor, init: tf.Tensor, ndims: int, scale: floa
 
 
 # ------------------------------------------------------------------------ compiled steps
-_STEPS: dict[tuple, Callable] = {}
+class _Optimiser:
+    """One parameter tensor, Keras' Adam on it, and one compiled optimisation step.
+
+    ``step(lr, fixed, moving, affine) -> loss`` computes ``loss_fn(param, fixed, moving, affine)``
+    (which returns ``(loss to minimise, loss to report)``), applies one Adam update with step
+    size `lr` and returns the reported loss. The Keras optimizer's update runs inside the
+    XLA-compiled step (one compiled function per level; measured on this CPU in
+    docs/register.md). Kept in `tfreg.ops.compile_cache` and reused for every pair of the same
+    shapes: `reset` sets the parameter and clears Adam's moments and step count.
+
+    Adam's ``epsilon`` is 1e-9 because Keras adds it to ``sqrt(v)`` before bias correction: that
+    equals ``1e-8`` added after bias correction at step ~10 (Kingma and Ba's form).
+    """
+
+    def __init__(self, shape: tuple[int, ...], loss_fn: Callable, jit: bool):
+        self.param = tf.Variable(tf.zeros(shape, tf.float32), trainable=True)
+        self.optimizer = keras.optimizers.Adam(learning_rate=0.0, epsilon=1e-9)
+        self.optimizer.build([self.param])
+        self.loss_fn = loss_fn
+        self.step = tf.function(self._step, jit_compile=jit, autograph=False)
+
+    def _step(self, lr, fixed, moving, affine):
+        self.optimizer.learning_rate = lr
+        with tf.GradientTape() as tape:
+            loss, report = self.loss_fn(self.param, fixed, moving, affine)
+        self.optimizer.apply_gradients([(tape.gradient(loss, self.param), self.param)])
+        return report
+
+    def reset(self, value: tf.Tensor) -> None:
+        self.param.assign(value)
+        for var in self.optimizer.variables:
+            var.assign(tf.zeros(var.shape, var.dtype))
 
 
-def _compiled(key: tuple, build: Callable[[], Callable], jit: bool) -> Callable:
-    """One `tf.function` per key (shapes and static settings), reused across pairs."""
-    key = key + (jit,)
-    if key not in _STEPS:
-        _STEPS[key] = tf.function(build(), jit_compile=jit, autograph=False)
-    return _STEPS[key]
-
-
-def _affine_step_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
+def _affine_loss_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
                     centre: tuple[float, ...], scale: float) -> Callable:
-    """One Adam step on the affine parameters, images compared at pyramid level `level`.
+    """Loss of the affine parameters, images compared at pyramid level `level`.
 
     The NCC windows are weighted by the fixed image's contrast at every level here: it keeps the
     affine of an image with itself at the identity and gave better overlap on the benchmark.
     """
     ndims = len(shape)
     factor = float(2 ** level)
-    sim = _similarity_fn(cfg, win)
-    floor = tf.constant(cfg.ncc_floor, tf.float32)
+    sim = _similarity_fn(cfg, win, cfg.ncc_floor)
 
-    def step(theta, m, s, t, lr, fixed, moving, init):
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            affine = _params_to_affine(theta, init, ndims, scale)
-            target = _apply_affine(_level_grid(shape, factor, centre), affine, centre)
-            disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
-            loss = sim(fixed, layers.warp(moving, disp), floor)
-        theta, m, s = _adam(theta, tape.gradient(loss, theta), m, s, t, lr)
-        return theta, m, s, loss
+    def loss_fn(theta, fixed, moving, init):
+        affine = _params_to_affine(theta, init, ndims, scale)
+        target = _apply_affine(_level_grid(shape, factor, centre), affine, centre)
+        disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
+        loss = sim(fixed, sampling.warp(moving, disp))
+        return loss, loss
 
-    return step
+    return loss_fn
 
 
-def _svf_step_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int, vlevel: int,
+def _svf_loss_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int, vlevel: int,
                  win: int, centre: tuple[float, ...], floor: float) -> Callable:
-    """One Adam step on the velocity parameters (the affine fixed).
+    """Loss of the velocity parameters (the affine fixed).
 
     Images are compared at pyramid level `level` (NCC windows weighted by contrast when
     `floor` > 0); the velocity lives on level `vlevel >= level` and its displacement is upsampled
-    to the image level.
+    to the image level. Reports the similarity term alone.
     """
     shape = shapes[level]
     ndims = len(shape)
     factor = float(2 ** level)
-    sim = _similarity_fn(cfg, win)
-    floor = tf.constant(floor, tf.float32)
+    sim = _similarity_fn(cfg, win, floor)
+    smoothness = losses.Grad("l2")
 
-    def step(w, m, s, t, lr, fixed, moving, affine):
-        with tf.GradientTape() as tape:
-            tape.watch(w)
-            v = _smooth(w, cfg.smooth_sigma)
-            # exp(v) forward; identity Jacobian backward
-            u = tf.stop_gradient(_integrate(v, cfg.int_steps) - v) + v
-            u = u * float(2 ** vlevel)  # full-resolution voxels
-            for k in range(vlevel, level, -1):
-                u = _upsample(u, shapes[k - 1])
-            target = _apply_affine(_level_grid(shape, factor, centre) + u, affine, centre)
-            disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
-            sim_loss = sim(fixed, layers.warp(moving, disp), floor)
-            loss = sim_loss + cfg.lam * _grad_l2(v)
-        w, m, s = _adam(w, tape.gradient(loss, w), m, s, t, lr)
-        return w, m, s, sim_loss
+    def loss_fn(w, fixed, moving, affine):
+        v = filters.box_gaussian(w, cfg.smooth_sigma)
+        # exp(v) forward; identity Jacobian backward
+        u = tf.stop_gradient(_integrate(v, cfg.int_steps) - v) + v
+        u = u * float(2 ** vlevel)  # full-resolution voxels
+        for k in range(vlevel, level, -1):
+            u = fields.upsample_level(u, shapes[k - 1])
+        target = _apply_affine(_level_grid(shape, factor, centre) + u, affine, centre)
+        disp = target / factor - _level_grid(shape, 1.0, np.zeros(ndims))
+        sim_loss = sim(fixed, sampling.warp(moving, disp))
+        return sim_loss + cfg.lam * smoothness(None, v), sim_loss
 
-    return step
+    return loss_fn
+
+
+def _optimiser(key: tuple, shape: tuple[int, ...], build_loss: Callable[[], Callable],
+               jit: bool) -> _Optimiser:
+    """The cached `_Optimiser` of `key` (shapes and static settings)."""
+    return compile_cache.cached(("instance",) + key + (jit,),
+                                lambda: _Optimiser(shape, build_loss(), jit))
 
 
 def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[tuple[int, ...]],
@@ -523,35 +501,35 @@ def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[
     if w is None:
         return tf.zeros((1, *shapes[dst], ndims), tf.float32)
     for k in range(src, dst, -1):
-        w = _upsample(w, shapes[k - 1]) * 2.0
+        w = fields.upsample_level(w, shapes[k - 1]) * 2.0
     for _ in range(src, dst):
-        w = losses.avg_pool_half(w) * 0.5
+        w = filters.pool_half(w) * 0.5
     return w
 
 
-def _precompile(stages: list, theta: tf.Tensor, f_pyr: list, m_pyr: list, affine: tf.Tensor,
-                shapes: list, ndims: int) -> list[threading.Thread]:
+def _precompile(stages: list, f_pyr: list, m_pyr: list, affine: tf.Tensor
+                ) -> dict[int, threading.Thread]:
     """Compile the steps of later stages in background threads while the first stage runs.
 
     XLA compiles each function on one core, and the optimisation steps of these small problems
     keep about one core busy, so on a 2-core CPU compiling all levels at once hides most of the
-    compilation. Each step runs once on zeros (its result is discarded); errors are left to the
-    real call.
+    compilation. Each step runs once with step size 0 (the stage resets its optimiser before
+    use); errors are left to the real call. Returns the thread of each stage index.
     """
-    def work(lvl: int, vlevel: int | None, step: Callable) -> None:
+    def work(lvl: int, opt: _Optimiser) -> None:
         try:
-            param = theta if vlevel is None else tf.zeros((1, *shapes[vlevel], ndims))
-            zero = tf.zeros_like(param)
-            step(param, zero, zero, tf.constant(1.0), tf.constant(0.0), f_pyr[lvl], m_pyr[lvl],
-                 affine)
+            opt.reset(tf.zeros_like(opt.param))
+            opt.step(tf.constant(0.0), f_pyr[lvl], m_pyr[lvl], affine)
         except Exception:  # noqa: BLE001 - the main thread's own call reports it
             return
 
-    threads = [threading.Thread(target=work, args=(lvl, vlevel, step), daemon=True,
-                                name=f"tfreg-precompile-{lvl}")
-               for _, lvl, vlevel, _, _, step in stages]
-    for thread in threads:
-        thread.start()
+    threads = {}
+    for index, (_, lvl, _, _, _, opt) in enumerate(stages):
+        if index == 0:
+            continue
+        threads[index] = threading.Thread(target=work, args=(lvl, opt), daemon=True,
+                                          name=f"tfreg-precompile-{lvl}")
+        threads[index].start()
     return threads
 
 
@@ -597,15 +575,16 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
     report = progress or (lambda *a: None)
     times: dict[str, float] = {}
 
-    f_pyr = _pyramid(tf.constant(fixed[None, ..., None]), depth)
-    m_pyr = _pyramid(tf.constant(moving[None, ..., None]), depth)
+    moving_t = tf.constant(moving[None, ..., None])
+    f_pyr = _feature_pyramid(_pyramid(tf.constant(fixed[None, ..., None]), depth), cfg.similarity)
+    m_pyr = _feature_pyramid(_pyramid(moving_t, depth), cfg.similarity)
     shapes = [tuple(x.shape[1:-1]) for x in f_pyr]
     scale = float(max(shape)) / 10.0
 
     if init_affine is not None:
         affine = np.asarray(init_affine, np.float32).reshape(ndims, ndims + 1)
     elif cfg.affine:
-        affine = moments_init(fixed, moving)
+        affine = moments_init(fixed, moving, binary=cfg.similarity in MULTI_CONTRAST)
     else:
         affine = np.eye(ndims, ndims + 1, dtype=np.float32)
     affine = tf.constant(affine, tf.float32)
@@ -613,69 +592,72 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
 
     static = dataclasses.replace(cfg, iterations=(), learning_rate=(), ncc_win=(), levels=(),
                                  affine_iterations=0, affine_lr=0.0, lr_decay=1.0)
-    # (name, image level, velocity level or None for the affine stage, steps, step size, step fn)
+    # (name, image level, velocity level or None for the affine stage, steps, step size, optimiser)
     stages = []
     if cfg.affine and cfg.affine_iterations > 0:
         lvl = cfg.affine_level
         win = cfg.ncc_win[0] if cfg.levels else 5
-        step = _compiled(("affine", shapes[lvl], lvl, win, centre, scale, static),
-                         lambda: _affine_step_fn(cfg, shapes[lvl], lvl, win, centre, scale), jit)
-        stages.append(("affine", lvl, None, cfg.affine_iterations, cfg.affine_lr, step))
+        opt = _optimiser(("affine", shapes[lvl], lvl, win, centre, scale, static), theta.shape,
+                         lambda: _affine_loss_fn(cfg, shapes[lvl], lvl, win, centre, scale), jit)
+        stages.append(("affine", lvl, None, cfg.affine_iterations, cfg.affine_lr, opt))
     for index, lvl in enumerate(cfg.levels):
         win = cfg.ncc_win[index]
         vlevel = min(max(lvl, cfg.field_level), depth)
         # contrast-weighted NCC at the finest level only (see InstanceConfig.ncc_floor)
         floor = cfg.ncc_floor if lvl == cfg.levels[-1] else 0.0
-        step = _compiled(("svf", tuple(shapes), lvl, vlevel, win, centre, floor, static),
-                         lambda lvl=lvl, vlevel=vlevel, win=win, floor=floor: _svf_step_fn(
+        opt = _optimiser(("svf", tuple(shapes), lvl, vlevel, win, centre, floor, static),
+                         (1, *shapes[vlevel], ndims),
+                         lambda lvl=lvl, vlevel=vlevel, win=win, floor=floor: _svf_loss_fn(
                              cfg, shapes, lvl, vlevel, win, centre, floor), jit)
         stages.append((f"level {index + 1}/{len(cfg.levels)}", lvl, vlevel,
-                       cfg.iterations[index], cfg.learning_rate[index], step))
+                       cfg.iterations[index], cfg.learning_rate[index], opt))
     stages = [stage for stage in stages if stage[3] > 0]
-    warmup = _precompile(stages[1:], theta, f_pyr, m_pyr, affine, shapes, ndims)
+    warmup = _precompile(stages, f_pyr, m_pyr, affine)
 
     w, w_level = None, None
-    for name, lvl, vlevel, total, lr0, step in stages:
+    for index, (name, lvl, vlevel, total, lr0, opt) in enumerate(stages):
+        if index in warmup:
+            warmup[index].join()
         t0 = time.perf_counter()
         label = f"{name} ({'x'.join(map(str, shapes[lvl]))})"
         if vlevel is None:
-            param = theta
+            opt.reset(theta)
+            context = affine
         else:
             if w_level is None:  # the affine is final from here on
                 affine = _params_to_affine(theta, affine, ndims, scale)
                 theta = tf.zeros_like(theta)
-            param = w = _move_to_level(w, w_level, vlevel, shapes, ndims)
+            w = _move_to_level(w, w_level, vlevel, shapes, ndims)
             w_level = vlevel
-        m, s = tf.zeros_like(param), tf.zeros_like(param)
+            opt.reset(w)
+            context = affine
         for it in range(total):
             lr = lr0 * (1.0 - (1.0 - cfg.lr_decay) * it / max(total - 1, 1))
-            param, m, s, loss = step(param, m, s, tf.constant(it + 1.0), tf.constant(lr),
-                                     f_pyr[lvl], m_pyr[lvl], affine)
+            loss = opt.step(tf.constant(lr, tf.float32), f_pyr[lvl], m_pyr[lvl], context)
             if it % 10 == 0 or it == total - 1:
                 report(label, it + 1, total, float(loss))
         if vlevel is None:
-            theta = param
+            theta = tf.identity(opt.param)
         else:
-            w = param
+            w = tf.identity(opt.param)
         times[name] = time.perf_counter() - t0
-    for thread in warmup:
-        thread.join()
     affine = _params_to_affine(theta, affine, ndims, scale)
 
     # full-resolution displacement (eager: runs once, nothing to compile)
     t0 = time.perf_counter()
     points = _level_grid(shape, 1.0, centre)
+    velocity = None
     if w is not None:
-        u = _integrate(_smooth(w, cfg.smooth_sigma), cfg.int_steps) * float(2 ** w_level)
-        for k in range(w_level, 0, -1):
-            u = _upsample(u, shapes[k - 1])
-        points = points + u
+        velocity = filters.box_gaussian(w, cfg.smooth_sigma)
+        points = points + velocity_displacement(velocity[0], w_level, shape, cfg.int_steps)[None]
     disp = (_apply_affine(points, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims)))[0]
     disp = disp.numpy()
-    warped = layers.warp(m_pyr[0], disp[None]).numpy()[0, ..., 0]
+    warped = sampling.warp(moving_t, disp[None]).numpy()[0, ..., 0]
     result = InstanceResult(disp=disp, affine=affine.numpy(),
                             similarity=local_ncc(fixed, warped),
-                            initial_similarity=local_ncc(fixed, moving), config=cfg)
+                            initial_similarity=local_ncc(fixed, moving), config=cfg,
+                            velocity=None if velocity is None else velocity.numpy()[0],
+                            velocity_level=w_level or 0)
     times["final"] = time.perf_counter() - t0
     result.stage_seconds = times
     return result

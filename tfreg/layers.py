@@ -50,6 +50,7 @@ __all__ = [
     "RescaleTransform",
     "ComposeTransform",
     "AffineToField",
+    "GaussianSample",
 ]
 
 
@@ -380,3 +381,40 @@ class AffineToField(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "shape": list(self.shape)}
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class GaussianSample(keras.layers.Layer):
+    """Reparameterised sample of a Gaussian field with a diagonal covariance.
+
+    ``training=True``: ``mean + exp(log_var / 2) * eps``, ``eps ~ N(0, 1)`` per element (the
+    sample is differentiable in ``mean`` and ``log_var``); otherwise the mean itself. This is the
+    velocity sample of the probabilistic diffeomorphic VoxelMorph (Dalca et al. 2018/2019), whose
+    second head is the log *variance* (their ``log_sigma``).
+
+    Args:
+        seed: int or None, seed of the layer's random stream.
+
+    Input shape:
+        ``[mean, log_var]``, two tensors of the same shape.
+    Output shape:
+        That shape, float32.
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**_float32_kwargs(kwargs))
+        self.seed = seed
+        self._generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        mean, log_var = inputs
+        if not training:
+            return mean
+        noise = keras.random.normal(keras.ops.shape(mean), seed=self._generator, dtype="float32")
+        return mean + keras.ops.exp(log_var / 2.0) * noise
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}

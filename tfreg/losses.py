@@ -21,6 +21,12 @@ Summary (``N`` = spatial rank, ``C`` = channels, means run over the batch too):
 ``Grad``           mean forward-difference ``|du|`` (l1) or ``du^2`` (l2), averaged over axes.
 ``BendingEnergy``  mean over voxels and components of the squared Frobenius norm of the Hessian.
 ``Dice``           ``-mean`` soft Dice over batch and one-hot channels.
+``MIND``           mean L1/L2 distance of MIND-SSC descriptors (`tfreg.ops.mind`), any contrasts.
+``NMI``            ``-mean_batch NMI`` from a Parzen-window joint histogram
+                   (`tfreg.ops.mutual_information`), any contrasts.
+``LabelLoss``      soft Dice or MSE between one-hot fixed labels and warped one-hot moving labels.
+``KL``             KL divergence of a Gaussian velocity posterior from the Laplacian smoothness
+                   prior (probabilistic diffeomorphic VoxelMorph).
 =================  ============================================================================
 """
 
@@ -49,6 +55,11 @@ __all__ = [
     "Grad",
     "BendingEnergy",
     "Dice",
+    "MIND",
+    "NMI",
+    "LabelLoss",
+    "KL",
+    "degree_map",
     "one_hot",
     "box_sum",
     "avg_pool_half",
@@ -421,3 +432,185 @@ def one_hot(labels, label_values: int | Sequence[int]) -> tf.Tensor:
         labels = tf.round(labels)
     labels = tf.cast(labels, "int32")
     return tf.cast(tf.equal(labels, tf.constant(values, "int32")), "float32")
+
+
+class MIND:
+    """Distance between MIND-SSC descriptors: a similarity for images of different contrasts.
+
+    ``mean_x mean_k |MIND_k(I)(x) - MIND_k(J)(x)|^p`` with ``p = 1`` (``"l1"``) or ``2``
+    (``"l2"``); the descriptor (`tfreg.ops.mind.mind_ssc`) compares each voxel's neighbourhood
+    with itself, so it does not change when an image's intensities are scaled, shifted or
+    inverted. 0 for identical descriptors.
+
+    Args:
+        sigma: Gaussian patch weight of the descriptor, voxels. Defaults to 0.8.
+        dilation: neighbour distance, voxels. Defaults to 2.
+        penalty: ``"l1"`` or ``"l2"`` (default).
+
+    Input shape:
+        ``y_true``, ``y_pred``: `(batch, *spatial, 1)` images, 2 or 3 spatial axes.
+    Returns:
+        Scalar float32 tensor in ``[0, 1]``.
+
+    Example:
+    >>> x = np.random.default_rng(0).random((1, 16, 16, 1)).astype("float32")
+    >>> round(float(MIND()(x, 5 - 3 * x)), 4)
+    0.0
+    """
+
+    def __init__(self, sigma: float = 0.8, dilation: int = 2, penalty: str = "l2"):
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0. Received: sigma={sigma!r}")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"`dilation` must be an int >= 1. Received: dilation={dilation!r}")
+        if penalty not in ("l1", "l2"):
+            raise ValueError(f"`penalty` must be 'l1' or 'l2'. Received: penalty={penalty!r}")
+        self.sigma, self.dilation, self.penalty = float(sigma), dilation, penalty
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        from tfreg.ops.mind import mind_distance, mind_ssc
+
+        t, p = _pair(y_true, y_pred)
+        _ndims(p, "y_pred")
+        return tf.reduce_mean(mind_distance(mind_ssc(t, self.sigma, self.dilation),
+                                            mind_ssc(p, self.sigma, self.dilation),
+                                            self.penalty))
+
+    def get_config(self) -> dict:
+        return {"sigma": self.sigma, "dilation": self.dilation, "penalty": self.penalty}
+
+
+class NMI:
+    """Negated normalised mutual information ``-(H(I) + H(J)) / H(I, J)``, mean over the batch.
+
+    The joint histogram is a differentiable Parzen-window estimate computed in chunks of voxels,
+    so memory does not grow with voxels x bins (`tfreg.ops.mutual_information`). Any one-to-one
+    map of one image's intensity levels leaves it unchanged.
+
+    Args:
+        bins: histogram bins per image. Defaults to 32.
+        sigma: Parzen window, in bin widths. Defaults to 0.5.
+        value_range: ``(lo, hi)`` intensity range of both images, or None (default): each
+            image's minimum and maximum.
+        chunk: voxels per chunk. Defaults to 16384.
+
+    Input shape:
+        ``y_true``, ``y_pred``: `(batch, *spatial, 1)`.
+    Returns:
+        Scalar float32 tensor in ``[-2, -1]``.
+    """
+
+    def __init__(self, bins: int = 32, sigma: float = 0.5,
+                 value_range: tuple[float, float] | None = None, chunk: int = 16384):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"`bins` must be an int >= 2. Received: bins={bins!r}")
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0. Received: sigma={sigma!r}")
+        self.bins, self.sigma, self.chunk = bins, float(sigma), int(chunk)
+        self.value_range = None if value_range is None else tuple(float(v) for v in value_range)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        from tfreg.ops.mutual_information import normalized_mutual_information
+
+        t, p = _pair(y_true, y_pred)
+        return -tf.reduce_mean(normalized_mutual_information(t, p, self.bins, self.sigma,
+                                                             self.value_range, self.chunk))
+
+    def get_config(self) -> dict:
+        return {"bins": self.bins, "sigma": self.sigma, "value_range": self.value_range,
+                "chunk": self.chunk}
+
+
+class LabelLoss:
+    """Overlap of warped moving labels with the fixed labels, for training from label maps.
+
+    ``y_true`` is the fixed label map, ``y_pred`` the one-hot moving label map warped linearly
+    by the predicted field (`tfreg.layers.warp(one_hot(moving_labels, values), disp)`); see
+    `warped_one_hot`. ``kind="dice"``: `Dice` (``-mean`` soft Dice over the listed labels,
+    ``-1`` = perfect); ``kind="mse"``: mean squared difference of the one-hot maps (0 = perfect).
+
+    Args:
+        label_values: label values scored, one channel each (background only if listed).
+        kind: ``"dice"`` (default) or ``"mse"``.
+    """
+
+    def __init__(self, label_values: Sequence[int], kind: str = "dice"):
+        if kind not in ("dice", "mse"):
+            raise ValueError(f"`kind` must be 'dice' or 'mse'. Received: kind={kind!r}")
+        self.values = [int(v) for v in label_values]
+        if not self.values:
+            raise ValueError("`label_values` must not be empty.")
+        self.kind = kind
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        target = one_hot(y_true, self.values)
+        pred = _f32(y_pred)
+        if self.kind == "dice":
+            return Dice()(target, pred)
+        return tf.reduce_mean(tf.square(target - pred))
+
+    def warped_one_hot(self, moving_labels, disp) -> tf.Tensor:
+        """`(B, *S, K)` one-hot moving labels warped linearly by `disp` (voxels, pull)."""
+        from tfreg.layers import warp
+
+        return warp(one_hot(moving_labels, self.values), _f32(disp), "linear")
+
+
+def degree_map(spatial: Sequence[int]) -> np.ndarray:
+    """Number of face neighbours of each voxel inside the grid: ``2 N`` inside, fewer at the border.
+
+    The diagonal of the degree matrix of the grid graph whose Laplacian is the prior precision of
+    `KL`. Returns `(*spatial,)` float32.
+    """
+    spatial = tuple(int(s) for s in spatial)
+    degree = np.zeros(spatial, np.float32)
+    for axis, n in enumerate(spatial):
+        count = np.full(n, 2.0, np.float32)
+        count[0] -= 1
+        count[-1] -= 1
+        shape = [1] * len(spatial)
+        shape[axis] = n
+        degree = degree + count.reshape(shape)
+    return degree
+
+
+class KL:
+    """KL divergence of ``q(v) = N(mu, diag(exp(log_var)))`` from the prior ``N(0, Lambda^-1)``,
+    ``Lambda = prior_lambda * L`` with ``L = D - A`` the Laplacian of the voxel grid graph (Dalca et
+    al., MICCAI 2018 / MedIA 2019), up to constants and normalised per element::
+
+        KL = N/2 * [ mean(prior_lambda * D * exp(log_var) - log_var)
+                     + prior_lambda * (1/(2N)) * sum_d mean((mu[x + e_d] - mu[x])^2) ]
+
+    ``D`` is `degree_map` (face neighbours inside the grid), the first mean runs over batch,
+    voxels and the ``N`` channels, each difference mean over its own (one voxel shorter) array.
+    This is the normalisation of voxelmorph's ``KL`` loss (its ``0.5 * ndims * (sigma_term +
+    prec_term)``).
+
+    Args:
+        prior_lambda: precision weight of the prior (voxelmorph: 25 for the MICCAI 2018 model,
+            10 in the current training script).
+
+    Input shape:
+        ``y_pred``: `(batch, *spatial, 2N)`, the mean (first ``N`` channels) and the log variance
+        (last ``N``) of the velocity; ``y_true`` is ignored.
+    Returns:
+        Scalar float32 tensor.
+    """
+
+    def __init__(self, prior_lambda: float = 25.0):
+        if not prior_lambda > 0:
+            raise ValueError(f"`prior_lambda` must be > 0. Received: prior_lambda={prior_lambda!r}")
+        self.prior_lambda = float(prior_lambda)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        params = _f32(y_pred)
+        ndims = _ndims(params, "y_pred")
+        if params.shape[-1] != 2 * ndims:
+            raise ValueError(f"`y_pred` must have 2 * {ndims} channels (mean, log variance). "
+                             f"Received: shape={tuple(params.shape)}")
+        mean, log_var = params[..., :ndims], params[..., ndims:]
+        degree = tf.constant(degree_map(params.shape[1:-1])[None, ..., None])
+        sigma_term = tf.reduce_mean(self.prior_lambda * degree * tf.exp(log_var) - log_var)
+        prec_term = self.prior_lambda * 0.5 * Grad("l2")(None, mean)
+        return 0.5 * ndims * (sigma_term + prec_term)

@@ -169,8 +169,9 @@ def _field(disp, name: str = "disp") -> np.ndarray:
 def jacobian_determinant(disp) -> np.ndarray:
     """Determinant of the Jacobian of ``x + u(x)`` at every voxel.
 
-    Derivatives are ``np.gradient`` (central differences inside, one-sided at the border), in voxel
-    units: ``J[c, d] = delta_cd + du_c/dx_d``.
+    Derivatives are ``np.gradient``'s (central differences inside, one-sided at the border), in voxel
+    units: ``J[c, d] = delta_cd + du_c/dx_d`` (`tfreg.ops.differences.jacobian_determinant`,
+    computed in float64).
 
     Args:
         disp: `(*S, N)` displacement in voxels, N = 2 or 3.
@@ -178,14 +179,10 @@ def jacobian_determinant(disp) -> np.ndarray:
     Returns:
         `(*S,)` float64 determinant (1 = volume kept, < 1 contraction, <= 0 folding).
     """
+    from tfreg.ops.differences import jacobian_determinant as _det
+
     u = _field(disp)
-    ndims = u.shape[-1]
-    jac = np.empty(u.shape[:-1] + (ndims, ndims))
-    for c in range(ndims):
-        grads = np.gradient(u[..., c], axis=tuple(range(ndims)))
-        for d in range(ndims):
-            jac[..., c, d] = grads[d] + (1.0 if c == d else 0.0)
-    return np.linalg.det(jac)
+    return _det(u[None], mode="central").numpy()[0]
 
 
 def folding_percent(disp) -> float:

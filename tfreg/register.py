@@ -12,12 +12,21 @@ When the moving image lives on another grid, `disp` is still relative to the mov
 *resampled onto the fixed grid* (that is what `tfreg warp` applies), but the warped outputs
 written here sample the original moving image once, through the composition of the displacement
 and the grid-to-grid map, so no image is interpolated twice.
+
+Also written: `affine.mat` (the affine stage as an ITK/ANTs transform from fixed to moving
+physical space; identity without one), with `inverse=True` `disp_inverse.nii.gz` (on the
+**moving** grid, its voxels, pull: `fixed_warped(y) = fixed(y + disp_inverse(y))` maps the fixed
+image onto the moving one), and with `itk=True` the ITK/ANTs files (`tfreg.transforms_io`):
+`itk_warp.nii.gz` + `affine.mat`/`affine.txt` reproduce `warped.nii.gz` from the original moving
+image (`transformlist=[itk_warp, affine]`), and `itk_inverse_warp.nii.gz` with `--inverse`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -30,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tfreg.errors import ConfigError, InputError, reason
-from tfreg.io import Volume, atomic_path, load_volume, save_volume
+from tfreg.io import Volume, atomic_path, check_label_grid, load_volume, save_volume
 
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
            "score", "load_keypoints",
@@ -38,7 +47,13 @@ __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", 
 
 #: output file names inside the output folder.
 OUTPUTS = {"warped": "warped.nii.gz", "disp": "disp.nii.gz",
-           "warped_labels": "warped_labels.nii.gz", "report": "report.json"}
+           "warped_labels": "warped_labels.nii.gz", "report": "report.json",
+           "disp_inverse": "disp_inverse.nii.gz", "affine": "affine.mat",
+           "affine_txt": "affine.txt", "itk_warp": "itk_warp.nii.gz",
+           "itk_inverse_warp": "itk_inverse_warp.nii.gz"}
+#: files an earlier `register` (or `show`) left in an output folder that a new run removes when
+#: it does not write them again (they would describe another registration).
+STALE_OUTPUTS = tuple(OUTPUTS.values()) + ("overview.png",)
 
 
 @dataclass
@@ -50,12 +65,21 @@ class RegisterResult:
         disp: `(*S, N)` float32 displacement, voxels, pull.
         warped_labels: `(*S,)` int32 warped moving labels, or None.
         report: JSON-safe dict (see `register_volumes`).
+        affine: `(N, N+1)` centred voxel affine of the affine stage (`tfreg.instance`), or
+            None: `disp(x) = Aff(x + warp(x)) - x` with `warp` the deformable part.
+        inverse: `(*S, N)` float32 inverse displacement on the fixed grid (fixed voxels, pull:
+            `x = y + inverse(y)` satisfies `x + disp(x) = y`), or None when not asked for.
+        inverse_warp: `(*S, N)` float32 inverse of the deformable part alone (fixed grid), or
+            None.
     """
 
     warped: np.ndarray
     disp: np.ndarray
     warped_labels: np.ndarray | None
     report: dict[str, Any] = field(default_factory=dict)
+    affine: np.ndarray | None = None
+    inverse: np.ndarray | None = None
+    inverse_warp: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -169,7 +193,9 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
 
     Raises:
         InputError: one line naming the file: unreadable, wrong rank, NaN, a label map whose grid
-            differs from its image's, 2D/3D mismatch, a label map given for only one side.
+            differs from its image's beyond `tfreg.io.check_label_grid`'s tolerance (a small
+            difference is logged as a warning on the "tfreg" logger and the image's header is
+            used), 2D/3D mismatch, a label map given for only one side.
     """
     if (fixed_labels is None) != (moving_labels is None) and fixed_labels is not None:
         raise InputError(f"{fixed_labels}: --fixed-labels needs --moving-labels too "
@@ -188,9 +214,11 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
         if lab.shape != image.shape:
             raise InputError(f"{path}: shape {lab.shape} does not match its image {image.path} "
                              f"{image.shape}")
-        if not np.allclose(lab.affine, image.affine, atol=1e-3):
-            raise InputError(f"{path}: its affine differs from its image {image.path} "
-                             "(label map and image must share one grid)")
+        note = check_label_grid(path, lab.affine, lab.shape, image.path, image.affine,
+                                image.shape)
+        if note:
+            logging.getLogger("tfreg").warning(note)
+            lab = Volume(lab.data, image.affine, image.header, lab.path, lab.vector)
         labels.append(lab)
     return fixed_v, moving_v, labels[0], labels[1]
 
@@ -237,7 +265,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                      model: str | Path | None = None, finetune: int = 0,
                      recursions: int | None = None, device: str | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None,
-                     keypoints: tuple[np.ndarray, np.ndarray] | None = None
+                     keypoints: tuple[np.ndarray, np.ndarray] | None = None,
+                     init_disp: np.ndarray | None = None, inverse: bool = False
                      ) -> RegisterResult:
     """Register `moving` to `fixed` (loaded volumes; any grids, same number of axes).
 
@@ -245,7 +274,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         fixed, moving: images from `tfreg.io.load_volume`.
         fixed_labels, moving_labels: optional label maps on their image's grid (both or none for
             Dice/HD95; `moving_labels` alone still gives `warped_labels`).
-        config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset).
+        config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset), or a
+            `tfreg.ops.lddmm.LddmmConfig` for optimisation-based LDDMM (no model).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
         recursions: with a shared-weight cascade `model`: run it with this many recursions of
@@ -256,6 +286,12 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         keypoints: optional `(fixed_points, moving_points)`, `(K, N)` voxel coordinates of
             matching keypoints on the fixed and on the moving grid (Learn2Reg CSVs, see
             `tfreg.metrics.read_keypoints`): the report gets the TRE.
+        init_disp: instead of `model`: an external result `(*S, N)` (fixed voxels, pull, e.g.
+            from `tfreg.transforms_io.read_transform`) refined by `finetune` steps.
+        inverse: also compute the inverse (`RegisterResult.inverse`): exact for instance
+            optimisation (analytic inverse affine, integration of the negated velocity),
+            fixed-point inversion (`tfreg.ops.inverse`) otherwise; the report gets
+            `inverse_method` and `inverse_consistency_mm` (see `inverse_consistency`).
 
     Returns:
         `RegisterResult`. Its report holds: `runtime_seconds` (from the loaded volumes to the
@@ -265,12 +301,15 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         `folding_percent`, `sdlogj`, `sdlogj_l2r`, `ndv_percent`; with both label maps
         `dice`/`hd95_mm`/`hd95_vox` per label, `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox`,
         `mean_dice_before` (labels resampled onto the fixed grid, not registered); with
-        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `resampled` (whether the moving grid
-        differed), `stage_seconds`, `affine`, `config`.
+        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `contrast` (`tfreg.contrast.check`: NMI
+        before, after the affine stage and after, whether the result is worse than its start,
+        the histogram distance) and `warnings` (one-line messages the command line prints);
+        `resampled` (whether the moving grid differed), `stage_seconds`, `affine`, `config`.
     """
     import tensorflow as tf
 
-    from tfreg import instance
+    from tfreg import contrast, instance
+    from tfreg.ops.lddmm import LddmmConfig
 
     _check_image(fixed)
     _check_image(moving)
@@ -290,27 +329,56 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     cfg = config or instance.PRESETS["accurate"]
     report: dict[str, Any] = {}
     with tf.device(tf_device) if tf_device else contextlib.nullcontext():
-        if model is None:
+        affine, inverse_warp = None, None
+        if model is None and init_disp is None and isinstance(cfg, LddmmConfig):
+            disp, inverse_warp, sim_before, sim_after = _lddmm(fixed_n, moving_n, fixed.spacing,
+                                                               cfg, progress, report)
+            affine_warped, used = None, "ncc"
+        elif model is None and init_disp is None:
             result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
-            disp = result.disp
+            disp, affine = result.disp, np.asarray(result.affine, np.float64)
             report.update(method="instance optimisation", config=_config_dict(result.config),
                           affine=np.asarray(result.affine).tolist(),
                           stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
             sim_after, sim_before = result.similarity, result.initial_similarity
+            affine_warped = _affine_warp(moving_n, result.affine) if result.config.affine \
+                else None
+            used = result.config.similarity
+            if inverse:
+                inverse_warp = _velocity_inverse(result, disp.shape[:-1], cfg)
         else:
-            disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
-                                                            None, moving.path), progress,
-                                        recursions=recursions)
-            report.update(method=f"model {model_info['method']}", model=str(model),
-                          model_inshape=list(model_info["inshape"]))
-            if recursions is not None:
-                report["recursions"] = model_info["recursions"]
+            if model is not None:
+                disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
+                                                                None, moving.path), progress,
+                                            recursions=recursions)
+                report.update(method=f"model {model_info['method']}", model=str(model),
+                              model_inshape=list(model_info["inshape"]))
+                if inverse and finetune == 0 and model_info["inverse"] is not None:
+                    inverse_warp = model_info["inverse"]   # the network's own inverse
+                if recursions is not None:
+                    report["recursions"] = model_info["recursions"]
+            else:
+                disp = np.asarray(init_disp, np.float32)
+                if disp.shape != (*fixed.shape, fixed.ndims):
+                    raise InputError(f"initial transform: shape {disp.shape} does not match the "
+                                     f"fixed grid {(*fixed.shape, fixed.ndims)}")
+                report.update(method="external transform")
             if finetune > 0:
                 disp, stage = _finetune(fixed_n, moving_n, disp, cfg, finetune, progress)
                 report.update(finetune_steps=int(finetune), config=_config_dict(cfg),
                               stage_seconds=stage)
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
+            affine_warped = None
+            used = cfg.similarity if finetune > 0 else "model"
+        inverse_disp = None
+        if inverse:
+            inverse_disp, inverse_warp, how = _inverse(disp, affine, inverse_warp)
+            if isinstance(cfg, LddmmConfig):
+                how = "exact: the forward map of the geodesic shooting"
+            report.update(inverse_method=how,
+                          inverse_consistency_mm=inverse_consistency(disp, inverse_disp,
+                                                                     fixed.affine))
         warped = _sample_moving(moving.data.astype(np.float32), disp, to_moving, "linear")
         warped_labels = None
         if moving_labels is not None:
@@ -324,6 +392,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         similarity_metric="local NCC, window 7, signed, weighted by fixed-image contrast "
                           "(1 = identical images)",
     )
+    # not part of the runtime: the checks of tfreg.contrast (worse than its start? contrasts?)
+    checks = contrast.check(fixed_n, moving_n, _sample_moving(moving_n, disp, None, "linear"),
+                            affine_warped, used)
+    report.update(contrast=checks.to_dict(), warnings=list(checks.warnings))
     unregistered = None
     if fixed_labels is not None and moving_labels is not None:
         unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving,
@@ -336,7 +408,40 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                         warped_labels=warped_labels if fixed_labels is not None else None,
                         unregistered_labels=unregistered,
                         keypoints=None if keypoints is None else (keypoints[0], moving_points)))
-    return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report)
+    return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report,
+                          affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp)
+
+
+def _affine_warp(moving_n: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The moving image after the affine stage alone (centred `(N, N+1)` affine)."""
+    import tensorflow as tf
+
+    from tfreg import layers
+
+    disp = layers.affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
+                                 moving_n.shape)
+    return _sample_moving(moving_n, np.asarray(disp)[0], None, "linear")
+
+
+def _lddmm(fixed_n: np.ndarray, moving_n: np.ndarray, spacing, cfg,
+           progress: Callable | None, report: dict) -> tuple:
+    """Optimisation-based LDDMM on normalised images of one grid (no affine stage: the pair is
+    expected to be affinely aligned). Returns ``(disp, forward map, similarity before, after)``
+    and fills the report's `method`, `config`, `stage_seconds` and `lddmm_energy`."""
+    import dataclasses
+
+    from tfreg import instance
+    from tfreg.ops import lddmm
+
+    result = lddmm.register_pair(fixed_n, moving_n, spacing, cfg, progress=progress)
+    first, last = result.history[0], result.history[-1]
+    report.update(method="lddmm", config=dataclasses.asdict(cfg),
+                  stage_seconds={"lddmm": round(result.seconds, 3)},
+                  lddmm_energy={"regularity": [round(first[0], 6), round(last[0], 6)],
+                                "image": [round(first[1], 6), round(last[1], 6)],
+                                "note": "per voxel, before -> after"})
+    return (result.disp, result.forward, instance.local_ncc(fixed_n, moving_n),
+            instance.local_ncc(fixed_n, result.warped))
 
 
 def _points_on_fixed(points: np.ndarray, to_moving: np.ndarray | None) -> np.ndarray:
@@ -404,6 +509,77 @@ def score(disp: np.ndarray, spacing, *, fixed_labels: np.ndarray | None = None,
     return out
 
 
+# ------------------------------------------------------------------------------------- inverse
+def _velocity_inverse(result, shape: tuple[int, ...], cfg) -> np.ndarray | None:
+    """Inverse of the deformable part of an instance-optimisation result: ``exp(-v)``."""
+    from tfreg import instance
+
+    if result.velocity is None:
+        return np.zeros((*shape, len(shape)), np.float32)
+    steps = (result.config or cfg).int_steps
+    return instance.velocity_displacement(-result.velocity, result.velocity_level, shape,
+                                          steps).numpy()
+
+
+def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Inverse of ``x -> Aff(x + v(x))`` on the fixed grid: ``y -> z + v^-1(z)``, ``z = Aff^-1 y``.
+
+    Args:
+        disp: `(*S, N)` full displacement (voxels, pull).
+        affine: `(N, N+1)` centred voxel affine, or None (identity).
+        inverse_warp: `(*S, N)` exact inverse of the deformable part ``v``, or None: then ``v``
+            is inverted by fixed-point iteration.
+
+    Returns:
+        `(inverse displacement, inverse of the deformable part, method description)`.
+    """
+    import tensorflow as tf
+
+    from tfreg.ops.fields import affine_to_disp, compose
+    from tfreg.ops.inverse import invert_displacement
+    from tfreg.transforms_io import deformable_part
+
+    n = disp.shape[-1]
+    how = ("exact: inverse affine and integration of the negated velocity" if affine is not None
+           else "the model's inverse output")
+    if inverse_warp is None:
+        warp = disp if affine is None else deformable_part(disp, affine)
+        inverse_warp = invert_displacement(warp[None].astype(np.float32), iterations=200,
+                                           tolerance=1e-3).numpy()[0]
+        how = "fixed-point inversion of the displacement"
+    if affine is None:
+        return inverse_warp.astype(np.float32), inverse_warp.astype(np.float32), how
+    a = np.asarray(affine, np.float64)
+    a_inv = np.linalg.inv(a[:, :n])
+    inv_affine = np.concatenate([a_inv, (-a_inv @ a[:, n])[:, None]], axis=1)
+    to_z = affine_to_disp(inv_affine[None].astype(np.float32), disp.shape[:-1])
+    total = compose(tf.constant(inverse_warp[None], tf.float32), to_z)
+    return total.numpy()[0], inverse_warp.astype(np.float32), how
+
+
+def inverse_consistency(disp: np.ndarray, inverse: np.ndarray, affine: np.ndarray
+                        ) -> dict[str, float]:
+    """``|phi(phi^-1(y)) - y|`` in mm over the fixed grid points whose inverse image lies inside
+    the grid (elsewhere `disp` is only extended by its border values).
+
+    Returns:
+        ``{"mean": mm, "max": mm, "fraction": share of voxels evaluated}``.
+    """
+    from tfreg.ops.inverse import composition_residual, residual_mm
+
+    residual = composition_residual(disp[None], inverse[None]).numpy()[0]
+    shape = np.asarray(disp.shape[:-1])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    target = grid + inverse
+    inside = np.all((target >= 0) & (target <= shape - 1), axis=-1)
+    if not inside.any():
+        return {"mean": None, "max": None, "fraction": 0.0}
+    stats = residual_mm(residual[inside], affine)
+    return {"mean": round(stats["mean_mm"], 6), "max": round(stats["max_mm"], 6),
+            "fraction": round(float(inside.mean()), 4)}
+
+
 def _round(value: float, digits: int = 5) -> float | None:
     value = float(value)
     return None if not np.isfinite(value) else round(value, digits)
@@ -423,10 +599,10 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     With `recursions`, the model is rebuilt with that many cascades (`model.cascades`) and the
     info gets `recursions`: the similarity after each recursion (see `recursion_table`)."""
     from tfreg.data import Preprocessing, field_to_source
-    from tfreg.export import load_model
 
     if recursions is None:
-        model = load_model(model_dir)
+        model = _load_model_once(str(Path(model_dir).resolve()),
+                                 _mtime(Path(model_dir) / "tfreg_model.json"))
     else:
         model = _load_recursive(model_dir, recursions)
     if model.ndims != fixed.ndims:
@@ -440,31 +616,73 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     f_in, m_in = prep.apply(fixed, rec_f), prep.apply(moving, rec_m)
     if progress:
         progress("network", 0, 1, float("nan"))
-    _, disp = model.register(f_in, m_in)
+    _, disp, inverse = model.register(f_in, m_in, inverse=True)
     if progress:
         progress("network", 1, 1, float("nan"))
-    info = {"method": model.method, "inshape": model.inshape}
+    info = {"method": model.method, "inshape": model.inshape,
+            # the network's inverse lives on the moving image's preprocessed grid
+            "inverse": None if inverse is None else field_to_source(inverse, rec_m, rec_f)}
     if recursions is not None:
         from tfreg.config import load_yaml
 
-        trained = load_yaml(Path(model_dir) / "config.yaml").get("model", {}).get("cascades")
+        trained_model = load_yaml(Path(model_dir) / "config.yaml").get("model", {})
+        trained = trained_model.get("cascades")
+        if not trained_model.get("shared_weights", False) and recursions != trained:
+            trained = None  # cascades repeated in place: no step is the trained model
         info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
     return field_to_source(disp, rec_f, rec_m), info
 
 
+@functools.lru_cache(maxsize=2)
+def _load_model_once(model_dir: str, mtime: float):
+    """`tfreg.export.load_model`, loaded once per folder (and modification time) per process,
+    so `evaluate` does not reload the model for every pair."""
+    from tfreg.export import load_model
+
+    return load_model(model_dir)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def recursion_overrides(config: dict, recursions: int) -> dict:
+    """Config overrides that run a cascade model with `recursions` steps.
+
+    Shared weights: ``{"model.cascades": K}`` (any K). Distinct cascades (n of them): each runs
+    ``K / n`` times in order, ``{"model.repeats": K // n}`` (the original's test-time recursion).
+
+    Raises:
+        ConfigError: K < 1, or K not a multiple of the n distinct cascades.
+    """
+    model = config.get("model") or {}
+    if recursions < 1:
+        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    if model.get("shared_weights", False):
+        return {"model.cascades": int(recursions)}
+    n = int(model.get("cascades") or 0)
+    if n < 1 or recursions % n:
+        raise ConfigError(f"--cascades: {recursions} is not a multiple of the {n} distinct "
+                          f"cascades of this model (each cascade runs K/{n} times; use K = "
+                          f"{n}, {2 * n}, {3 * n}, ...)")
+    return {"model.repeats": int(recursions) // n}
+
+
 def _load_recursive(model_dir: str | Path, recursions: int):
-    """Load a shared-weight cascade model rebuilt with `recursions` cascades."""
+    """Load a cascade model rebuilt to run `recursions` steps (`recursion_overrides`)."""
+    from tfreg.config import load_yaml
     from tfreg.errors import TfregError
     from tfreg.export import load_model
 
-    if recursions < 1:
-        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
+    overrides = recursion_overrides(load_yaml(Path(model_dir) / "config.yaml"), int(recursions))
     try:
-        return load_model(model_dir, overrides={"model.cascades": int(recursions)})
+        return load_model(model_dir, overrides=overrides)
     except TfregError as err:
         raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
-                          "recursions; it needs a cascade model trained with "
-                          f"model.shared_weights: true ({reason(err)})") from None
+                          f"recursions; it needs a cascade model ({reason(err)})") from None
 
 
 def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,
@@ -532,10 +750,19 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
                    recursions: int | None = None, device: str | None = None,
                    progress: Callable[[str, int, int, float], None] | None = None,
                    fixed_keypoints: str | Path | None = None,
-                   moving_keypoints: str | Path | None = None
+                   moving_keypoints: str | Path | None = None,
+                   init: str | Path | None = None, init_affine: str | Path | None = None,
+                   inverse: bool = False, itk: bool = False
                    ) -> tuple[dict, dict[str, Path]]:
     """Register two files and write the outputs into `out_dir` (atomic writes).
 
+    Args:
+        init, init_affine: instead of `model`, start from an external transform: a field file
+            (tfreg, world or ITK/ANTs) and/or an ITK/ANTs affine applied after it
+            (`tfreg.transforms_io.read_transform`), refined by `finetune` steps.
+        inverse: also write `disp_inverse.nii.gz` (and `itk_inverse_warp.nii.gz` with `itk`).
+        itk: also write `itk_warp.nii.gz` and `affine.txt` (ITK/ANTs, LPS mm).
+        Others: see `register_volumes`.
     `fixed_keypoints`/`moving_keypoints`: Learn2Reg keypoint CSVs (both or none) for the TRE.
 
     Returns:
@@ -546,14 +773,24 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
+    init_disp = None
+    if init is not None or init_affine is not None:
+        from tfreg.transforms_io import read_transform
+
+        if model is not None:
+            raise ConfigError("--init: give either --model or an initial transform, not both")
+        init_disp = read_transform(init, affine=init_affine, reference=fixed_v).data
+    if (itk or init_disp is not None) and fixed_v.ndims != 3:
+        raise InputError(f"{fixed}: ITK/ANTs transforms are supported for 3D images only")
     result = register_volumes(fixed_v, moving_v, fixed_labels=fixed_l, moving_labels=moving_l,
                               config=config, model=model, finetune=finetune,
                               recursions=recursions, device=device, progress=progress,
-                              keypoints=keypoints)
+                              keypoints=keypoints, init_disp=init_disp, inverse=inverse)
     report = dict(result.report)
-    report.update(fixed=str(fixed), moving=str(moving),
-                  fixed_labels=None if fixed_labels is None else str(fixed_labels),
-                  moving_labels=None if moving_labels is None else str(moving_labels))
+    report.update(fixed=_relative_to(fixed, out_dir), moving=_relative_to(moving, out_dir),
+                  fixed_labels=_relative_to(fixed_labels, out_dir),
+                  moving_labels=_relative_to(moving_labels, out_dir),
+                  paths_relative_to="report")
     written = {}
     written["warped"] = save_volume(out_dir / OUTPUTS["warped"], result.warped, fixed_v.affine,
                                     fixed_v.header)
@@ -561,9 +798,79 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
     if result.warped_labels is not None:
         written["warped_labels"] = save_volume(out_dir / OUTPUTS["warped_labels"],
                                                result.warped_labels, fixed_v.affine, fixed_v.header)
+    written.update(_write_transforms(out_dir, result, fixed_v, moving_v, itk=itk))
     report["outputs"] = {k: str(v) for k, v in written.items()}
     written["report"] = write_json(out_dir / OUTPUTS["report"], report)
+    for name in STALE_OUTPUTS:  # an earlier run's outputs that this run does not replace
+        if name not in {p.name for p in written.values()}:
+            (out_dir / name).unlink(missing_ok=True)
     return report, written
+
+
+def _relative_to(path: str | Path | None, out_dir: Path) -> str | None:
+    """`path` relative to the output folder (as `report.json` records inputs), so the report
+    stays valid from any working directory and when the folders move together."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).absolute(), Path(out_dir).absolute())
+
+
+def _write_transforms(out_dir: Path, result: RegisterResult, fixed: Volume, moving: Volume, *,
+                      itk: bool) -> dict[str, Path]:
+    """`affine.mat` (3D), `disp_inverse.nii.gz`, and with `itk` the ITK/ANTs files."""
+    from tfreg import transforms_io as tio
+
+    written: dict[str, Path] = {}
+    n = fixed.ndims
+    affine = result.affine if result.affine is not None else np.eye(n, n + 1)
+    if n == 3:
+        physical = tio.affine_to_physical(affine, fixed.affine, fixed.shape)
+        centre = fixed.affine[:3, :3] @ ((np.asarray(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+        written["affine"] = tio.write_itk_affine(out_dir / OUTPUTS["affine"], physical, centre)
+        if itk:
+            written["affine_txt"] = tio.write_itk_affine(out_dir / OUTPUTS["affine_txt"],
+                                                         physical, centre)
+            warp = tio.deformable_part(result.disp, affine)
+            written["itk_warp"] = tio.save_field(out_dir / OUTPUTS["itk_warp"], warp,
+                                                 fixed.affine, "itk")
+            if result.inverse_warp is not None:
+                written["itk_inverse_warp"] = tio.save_field(
+                    out_dir / OUTPUTS["itk_inverse_warp"], result.inverse_warp, fixed.affine, "itk")
+    if result.inverse is not None:
+        written["disp_inverse"] = save_volume(out_dir / OUTPUTS["disp_inverse"],
+                                              _inverse_on_moving(result, fixed, moving),
+                                              moving.affine)
+    return written
+
+
+def _inverse_on_moving(result: RegisterResult, fixed: Volume, moving: Volume) -> np.ndarray:
+    """The inverse as a field on the moving image's grid (its voxels, pull).
+
+    For a moving voxel `m`: `y = G m` in fixed voxels (`G` the moving->fixed voxel map through the
+    two affines), `z = Aff^-1(y)` exactly, `x = z + v^-1(z)` (the deformable part's inverse,
+    interpolated once, border values outside), and the field is `G^-1 x - m`. On a shared grid
+    this is `RegisterResult.inverse`.
+    """
+    if same_grid(fixed, moving):
+        return result.inverse
+    from scipy import ndimage
+
+    n = fixed.ndims
+    to_fixed = _fixed_to_moving(moving, fixed)  # moving voxels -> fixed voxels
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in moving.shape],
+                                indexing="ij"), axis=-1)
+    y = grid @ to_fixed[:n, :n].T + to_fixed[:n, n]
+    if result.affine is None:
+        z = y
+    else:
+        a = np.asarray(result.affine, np.float64)
+        centre = (np.asarray(fixed.shape, np.float64) - 1) / 2.0
+        z = (y - centre - a[:, n]) @ np.linalg.inv(a[:, :n]).T + centre
+    coords = np.moveaxis(z, -1, 0)
+    x = z + np.stack([ndimage.map_coordinates(result.inverse_warp[..., c], coords, order=1,
+                                              mode="nearest") for c in range(n)], axis=-1)
+    back = np.linalg.inv(to_fixed)
+    return (x @ back[:n, :n].T + back[:n, n] - grid).astype(np.float32)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -574,17 +881,34 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
-def warp_file(moving: str | Path, disp: str | Path, out: str | Path, *, nearest: bool = False
-              ) -> Path:
+def warp_file(moving: str | Path, disp: str | Path | None, out: str | Path, *,
+              nearest: bool = False, affine: str | Path | None = None,
+              reference: str | Path | None = None) -> Path:
     """Apply a displacement field file to an image or label map and write the result.
 
     The field lives on the fixed grid (its affine); the moving image may be on another grid: it is
     sampled at `T(x + disp(x))` with `T` the fixed->moving voxel map from the two affines.
 
+    Args:
+        moving: image or label map to warp.
+        disp: a field in any format `tfreg.transforms_io.read_transform` reads (tfreg voxels,
+            world mm, ITK/ANTs warp), or None with `affine`.
+        out: output NIfTI, on the field's grid (or `reference`'s).
+        nearest: nearest-neighbour interpolation (label maps).
+        affine: ITK/ANTs affine applied after the warp (ANTs' `transformlist=[warp, affine]`).
+        reference: the fixed image defining the output grid (needed for an affine alone).
+
     Raises:
         InputError: unreadable files, a field that is not `(*S, N)`, 2D/3D mismatch.
     """
-    field_v = load_volume(disp, allow_vector=True)
+    from tfreg.transforms_io import field_format, read_transform
+
+    if disp is None or affine is not None or reference is not None \
+            or field_format(disp) != "tfreg":
+        field_v = read_transform(disp, affine=affine, reference=reference)
+        disp = disp or affine
+    else:
+        field_v = load_volume(disp, allow_vector=True)
     if not field_v.vector:
         raise InputError(f"{disp}: expected a displacement field (*S, N) with N = 2 or 3 "
                          f"components in the last axis, got shape {field_v.data.shape}")

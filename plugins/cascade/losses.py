@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tfreg.errors import ConfigError
 from tfreg.losses import NCC, GlobalNCC
+from tfreg.ops.differences import forward_differences
 
 #: ``loss.similarity`` values.
 SIMILARITIES = ("gncc", "ncc")
@@ -59,10 +60,7 @@ def flow_smoothness(flow: tf.Tensor) -> tf.Tensor:
     for s in flow.shape[1:]:
         size *= float(s)  # prod(S) * N
     total = 0.0
-    for d in range(ndims):
-        axis = d + 1
-        n = flow.shape[axis]
-        diff = tf.gather(flow, tf.range(1, n), axis=axis) - tf.gather(flow, tf.range(0, n - 1), axis=axis)
+    for diff in forward_differences(flow):
         total = total + 0.5 * tf.reduce_sum(diff * diff, axis=list(range(1, ndims + 2)))
     return tf.reduce_mean(total / size)
 

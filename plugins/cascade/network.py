@@ -34,7 +34,8 @@ import keras
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
-from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer, affine_to_disp
+from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer
+from tfreg.ops.fields import affine_after_disp
 
 #: ``model.base`` values.
 BASES = ("vtn", "voxelmorph")
@@ -57,6 +58,9 @@ class Architecture:
         base: ``"vtn"`` or ``"voxelmorph"``: the network of every deformable cascade.
         cascades: number n of deformable cascades applied (0 = affine stem only).
         shared_weights: one network applied n times (True) or n distinct networks (False).
+        repeats: with distinct networks, each is applied this many times in a row
+            (``[net_0] * R + [net_1] * R + ...``, the original's test-time recursion of an
+            n-cascade model with ``n * R`` steps); 1 = as trained.
         affine_stem: put a VTN affine network before the cascades.
         flow_multiplier: factor on each cascade's flow (default ``1 / cascades``).
         vtn_channels: VTN width c; level l (1-based) has ``c * 2**(l-1)`` channels.
@@ -75,6 +79,7 @@ class Architecture:
     unet_enc_features: tuple[int, ...]
     unet_dec_features: tuple[int, ...]
     fill_value: float | None
+    repeats: int = 1
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Architecture":
@@ -106,7 +111,8 @@ class Architecture:
                    vtn_channels=_int(model, "vtn_channels", 16, minimum=1),
                    vtn_levels=_int(model, "vtn_levels", 5, minimum=2),
                    unet_enc_features=enc, unet_dec_features=dec,
-                   fill_value=None if fill is None else float(fill))
+                   fill_value=None if fill is None else float(fill),
+                   repeats=_int(model, "repeats", 1, minimum=1))
 
     @property
     def divisor(self) -> int:
@@ -210,7 +216,8 @@ def compose_after_affine(affine: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     """Displacement of the affine transform followed by ``flow`` (exact, no resampling).
 
     With ``T(x) = A (x - c) + b + c`` and the image first warped by T, then by ``flow``:
-    ``x -> T(x + flow(x)) = x + u_T(x) + A flow(x)``, so the result is ``u_T + A flow``.
+    ``x -> T(x + flow(x)) = x + u_T(x) + A flow(x)``, so the result is ``u_T + A flow``
+    (`tfreg.ops.fields.affine_after_disp`).
 
     Args:
         affine: `(B, N, N+1)` centred affine ``[A | b]``.
@@ -219,13 +226,7 @@ def compose_after_affine(affine: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     Returns:
         `(B, *S, N)` float32 displacement.
     """
-    affine = tf.cast(affine, tf.float32)
-    flow = tf.cast(flow, tf.float32)
-    ndims = flow.shape.rank - 2
-    linear = affine[:, :, :ndims]
-    spatial = flow.shape[1:-1]
-    eq = "bij,bxyj->bxyi" if ndims == 2 else "bij,bxyzj->bxyzi"
-    return affine_to_disp(affine, spatial) + tf.einsum(eq, linear, flow)
+    return affine_after_disp(tf.cast(affine, tf.float32), tf.cast(flow, tf.float32))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -402,8 +403,8 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         ``keras.Model`` with dict inputs ``{"moving", "fixed"}`` `(B, *S, 1)` and dict outputs
         ``"warped"`` `(B, *S, 1)`, ``"disp"`` `(B, *S, N)` (voxels, pull, fixed grid),
         ``"flow_k"`` (cascade k's own flow), ``"disp_k"`` (composed field after k cascades) and
-        ``"warped_k"`` for k = 1..n, plus ``"affine"`` `(B, N, N+1)`, ``"disp_0"`` and
-        ``"warped_0"`` with the affine stem.
+        ``"warped_k"`` for k = 1..n (k = 1..n * repeats with distinct networks), plus
+        ``"affine"`` `(B, N, N+1)`, ``"disp_0"`` and ``"warped_0"`` with the affine stem.
 
     Raises:
         ConfigError: an invalid ``model.<key>`` or a shape the network cannot take.
@@ -430,7 +431,8 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         shared = make(shape, arch, "cascade") if arch.cascades else None
         nets = [shared] * arch.cascades
     else:
-        nets = [make(shape, arch, f"cascade_{k}") for k in range(arch.cascades)]
+        distinct = [make(shape, arch, f"cascade_{k}") for k in range(arch.cascades)]
+        nets = [net for net in distinct for _ in range(arch.repeats)]
 
     for k, net in enumerate(nets, start=1):
         flow = net([fixed, warped])

@@ -27,6 +27,10 @@ i.e. `tfreg.losses.Grad("l2", loss_mult=4)` applied to the level's voxel-unit fi
 original weights carry over unchanged: ``smooth = 3.5`` (diffeomorphic) and ``1.0`` (displacement).
 The differences are taken per voxel of the level's grid, so R measures the same dimensionless
 strain at every level.
+
+With ``model.units: voxels`` (the original's ``unorm`` displacement script) the original
+regularises the displacement in voxels directly, so the factor is 1:
+``R(u) = (1/N) sum_k mean((u[x + e_k] - u[x])^2)``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
-from tfreg.losses import Grad, MultiResolutionNCC, avg_pool_half
+from tfreg.losses import Grad, MultiResolutionNCC
+from tfreg.ops.differences import jacobian_determinant
+from tfreg.ops.filters import pool_half
 
 from .network import LEVELS, model_options
 
@@ -70,6 +76,7 @@ class LossOptions:
     variant: str
     smooth: float
     antifold: float
+    smooth_factor: float = SMOOTH_UNIT_FACTOR
 
 
 def _number(value, key: str, allow_none: bool = False) -> float | None:
@@ -87,13 +94,15 @@ def loss_options(config: dict) -> LossOptions:
     Raises:
         ConfigError: ``"loss.<key>: <problem>"`` (or ``"model.<key>: ..."``).
     """
-    variant = model_options(config).variant
+    model = model_options(config)
+    variant = model.variant
     section = config.get("loss") or {}
     smooth = _number(section.get("smooth"), "smooth", allow_none=True)
     antifold = _number(section.get("antifold", 0.0), "antifold")
     return LossOptions(variant=variant,
                        smooth=DEFAULT_SMOOTH[variant] if smooth is None else smooth,
-                       antifold=antifold)
+                       antifold=antifold,
+                       smooth_factor=1.0 if model.units == "voxels" else SMOOTH_UNIT_FACTOR)
 
 
 def stage_level(name: str) -> int:
@@ -105,23 +114,24 @@ def stage_level(name: str) -> int:
                      f"Received: name={name!r}")
 
 
-def smoothness(field: tf.Tensor) -> tf.Tensor:
+def smoothness(field: tf.Tensor, factor: float = SMOOTH_UNIT_FACTOR) -> tf.Tensor:
     """LapIRN's smoothness of a field in voxels of its own grid (see the module docstring).
 
     Args:
         field: `(B, *S, N)` velocity or displacement, voxels.
+        factor: 4 for the normalised-unit models, 1 for ``units: voxels``.
 
     Returns:
-        Scalar float32: ``4 * (1/N) sum_k mean((field[x + e_k] - field[x])^2)``.
+        Scalar float32: ``factor * (1/N) sum_k mean((field[x + e_k] - field[x])^2)``.
     """
-    return Grad(penalty="l2", loss_mult=SMOOTH_UNIT_FACTOR)(None, field)
+    return Grad(penalty="l2", loss_mult=factor)(None, field)
 
 
 def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
     """LapIRN's anti-folding term: ``mean(relu(-det(I + D u)))``, forward differences.
 
     ``D u`` uses ``u[x + e_k] - u[x]`` on the grid cropped by one voxel at the far end of every
-    axis. The determinant is invariant to the axis order, so this equals the original's
+    axis (`tfreg.ops.differences.jacobian_determinant(mode="forward")`). The determinant is invariant to the axis order, so this equals the original's
     ``neg_Jdet_loss`` on the same field in voxel units.
 
     Args:
@@ -130,25 +140,7 @@ def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
     Returns:
         Scalar float32 (0 when no voxel folds).
     """
-    disp = tf.cast(disp, "float32")
-    ndims = len(disp.shape) - 2
-    crop = (slice(None),) + (slice(0, -1),) * ndims + (slice(None),)
-    # grads[k][..., i] = d u_i / d x_k
-    grads = []
-    for k in range(ndims):
-        ahead = [slice(None)] + [slice(0, -1)] * ndims + [slice(None)]
-        ahead[k + 1] = slice(1, None)
-        grads.append(disp[tuple(ahead)] - disp[crop])
-
-    def jac(i: int, k: int) -> tf.Tensor:
-        return grads[k][..., i] + (1.0 if i == k else 0.0)
-
-    if ndims == 2:
-        det = jac(0, 0) * jac(1, 1) - jac(0, 1) * jac(1, 0)
-    else:
-        det = (jac(0, 0) * (jac(1, 1) * jac(2, 2) - jac(1, 2) * jac(2, 1))
-               - jac(0, 1) * (jac(1, 0) * jac(2, 2) - jac(1, 2) * jac(2, 0))
-               + jac(0, 2) * (jac(1, 0) * jac(2, 1) - jac(1, 1) * jac(2, 0)))
+    det = jacobian_determinant(tf.cast(disp, "float32"), mode="forward")
     return tf.reduce_mean(tf.nn.relu(-det))
 
 
@@ -170,10 +162,11 @@ def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tens
         level = stage_level(stage.name)
         fixed = tf.cast(batch["fixed"], "float32")
         for _ in range(LEVELS - level):
-            fixed = avg_pool_half(fixed)
+            fixed = pool_half(fixed)
         terms = {
             "ncc": similarity[level](fixed, outputs[f"warped_l{level}"]),
-            "smooth": opts.smooth * smoothness(outputs[f"{field_key}_l{level}"]),
+            "smooth": opts.smooth * smoothness(outputs[f"{field_key}_l{level}"],
+                                               opts.smooth_factor),
         }
         if opts.antifold > 0:
             terms["antifold"] = opts.antifold * negative_jacobian(outputs[f"disp_l{level}"])

@@ -22,6 +22,11 @@ produces the magnitudes the original does:
   ``range_flow * (n_d - 1) / 2`` voxels per axis (``range_flow = 0.4``: 7.8 voxels along a
   40-voxel level-1 axis, 31.8 voxels along a 160-voxel full-resolution axis).
 
+With ``units: voxels`` (the original's ``*_unorm`` models, its Learn2Reg OASIS displacement
+script) the CRN works in voxels of the level's grid instead: the output is
+``softsign(h) * range_flow`` voxels along every axis (``range_flow = 60``) and the previous
+level's field enters in voxels, unscaled.
+
 Variants
 --------
 * ``diffeomorphic``: level ``l`` predicts a velocity increment; ``v_l = dv_l + up(v_{l-1})`` and
@@ -45,11 +50,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfreg.errors import ConfigError, InputError
-from tfreg.layers import RescaleTransform, SpatialTransformer, warp
-from tfreg.losses import avg_pool_half
+from tfreg.layers import RescaleTransform, SpatialTransformer
+from tfreg.ops.fields import integrate_svf
+from tfreg.ops.filters import pool_half
 
 __all__ = [
     "VARIANTS",
+    "UNITS",
     "LEVELS",
     "DIVISOR",
     "ModelOptions",
@@ -65,6 +72,8 @@ __all__ = [
 
 #: The two transformation models of the original code.
 VARIANTS = ("diffeomorphic", "displacement")
+#: Units of ``range_flow`` and of the field fed to the next level's CRN.
+UNITS = ("normalised", "voxels")
 #: Number of pyramid levels (1/4, 1/2, full resolution).
 LEVELS = 3
 #: Two pooling halvings to reach level 1, then the stride-2 convolution inside each CRN.
@@ -82,8 +91,11 @@ class ModelOptions:
         variant: ``"diffeomorphic"`` or ``"displacement"``.
         features: feature channels of every CRN convolution (original: ``4 * start_channel = 28``).
         res_blocks: pre-activation residual blocks per CRN (original: 5).
-        range_flow: softsign bound of the CRN output in normalised units (original: 0.4).
+        range_flow: softsign bound of the CRN output, in `units` (original: 0.4 normalised;
+            60 voxels in its Learn2Reg displacement script).
         int_steps: scaling-and-squaring steps of the diffeomorphic variant (original: 7).
+        units: ``"normalised"`` (``[-1, 1]`` across the volume, the paper's code) or ``"voxels"``
+            (of the level's grid, the original's ``unorm`` models).
     """
 
     variant: str = "diffeomorphic"
@@ -91,6 +103,7 @@ class ModelOptions:
     res_blocks: int = 5
     range_flow: float = 0.4
     int_steps: int = 7
+    units: str = "normalised"
 
 
 def _positive_int(section: dict, key: str, minimum: int) -> int:
@@ -108,7 +121,7 @@ def model_options(config: dict) -> ModelOptions:
     """
     section = dict(config.get("model") or {})
     defaults = ModelOptions()
-    for key in ("variant", "features", "res_blocks", "range_flow", "int_steps"):
+    for key in ("variant", "features", "res_blocks", "range_flow", "int_steps", "units"):
         section.setdefault(key, getattr(defaults, key))
     variant = section["variant"]
     if variant not in VARIANTS:
@@ -117,7 +130,11 @@ def model_options(config: dict) -> ModelOptions:
     range_flow = section["range_flow"]
     if isinstance(range_flow, bool) or not isinstance(range_flow, (int, float)) or range_flow <= 0:
         raise ConfigError(f"model.range_flow: expected a number > 0, got {range_flow!r}")
+    if section["units"] not in UNITS:
+        raise ConfigError(f"model.units: expected one of {', '.join(UNITS)}, "
+                          f"got {section['units']!r}")
     return ModelOptions(
+        units=section["units"],
         variant=variant,
         features=_positive_int(section, "features", 1),
         res_blocks=_positive_int(section, "res_blocks", 0),
@@ -174,7 +191,7 @@ class HalfPool(keras.layers.Layer):
                              f"axes. Received: input_shape={tuple(input_shape)}")
 
     def call(self, x):
-        return avg_pool_half(x)
+        return pool_half(x)
 
     def compute_output_shape(self, input_shape):
         spatial = [None if n is None else (int(n) + 1) // 2 for n in input_shape[1:-1]]
@@ -225,7 +242,8 @@ class ChannelScale(keras.layers.Layer):
 class RecomputedVecInt(keras.layers.Layer):
     """Scaling and squaring (as `tfreg.layers.VecInt`) that recomputes each squaring in backprop.
 
-    ``u = v / 2**steps``, then ``steps`` times ``u = u + warp(u, u)``. Each squaring runs under
+    ``u = v / 2**steps``, then ``steps`` times ``u = u + warp(u, u)``
+    (`tfreg.ops.fields.integrate_svf(recompute=True)`). Each squaring runs under
     `tf.recompute_grad`, so training keeps only the `steps` intermediate fields instead of every
     interpolation intermediate of every squaring: at 160x192x144 this saves about 6 GB per
     full-resolution integration on a training step, for one extra warp per squaring. Values and
@@ -254,11 +272,7 @@ class RecomputedVecInt(keras.layers.Layer):
                              f"Received: input_shape={tuple(input_shape)}")
 
     def call(self, velocity):
-        square = tf.recompute_grad(lambda u: u + warp(u, u))
-        disp = tf.cast(velocity, "float32") / float(2**self.steps)
-        for _ in range(self.steps):
-            disp = square(disp)
-        return disp
+        return integrate_svf(tf.cast(velocity, "float32"), self.steps, recompute=True)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -373,7 +387,10 @@ def build_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
     for level in range(1, LEVELS + 1):
         prefix = f"lapirn_l{level}_"
         n = level_shape(shape, level)
-        bound = [opts.range_flow * (s - 1) / 2.0 for s in n]
+        if opts.units == "voxels":
+            bound = [opts.range_flow] * len(n)
+        else:
+            bound = [opts.range_flow * (s - 1) / 2.0 for s in n]
         if level == 1:
             x = keras.layers.Concatenate(name=prefix + "input")([movings[1], fixeds[1]])
         else:
@@ -384,8 +401,11 @@ def build_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
                 up_field = RescaleTransform(2.0, align="origin",
                                             name=prefix + "up_velocity")(prev_field)
             pre_warped = SpatialTransformer(name=prefix + "prewarp")([movings[level], up_disp])
-            field_in = ChannelScale([2.0 / max(s - 1, 1) for s in n],
-                                    name=prefix + "field_to_normalised")(up_field)
+            if opts.units == "voxels":
+                field_in = up_field
+            else:
+                field_in = ChannelScale([2.0 / max(s - 1, 1) for s in n],
+                                        name=prefix + "field_to_normalised")(up_field)
             x = keras.layers.Concatenate(name=prefix + "input")(
                 [pre_warped, fixeds[level], field_in])
         increment, prev_embedding = _crn(x, prev_embedding, level, bound, opts)

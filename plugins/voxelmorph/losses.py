@@ -2,15 +2,23 @@
 
 Terms returned by the loss function (already weighted; the engine minimises their sum):
 
-- ``"sim"``: ``NCC(win=ncc_window)`` or ``MSE(sigma=image_sigma)`` between the fixed image and the
-  warped moving image. With ``model.bidir`` it is ``0.5 * sim(fixed, warped) +
+- ``"sim"``: ``NCC(win=ncc_window)``, ``MSE(sigma=image_sigma)``, ``MIND()`` or ``NMI()`` between the
+  fixed image and the warped moving image; absent with ``loss.image: none`` (training from label
+  maps, `tfreg.data.synth`, where the images have independent random contrasts). With ``model.bidir`` it is ``0.5 * sim(fixed, warped) +
   0.5 * sim(moving, warped_fixed)`` (voxelmorph's 0.5/0.5 loss weights).
 - ``"smooth"``: ``lambda * Grad(grad_penalty, loss_mult=int_resolution)`` on ``preint_flow`` (the
   SVF at integration resolution), as voxelmorph's training script. ``lambda: null`` means 1 for
   NCC and 0.01 for MSE (voxelmorph's README).
+- ``"kl"`` instead of ``"smooth"`` with ``model.probabilistic``: ``lambda * KL(prior_lambda)`` on
+  ``flow_params`` (mean and log variance of the velocity, Dalca et al. 2018/2019); ``lambda:
+  null`` means 1 (the 2018 training script's loss weights 1 and 1; bidir 0.5, 0.5 and 1). The
+  image term is then the reconstruction ``MSE / image_sigma^2`` (2018: ``image_sigma`` 0.01,
+  ``prior_lambda`` 25).
 - ``"dice"`` (only when ``dice_weight > 0`` and the batch has label maps):
   ``dice_weight * Dice(one_hot(fixed_labels), warp(one_hot(moving_labels), disp))``, soft Dice of
-  the linearly warped one-hot moving labels (voxelmorph's semi-supervised training), over
+  the linearly warped one-hot moving labels (voxelmorph's semi-supervised training;
+  `tfreg.losses.LabelLoss`), or ``"label_mse"`` with ``loss.label_loss: mse`` (mean squared
+  difference of the one-hot maps), over
   ``loss.labels`` (background excluded unless listed; null: the non-zero values found in the
   data spec's label maps, see `labels_from_data`). The Dice loss is negative: -1 is perfect
   overlap.
@@ -25,12 +33,14 @@ import tensorflow as tf
 
 from tfreg.errors import ConfigError
 from tfreg.layers import warp
-from tfreg.losses import MSE, NCC, Dice, Grad, one_hot
+from tfreg.losses import KL, MIND, MSE, NCC, NMI, Dice, Grad, LabelLoss, one_hot
 
 #: ``loss.image`` values.
-IMAGE_LOSSES = ("ncc", "mse")
-#: Default Grad weight per image loss (voxelmorph README).
-DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.01}
+IMAGE_LOSSES = ("ncc", "mse", "mind", "nmi", "none")
+#: Default Grad weight per image loss (voxelmorph README for ncc and mse).
+DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.01, "mind": 1.0, "nmi": 1.0, "none": 1.0}
+#: ``loss.label_loss`` values: the overlap term on warped one-hot labels (`tfreg.losses.LabelLoss`).
+LABEL_LOSSES = ("dice", "mse")
 
 LossFn = Callable[[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor], Any], dict]
 
@@ -44,12 +54,12 @@ def _number(loss: Mapping[str, Any], key: str, *, positive: bool = False) -> flo
     return float(value)
 
 
-def grad_weight(loss: Mapping[str, Any]) -> float:
-    """The smoothness weight lambda: ``loss.lambda``, or the voxelmorph default for the image
-    loss when it is null."""
+def grad_weight(loss: Mapping[str, Any], probabilistic: bool = False) -> float:
+    """The regulariser weight lambda: ``loss.lambda``, or when it is null the voxelmorph default
+    for the image loss (Grad), or 1 for the KL term of the probabilistic model."""
     image = loss.get("image", "mse")
     if loss.get("lambda") is None:
-        return DEFAULT_LAMBDA[image]
+        return 1.0 if probabilistic else DEFAULT_LAMBDA[image]
     return _number(loss, "lambda")
 
 
@@ -77,10 +87,12 @@ def labels_from_data(config: Mapping[str, Any], max_pairs: int = 3) -> list[int]
     if not data:
         raise ConfigError("loss.labels: null takes the label values from the data, but no data "
                           "spec is given; set loss.labels, e.g. [1, 2, 3]")
-    from tfreg.data import DataSpec
+    from tfreg.data import LabelMapSource, open_data
     from tfreg.io import load_volume
 
-    spec = DataSpec.from_yaml(data)
+    spec = open_data(data)
+    if isinstance(spec, LabelMapSource):  # pairs synthesised from label maps: all their labels
+        return sorted(int(v) for v in spec.values if v != 0)
     if not spec.has_labels:
         raise ConfigError(f"loss.dice_weight: > 0 needs label maps, but {data} has none "
                           "(set loss.dice_weight: 0)")
@@ -100,13 +112,15 @@ def build(config: Mapping[str, Any]) -> LossFn:
     """Build the loss function of a resolved config.
 
     Args:
-        config: resolved config; reads ``loss:`` and ``model.{bidir, int_resolution}``.
+        config: resolved config; reads ``loss:`` and
+            ``model.{bidir, int_resolution, probabilistic}``.
 
     Returns:
         ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
         tensors. ``batch`` holds ``"fixed"``, ``"moving"`` `(B, *S, 1)` and optionally
         ``"fixed_labels"``, ``"moving_labels"`` `(B, *S, 1)` int32; ``outputs`` are the model's
-        (``"warped"``, ``"disp"``, ``"preint_flow"``, and with bidir ``"warped_fixed"``).
+        (``"warped"``, ``"disp"``, ``"preint_flow"``, with bidir ``"warped_fixed"``, with
+        probabilistic ``"flow_params"``).
 
     Raises:
         ConfigError: a ``loss.<key>`` has an invalid value (one line naming it).
@@ -121,9 +135,17 @@ def build(config: Mapping[str, Any]) -> LossFn:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
             raise ConfigError(f"loss.ncc_window: expected an odd integer >= 1, got {window!r}")
         similarity = NCC(win=window)
-    else:
+    elif image == "mse":
         similarity = MSE(sigma=_number(loss, "image_sigma", positive=True))
-    lam = grad_weight(loss)
+    else:  # mind / nmi compare images of different contrasts; none: labels only
+        similarity = {"mind": MIND(), "nmi": NMI(), "none": None}[image]
+    label_kind = loss.get("label_loss", "dice")
+    if label_kind not in LABEL_LOSSES:
+        raise ConfigError(f"loss.label_loss: expected one of {', '.join(LABEL_LOSSES)}, "
+                          f"got {label_kind!r}")
+    probabilistic = bool(model.get("probabilistic", False))
+    lam = grad_weight(loss, probabilistic)
+    kl = KL(_number(loss, "prior_lambda", positive=True)) if probabilistic else None
     penalty = loss.get("grad_penalty", "l2")
     if penalty not in ("l1", "l2"):
         raise ConfigError(f"loss.grad_penalty: expected l1 or l2, got {penalty!r}")
@@ -135,20 +157,28 @@ def build(config: Mapping[str, Any]) -> LossFn:
     values = label_values(loss)
     if dice_weight > 0 and values is None:
         values = labels_from_data(config)
-    dice = Dice()
+    overlap = LabelLoss(values, label_kind) if dice_weight > 0 else None
+    if image == "none" and overlap is None:
+        raise ConfigError("loss.image: none needs a label term (set loss.dice_weight > 0 and "
+                          "train on data with label maps)")
 
     def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
                 stage: Any = None) -> dict[str, tf.Tensor]:
         fixed, moving = batch["fixed"], batch["moving"]
-        if bidir:
-            sim = 0.5 * similarity(fixed, outputs["warped"]) + \
+        terms = {}
+        if similarity is not None and bidir:
+            terms["sim"] = 0.5 * similarity(fixed, outputs["warped"]) + \
                 0.5 * similarity(moving, outputs["warped_fixed"])
+        elif similarity is not None:
+            terms["sim"] = similarity(fixed, outputs["warped"])
+        if kl is not None:
+            terms["kl"] = lam * kl(None, outputs["flow_params"])
         else:
-            sim = similarity(fixed, outputs["warped"])
-        terms = {"sim": sim, "smooth": lam * grad(None, outputs["preint_flow"])}
-        if dice_weight > 0 and "fixed_labels" in batch and "moving_labels" in batch:
-            terms["dice"] = dice_weight * label_dice(batch["fixed_labels"], batch["moving_labels"],
-                                                     outputs["disp"], values, dice)
+            terms["smooth"] = lam * grad(None, outputs["preint_flow"])
+        if overlap is not None and "fixed_labels" in batch and "moving_labels" in batch:
+            warped = overlap.warped_one_hot(batch["moving_labels"], outputs["disp"])
+            terms["dice" if label_kind == "dice" else "label_mse"] = \
+                dice_weight * overlap(batch["fixed_labels"], warped)
         return terms
 
     return loss_fn

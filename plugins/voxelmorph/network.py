@@ -16,7 +16,13 @@ Graph (default ``variant: maxpool``, the current voxelmorph TF code)::
 
 ``variant: stride2`` is the 2018 paper network: L stride-2 encoder convs (no pooling); decoder
 ``dec[0:L-1]`` each followed by upsampling and a skip concat, ``dec[L-1:L+1]`` at 1/2 resolution,
-upsampling and a concat with the input, then ``dec[L+1:]`` at full resolution.
+upsampling and a concat with the input, then ``dec[L+1:]`` at full resolution. With
+``svf_resolution: 2`` it stops after ``dec[L-1:L+1]``: the field is predicted at 1/2 resolution
+(the MICCAI 2018 network, ``dec_features`` of length L + 1).
+
+``probabilistic: true`` (Dalca et al. 2018/2019) adds a second head beside ``flow`` (the mean):
+``log_sigma`` (the log variance; kernel N(0, 1e-10), bias -10), and the velocity is
+``GaussianSample([flow, log_sigma])`` "z_sample": a sample when training, the mean otherwise.
 
 Every layer has an explicit, stable name (used for freezing and by the voxelmorph ``.h5`` importer).
 Fields are displacements in voxels of the fixed grid, ij channel order, pull convention:
@@ -32,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import keras
 
 from tfreg.errors import ConfigError
-from tfreg.layers import RescaleTransform, SpatialTransformer, VecInt
+from tfreg.layers import GaussianSample, RescaleTransform, SpatialTransformer, VecInt
 
 #: Valid values of ``model.variant``.
 VARIANTS = ("maxpool", "stride2")
@@ -53,6 +59,7 @@ class Architecture:
         svf_resolution: voxel size (relative) of the predicted SVF (2 skips the last upsampling).
         bidir: also output the inverse warp of the fixed image.
         fill_value: None = nearest-border outside the moving image; a number = constant.
+        probabilistic: mean and log-variance heads, a sampled velocity when training.
     """
 
     enc_features: tuple[int, ...]
@@ -64,6 +71,7 @@ class Architecture:
     svf_resolution: int
     bidir: bool
     fill_value: float | None
+    probabilistic: bool = False
 
     @property
     def levels(self) -> int:
@@ -130,9 +138,13 @@ def architecture(config: Mapping[str, Any]) -> Architecture:
         if len(dec) < len(enc) + 1:
             raise ConfigError(f"model.dec_features: the stride2 variant needs at least "
                               f"len(enc_features) + 1 = {len(enc) + 1} entries, got {len(dec)}")
-        if svf_res != 1:
+        if svf_res not in (1, 2):
             raise ConfigError("model.svf_resolution: the stride2 variant predicts the field at "
-                              f"full resolution (1), got {svf_res}")
+                              f"full (1) or half (2) resolution, got {svf_res}")
+        if svf_res == 2 and len(dec) != len(enc) + 1:
+            raise ConfigError(f"model.dec_features: the stride2 variant with svf_resolution 2 "
+                              f"has len(enc_features) + 1 = {len(enc) + 1} decoder convs (none "
+                              f"at full resolution), got {len(dec)}")
     else:
         if len(enc) % per_level:
             raise ConfigError(f"model.enc_features: {len(enc)} entries do not divide into levels "
@@ -143,8 +155,14 @@ def architecture(config: Mapping[str, Any]) -> Architecture:
         levels = len(enc) // per_level
         if svf_res > 2 ** levels:
             raise ConfigError(f"model.svf_resolution: at most 2^levels = {2 ** levels}, got {svf_res}")
+    probabilistic = model.get("probabilistic", False)
+    if not isinstance(probabilistic, bool):
+        raise ConfigError(f"model.probabilistic: expected true or false, got {probabilistic!r}")
+    if probabilistic and int_steps == 0:
+        raise ConfigError("model.probabilistic: the probabilistic model samples a velocity "
+                          "field; it needs int_steps > 0")
     return Architecture(enc, dec, per_level, variant, int_steps, int_res, svf_res, bidir,
-                        None if fill is None else float(fill))
+                        None if fill is None else float(fill), probabilistic)
 
 
 def divisor(arch: Architecture) -> int:
@@ -203,9 +221,11 @@ def _unet_stride2(x: Any, arch: Architecture, ndims: int) -> Any:
         level = levels - 2 - i
         x = _conv_block(x, ndims, dec[i], f"unet_dec_conv_{level}_0")
         x = _upsample(x, skips[level], ndims, f"unet_dec_upsample_{level}")
-    # two convs at 1/2 resolution, then back to full resolution beside the input images
+    # two convs at 1/2 resolution, then (full-resolution field) back beside the input images
     for k in range(2):
         x = _conv_block(x, ndims, dec[levels - 1 + k], f"unet_dec_half_conv_{k}")
+    if arch.svf_resolution == 2:
+        return x
     x = _upsample(x, source, ndims, "unet_dec_upsample_input")
     for k, filters in enumerate(dec[levels + 1:]):
         x = _conv_block(x, ndims, filters, f"unet_dec_final_conv_{k}")
@@ -252,7 +272,11 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         - ``"preint_flow"`` `(B, *S / int_resolution, N)`: the field the smoothness loss applies
           to (the SVF at integration resolution; the displacement itself when ``int_steps == 0``).
         - with ``bidir``: ``"warped_fixed"`` `(B, *S, 1)` (fixed warped to moving by the inverse)
-          and ``"neg_disp"`` `(B, *S, N)`.
+          and ``"neg_disp"`` `(B, *S, N)`; when also diffeomorphic (``int_steps > 0``) the same
+          field as ``"inverse_disp"``, the key tfreg's export and `tfreg register --inverse` use.
+        - with ``probabilistic``: ``"flow_params"`` `(B, *S / svf_resolution, 2N)`, the mean and
+          log variance of the velocity (the KL loss's input); ``preint_flow`` is then the sample
+          (training) or the mean (inference).
 
     Raises:
         ConfigError: invalid ``model:`` values or an input shape the network cannot take.
@@ -272,12 +296,22 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
                  kernel_initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1e-5))(x)
 
     svf_size = shape[0] // arch.svf_resolution
+    outputs: dict[str, Any] = {}
+    if arch.probabilistic:
+        log_sigma = _conv(ndims, ndims, "log_sigma", dtype="float32",
+                          kernel_initializer=keras.initializers.RandomNormal(mean=0.0,
+                                                                             stddev=1e-10),
+                          bias_initializer=keras.initializers.Constant(-10.0))(x)
+        flow_mean = _resize_to(flow, svf_size, "svf_resize_mean")
+        log_sigma = _resize_to(log_sigma, svf_size, "svf_resize_log_sigma")
+        outputs["flow_params"] = keras.layers.Concatenate(axis=-1, name="flow_params")(
+            [flow_mean, log_sigma])
+        flow = GaussianSample(name="z_sample")([flow_mean, log_sigma])
     flow = _resize_to(flow, svf_size, "svf_resize")
     if arch.int_steps > 0 and arch.int_resolution > 1:
         flow = _resize_to(flow, shape[0] // arch.int_resolution, "flow_resize")
     preint_flow = flow
 
-    outputs: dict[str, Any] = {}
     pos = flow
     if arch.int_steps > 0:
         pos = VecInt(arch.int_steps, name="flow_int")(pos)
@@ -293,5 +327,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
         warped_fixed = SpatialTransformer("linear", arch.fill_value,
                                           name="neg_transformer")([fixed, neg])
         outputs.update(warped_fixed=warped_fixed, neg_disp=neg)
+        if arch.int_steps > 0:  # exp(-v) is the inverse of exp(v): exported as the model's inverse
+            outputs["inverse_disp"] = neg
 
     return keras.Model(inputs={"moving": moving, "fixed": fixed}, outputs=outputs, name="voxelmorph")

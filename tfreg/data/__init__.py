@@ -19,9 +19,25 @@ from tfreg.data.cache import VolumeCache, default_cache_dir
 from tfreg.data.pipeline import make_dataset
 from tfreg.data.preprocess import PrepRecord, Preprocessing, field_to_source
 from tfreg.data.spec import DataSpec, Pair, PairSampler, Scan
+from tfreg.data.synth import LabelMapSource
+
+
+def open_data(path):
+    """The data file behind ``--data``: a `LabelMapSource` when the YAML has a ``label_maps:``
+    section (pairs synthesised from label maps, `tfreg.data.synth`), else a `DataSpec`."""
+    from pathlib import Path
+
+    from tfreg.config import load_yaml
+    from tfreg.data.synth import is_label_map_spec
+
+    if is_label_map_spec(load_yaml(path)):
+        return LabelMapSource.from_yaml(path)
+    return DataSpec.from_yaml(Path(path))
 
 __all__ = [
     "DataSpec",
+    "LabelMapSource",
+    "open_data",
     "Pair",
     "Scan",
     "PairSampler",

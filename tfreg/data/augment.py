@@ -7,9 +7,18 @@ transform is the sum of two displacements on the scan's grid (voxels, pull conve
 * a centred random affine ``y = A (x - c) + b + c`` (the convention of
   `tfreg.layers.affine_to_disp`): rotation (degrees, about each axis), per-axis scaling
   ``1 +/- scale``, shear ``+/- shear`` (off-diagonal), shift ``+/- shift`` voxels;
-* a smooth random deformation: uniform ``+/- max_disp`` voxels at control points every
-  ``spacing`` voxels, linearly interpolated (`tfreg.layers.resize`). ``max_disp < spacing / 2``
-  is required so the deformation alone cannot fold.
+* a smooth random deformation: uniform ``+/- max_disp`` voxels at control points at least
+  ``spacing`` voxels apart (the first and last voxels of each axis are control points),
+  linearly interpolated (`tfreg.ops.fields.resize`).
+
+No folding (`fold_bound`): with ``h`` the control spacing, each entry of the deformation's
+Jacobian ``J`` is at most ``delta = 2 max_disp / h`` in magnitude everywhere (also as finite
+differences), so ``||J||_2 <= N delta``. The affine part ``A = R (I + S) D`` has smallest singular
+value ``>= (1 - (N-1) shear) (1 - scale)`` (``||S||_2 <= (N-1) shear``). The transform's Jacobian
+``A + J = A (I + A^-1 J)`` therefore has a positive determinant when
+``2 N max_disp / spacing < (1 - (N-1) shear) (1 - scale)``; validation enforces this (and
+``shear < 1 / (N-1)``). Both limits are reached by worst-case draws, so they cannot be relaxed.
+On an axis shorter than ``spacing`` the amplitude shrinks by ``h / spacing``.
 
 Both are evaluated on the control grid and interpolated to full resolution once (exact for the
 affine part). The image and the label map are then warped with `tfreg.layers.warp` (linear and
@@ -31,7 +40,7 @@ import numpy as np
 
 from tfreg.data import _checks as chk
 
-__all__ = ["Augmentation", "augment_scan"]
+__all__ = ["Augmentation", "augment_scan", "fold_bound"]
 
 _SECTIONS = {
     "affine": ("rotate", "scale", "shift", "shear"),
@@ -68,9 +77,10 @@ class Augmentation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str, prefix: str = "augment."
-                  ) -> "Augmentation":
-        """Parse the ``augment:`` section (``affine``, ``deform``, ``intensity``, ``apply_to``)."""
+    def from_dict(cls, d: Mapping[str, Any], source: str, prefix: str = "augment.",
+                  ndims: int = 3) -> "Augmentation":
+        """Parse the ``augment:`` section (``affine``, ``deform``, ``intensity``, ``apply_to``)
+        for images of `ndims` spatial axes (the no-folding limits depend on it)."""
         chk.check_keys(d, [*_SECTIONS, "apply_to"], source, prefix)
         values: dict[str, Any] = {}
         for name, keys in _SECTIONS.items():
@@ -87,9 +97,15 @@ class Augmentation:
         if values.get("spacing", 8.0) < 2:
             raise chk.fail(source, f"{prefix}deform.spacing", "expected a number >= 2 (voxels), "
                            f"got {values['spacing']}")
-        if values.get("max_disp", 0.0) >= values.get("spacing", 8.0) / 2:
-            raise chk.fail(source, f"{prefix}deform.max_disp", "must be < spacing / 2 "
-                           f"(= {values.get('spacing', 8.0) / 2}) to avoid folding, got "
+        shear, scale = values.get("shear", 0.0), values.get("scale", 0.0)
+        if ndims > 1 and shear >= 1.0 / (ndims - 1):
+            raise chk.fail(source, f"{prefix}affine.shear", f"must be < {1.0 / (ndims - 1):g} in "
+                           f"{ndims}D (a larger shear can fold), got {shear}")
+        bound = fold_bound(ndims, values.get("spacing", 8.0), scale, shear)
+        if values.get("max_disp", 0.0) >= bound:
+            raise chk.fail(source, f"{prefix}deform.max_disp", f"must be < {bound:.4g} in {ndims}D "
+                           "with these spacing, scale and shear (2 N max_disp / spacing < "
+                           "(1 - (N-1) shear) (1 - scale), else the deformation can fold), got "
                            f"{values['max_disp']}")
         values["apply_to"] = chk.choice(d.get("apply_to", "both"), APPLY_TO, source,
                                         f"{prefix}apply_to")
@@ -113,6 +129,19 @@ def _rotation(angles, ndims: int):
     return rx @ ry @ rz
 
 
+def fold_bound(ndims: int, spacing: float, scale: float = 0.0, shear: float = 0.0) -> float:
+    """Largest ``max_disp`` (exclusive, voxels) that cannot fold in `ndims` dimensions (module doc):
+    ``spacing (1 - (N-1) shear) (1 - scale) / (2 N)``; 0 when the affine alone may fold."""
+    margin = (1.0 - (ndims - 1) * shear) * (1.0 - scale)
+    return max(0.0, spacing * margin / (2.0 * ndims))
+
+
+def _deform_control_shape(shape: tuple[int, ...], spacing: float) -> tuple[int, ...]:
+    """Control points of the deformation: first and last voxels and at least `spacing` voxels
+    apart (one cell on an axis shorter than `spacing`)."""
+    return tuple(max(1, int((n - 1) // spacing)) + 1 for n in shape)
+
+
 def _control_shape(shape: tuple[int, ...], spacing: float) -> tuple[int, ...]:
     """Control points every `spacing` voxels (at least 2 per axis, first and last voxels)."""
     return tuple(max(2, math.ceil((n - 1) / spacing) + 1) for n in shape)
@@ -122,7 +151,7 @@ def _smooth_noise(shape: tuple[int, ...], channels: int, spacing: float, amplitu
     """`(1, *shape, channels)` uniform +/- amplitude at control points, linearly interpolated."""
     import tensorflow as tf
 
-    from tfreg.layers import resize
+    from tfreg.ops.fields import resize
 
     ctrl = tf.random.stateless_uniform((1, *_control_shape(shape, spacing), channels), seed,
                                        -amplitude, amplitude)
@@ -137,7 +166,7 @@ def random_disp(shape: tuple[int, ...], aug: Augmentation, seed):
     """
     import tensorflow as tf
 
-    from tfreg.layers import resize
+    from tfreg.ops.fields import apply_affine, resize
 
     ndims = len(shape)
     seeds = tf.random.experimental.stateless_split(seed, 5)
@@ -154,15 +183,17 @@ def random_disp(shape: tuple[int, ...], aug: Augmentation, seed):
         matrix = matrix @ tf.linalg.diag(scale)
     shift = tf.random.stateless_uniform((ndims,), seeds[3], -aug.shift, aug.shift) \
         if aug.shift else tf.zeros((ndims,))
-    ctrl_shape = _control_shape(shape, aug.spacing) if aug.max_disp else (2,) * ndims
+    ctrl_shape = _deform_control_shape(shape, aug.spacing) if aug.max_disp else (2,) * ndims
     # centred voxel coordinates of the control points, (*ctrl_shape, N)
     axes = [np.linspace(0.0, n - 1.0, g) - (n - 1) / 2.0 for n, g in zip(shape, ctrl_shape)]
     points = tf.constant(np.stack(np.meshgrid(*axes, indexing="ij"), -1), tf.float32)
     # centred affine y = A x + b, displacement y - x
-    ctrl = tf.einsum("ij,...j->...i", matrix, points) + shift - points
+    ctrl = apply_affine(tf.concat([matrix, shift[:, None]], axis=1), points) - points
     if aug.max_disp:
-        ctrl = ctrl + tf.random.stateless_uniform(ctrl.shape, seeds[4], -aug.max_disp,
-                                                  aug.max_disp)
+        # amplitude relative to the smallest control spacing h (h < spacing on short axes)
+        cells = [(n - 1) / (g - 1) for n, g in zip(shape, ctrl_shape) if n > 1]
+        amplitude = aug.max_disp * min([1.0] + [h / aug.spacing for h in cells])
+        ctrl = ctrl + tf.random.stateless_uniform(ctrl.shape, seeds[4], -amplitude, amplitude)
     return resize(ctrl[None], shape, align="corners")
 
 
@@ -199,7 +230,7 @@ def augment_scan(image, labels, aug: Augmentation, seed):
     """
     import tensorflow as tf
 
-    from tfreg.layers import warp
+    from tfreg.ops.sampling import warp
 
     spatial_seed, intensity_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tuple(int(s) for s in image.shape[:-1])

@@ -52,6 +52,11 @@ def make_dataset(spec: DataSpec, split: str = "train", batch_size: int = 1, seed
     """
     import tensorflow as tf
 
+    from tfreg.data.synth import LabelMapSource
+
+    if isinstance(spec, LabelMapSource):  # pairs synthesised from label maps
+        return spec.dataset(split, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                            repeat=repeat, input_context=input_context)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{spec.source}: batch size must be a positive integer, got "
                           f"{batch_size!r}")

@@ -28,10 +28,12 @@ from scipy import ndimage
 from tfreg.data import _checks as chk
 from tfreg.errors import InputError
 from tfreg.io import Volume
+from tfreg.ops.intensity import MODES as INTENSITY_MODES
+from tfreg.ops.intensity import IntensityMap, fit_intensity_map
 
 __all__ = ["Preprocessing", "PrepRecord", "field_to_source", "NORMALIZE", "FITS"]
 
-NORMALIZE = ("minmax", "zscore", "percentile", "none")
+NORMALIZE = INTENSITY_MODES
 FITS = ("center", "foreground")
 _KEYS = ("shape", "spacing", "fit", "threshold", "normalize", "percentiles")
 
@@ -117,12 +119,7 @@ class PrepRecord:
 
     def normalize(self, data: np.ndarray) -> np.ndarray:
         """Apply the intensity map to an array of original intensities; float32."""
-        out = data.astype(np.float32, copy=True)
-        if self.clip is not None:
-            np.clip(out, self.clip[0], self.clip[1], out=out)
-        out -= np.float32(self.offset)
-        out *= np.float32(self.scale)
-        return out
+        return IntensityMap(self.offset, self.scale, self.clip).apply(data)
 
     def restore(self, array: np.ndarray, order: int = 1, fill_value: float | None = 0.0
                 ) -> np.ndarray:
@@ -275,18 +272,8 @@ class Preprocessing:
         else:
             matrix[:n, :n] = np.diag(zoom)
             matrix[:n, n] = centre - zoom * out_centre
-        offset, scale, clip = 0.0, 1.0, None
-        if not label and data.size and self.normalize != "none":
-            if self.normalize == "minmax":
-                lo_v, hi_v = float(data.min()), float(data.max())
-                offset, scale = lo_v, (1.0 / (hi_v - lo_v) if hi_v > lo_v else 1.0)
-            elif self.normalize == "zscore":
-                mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
-                offset, scale = mean, (1.0 / std if std > 0 else 1.0)
-            else:
-                lo_v, hi_v = (float(v) for v in np.percentile(data, self.percentiles))
-                clip = (lo_v, hi_v)
-                offset, scale = lo_v, (1.0 / (hi_v - lo_v) if hi_v > lo_v else 1.0)
+        imap = IntensityMap() if label else fit_intensity_map(data, self.normalize, self.percentiles)
+        offset, scale, clip = imap.offset, imap.scale, imap.clip
         return PrepRecord(src_shape, np.asarray(volume.affine, np.float64), tuple(self.shape),
                           matrix, background, offset, scale, clip)
 

@@ -9,6 +9,7 @@ The format is documented in ``configs/data/README.md``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -25,12 +26,16 @@ from tfreg.data.cache import VolumeCache, default_cache_dir
 from tfreg.data.preprocess import Preprocessing, PrepRecord
 from tfreg.data.sources import (Learn2RegDataset, PairRow, group_of, read_pairs_csv,
                                 resolve_images, resolve_labels, resolve_paths)
-from tfreg.errors import ConfigError, InputError
-from tfreg.io import Volume, load_volume, read_info
+from tfreg.errors import ConfigError, InputError, TfregError, all_problems
+from tfreg.io import Volume, check_label_grid, load_volume, read_info
 
-__all__ = ["DataSpec", "Pair", "Scan", "PairSampler", "SPEC_KEYS", "PAIRINGS", "SPLITS"]
+__all__ = ["DataSpec", "Pair", "Scan", "PairSampler", "SPEC_KEYS", "PAIRINGS", "SPLITS",
+           "SAMPLINGS"]
 
-SPEC_KEYS = ("images", "labels", "shape", "pairing", "groups", "atlas", "atlas_labels",
+#: ``sampling:`` values: training pairs per epoch, or independent draws with replacement.
+SAMPLINGS = ("epoch", "replacement")
+
+SPEC_KEYS = ("images", "labels", "shape", "pairing", "sampling", "groups", "atlas", "atlas_labels",
              "atlas_role", "pairs", "split", "preprocess", "cache", "augment")
 PAIRINGS = ("scan-to-scan", "scan-to-atlas", "pairs")
 SPLITS = ("train", "val", "test")
@@ -63,6 +68,8 @@ class DataSpec:
         base_dir: folder relative paths are resolved against.
         shape: network input shape `(*S,)`; `ndims` = len(shape).
         pairing: ``"scan-to-scan"``, ``"scan-to-atlas"`` or ``"pairs"``.
+        sampling: training draws, ``"epoch"`` (every scan or row once per epoch) or
+            ``"replacement"`` (independent random pairs, voxelmorph's generators).
         has_labels: every scan has a label map (batches then carry ``*_labels``).
         preprocessing: `Preprocessing` settings (stored with exported models).
         augmentation: `Augmentation` or None (off).
@@ -75,8 +82,9 @@ class DataSpec:
                  preprocessing: Preprocessing, pairing: str, items: dict[str, list[int]],
                  pair_lists: dict[str, list[tuple[int, int]]], groups: list[str] | None,
                  atlas: int | None, atlas_role: str, augmentation: Augmentation | None,
-                 cache_dir: Path | None, notes: list[str]):
+                 cache_dir: Path | None, notes: list[str], sampling: str = "epoch"):
         self.source = source
+        self.sampling = sampling
         self.base_dir = base_dir
         self.scans = scans
         self.preprocessing = preprocessing
@@ -176,6 +184,7 @@ class DataSpec:
         return {
             "source": self.source,
             "pairing": self.pairing,
+            "sampling": self.sampling,
             "scans": len(self.scans),
             "labels": self.has_labels,
             "preprocessing": self.preprocessing.to_dict(),
@@ -240,40 +249,54 @@ class DataSpec:
             labels = self.preprocessing.apply(lab, record, label=True)
         return image, labels, record
 
-    def validate(self, deep: bool = False, workers: int | None = None) -> int:
-        """Check the data before training.
+    def validate(self, deep: bool = False, workers: int | None = None,
+                 images: set[Path] | None = None) -> int:
+        """Check the data before training (or evaluation).
 
         Shallow checks (headers, keys, files) already ran when the spec was built. With `deep`,
         every volume is decoded: truncated data, NaN/Inf voxels and non-integer labels are
         reported now rather than mid-training. With a cache, preprocessed scans are stored on the
         way (and scans already cached, whose files are unchanged, are not read again).
 
+        Args:
+            deep: decode every volume.
+            workers: reader threads (default: up to 4).
+            images: check only the scans of these image paths (e.g. one split's pairs).
+
         Returns:
             The number of scans checked.
 
         Raises:
-            InputError: the first bad file, in scan order.
+            InputError: every bad file, in scan order (one line for one problem; else a numbered
+                list in the error's `details` and a summary line).
         """
         if not deep:
             return 0
         workers = workers or min(4, os.cpu_count() or 1)
+        wanted = None if images is None else {_norm(Path(p)) for p in images}
+        indices = [i for i, scan in enumerate(self.scans)
+                   if wanted is None or _norm(Path(scan.image)) in wanted]
 
-        def check(index: int) -> None:
-            if self._cache is not None:
-                self.load_scan(index)
-                return
-            scan = self.scans[index]
-            image = load_volume(scan.image)
-            if scan.labels is not None:
-                labels = load_volume(scan.labels, label=True)
-                if labels.shape != image.shape:
-                    raise InputError(f"{scan.labels}: shape {labels.shape} differs from its "
-                                     f"image {scan.image} {image.shape}")
+        def check(index: int) -> TfregError | None:
+            try:
+                if self._cache is not None:
+                    self.load_scan(index)
+                    return None
+                scan = self.scans[index]
+                image = load_volume(scan.image)
+                if scan.labels is not None:
+                    labels = load_volume(scan.labels, label=True)
+                    if labels.shape != image.shape:
+                        raise InputError(f"{scan.labels}: shape {labels.shape} differs from its "
+                                         f"image {scan.image} {image.shape}")
+            except TfregError as err:
+                return err
+            return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(check, range(len(self.scans))):
-                pass
-        return len(self.scans)
+            problems = [err for err in pool.map(check, indices) if err is not None]
+        all_problems(problems, f"{self.source}: {len(indices)} scans checked")
+        return len(indices)
 
 
 class PairSampler:
@@ -283,8 +306,10 @@ class PairSampler:
     ``shuffle=True``: epochs of ``len(self)`` elements; epoch ``e`` visits a permutation
     (seeded by ``(seed, e)``) of the split's scans (scan-to-scan: each scan is the fixed image once,
     with a random moving scan of its group; scan-to-atlas: each scan once with the atlas) or of
-    its CSV rows (pairs). Element ``k`` depends only on ``(seed, k)``, not on the thread or
-    worker that computes it.
+    its CSV rows (pairs). With the spec's ``sampling: replacement`` every element is instead an
+    independent uniform draw (voxelmorph's generators): the fixed scan (or CSV row, or atlas
+    partner) with replacement, and a random other scan of its group as the moving one. Element
+    ``k`` depends only on ``(seed, k)``, not on the thread or worker that computes it.
     """
 
     def __init__(self, spec: DataSpec, split: str, shuffle: bool, seed: int):
@@ -314,9 +339,14 @@ class PairSampler:
             raise ConfigError(f"{self.spec.source}: split '{self.split}' has no pairs")
         if not self.shuffle:
             return self._pairs[k % n]
-        epoch, pos = divmod(int(k), n)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        pick = self._candidates[order[pos]]
+        if self.spec.sampling == "replacement":
+            epoch, pos = int(k), 0  # every element its own independent draw
+            pick = self._candidates[int(np.random.default_rng([self.seed, epoch, 2])
+                                        .integers(n))]
+        else:
+            epoch, pos = divmod(int(k), n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            pick = self._candidates[order[pos]]
         if self.spec.pairing == "pairs":
             return self._pairs[pick]
         if self.spec.pairing == "scan-to-atlas":
@@ -350,6 +380,7 @@ def _norm(path: Path) -> Path:
 def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
     chk.check_keys(d, SPEC_KEYS, source)
     pairing = chk.choice(d.get("pairing", "scan-to-scan"), PAIRINGS, source, "pairing")
+    sampling = chk.choice(d.get("sampling", "epoch"), SAMPLINGS, source, "sampling")
     _check_pairing_keys(d, pairing, source)
     notes: list[str] = []
 
@@ -468,13 +499,13 @@ def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
     augmentation = None
     if d.get("augment") not in (None, False):
         augmentation = Augmentation.from_dict(chk.mapping(d["augment"], source, "augment"),
-                                              source)
+                                              source, ndims=len(preprocessing.shape))
         augmentation = augmentation if augmentation.enabled else None
 
     return DataSpec(source=source, base_dir=base, scans=table.scans, preprocessing=preprocessing,
                     pairing=pairing, items=split_items, pair_lists=pair_lists, groups=groups,
                     atlas=atlas, atlas_role=atlas_role, augmentation=augmentation,
-                    cache_dir=cache_dir, notes=notes)
+                    cache_dir=cache_dir, notes=notes, sampling=sampling)
 
 
 def _check_pairing_keys(d: Mapping[str, Any], pairing: str, source: str) -> None:
@@ -545,26 +576,41 @@ def _row_to_pair(row: PairRow, csv_path: Path, table: _Scans, by_image: dict[Pat
 
 
 def _check_headers(scans: list[Scan], source: str) -> list[tuple[int, ...]]:
-    """Read every header once; image shapes (spatial) in scan order."""
-    seen: dict[Path, tuple[int, ...]] = {}
+    """Read every header once; image shapes (spatial) in scan order. Every bad file is reported
+    at once (`tfreg.errors.all_problems`); a label map whose header differs slightly from its
+    image's is accepted with a warning (`tfreg.io.check_label_grid`)."""
+    seen: dict[Path, Any] = {}
+    problems: list[InputError] = []
 
-    def shape_of(path: Path) -> tuple[int, ...]:
+    def info_of(path: Path):
         if path not in seen:
             try:
-                seen[path] = read_info(path).shape
+                seen[path] = read_info(path)
             except InputError as err:
-                raise InputError(f"{err} (named by {source})") from None
+                seen[path] = None
+                problems.append(InputError(f"{err} (named by {source})"))
         return seen[path]
 
     shapes = []
+    checked: set[tuple[Path, Path]] = set()
     for scan in scans:
-        shape = shape_of(scan.image)
-        if scan.labels is not None:
-            lab_shape = shape_of(scan.labels)
-            if lab_shape != shape:
-                raise InputError(f"{scan.labels}: shape {list(lab_shape)} differs from its image "
-                                 f"{scan.image} {list(shape)}")
-        shapes.append(shape)
+        info = info_of(scan.image)
+        shapes.append(info.shape if info is not None else ())
+        if scan.labels is None or info is None:
+            continue
+        lab = info_of(scan.labels)
+        if lab is None or (scan.labels, scan.image) in checked:
+            continue
+        checked.add((scan.labels, scan.image))
+        try:
+            note = check_label_grid(scan.labels, lab.affine, lab.shape, scan.image, info.affine,
+                                    info.shape)
+        except InputError as err:
+            problems.append(err)
+            continue
+        if note:
+            logging.getLogger("tfreg").warning(note)
+    all_problems(problems, source)
     return shapes
 
 

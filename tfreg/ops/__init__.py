@@ -12,6 +12,9 @@ Modules (each small, one job; the table in docs/architecture.md lists their func
   `mk_lncc`: multi-kernel local NCC with strided, dilated windows.
 * `inverse`: fixed-point inversion of a displacement field and its inverse-consistency residual.
 * `advection`: RK4 map advection under a velocity field.
+* `mind`: MIND-SSC descriptors and their distance; `mutual_information`: Parzen-window joint
+  histogram (chunked, memory independent of voxels x bins), NMI and MI: similarities across
+  contrasts.
 * `intensity`: the one intensity normaliser (NumPy).
 * `compile_cache`: the one bounded cache of compiled functions.
 

@@ -74,17 +74,23 @@ def advection_rhs(disp: tf.Tensor, velocity: tf.Tensor) -> tf.Tensor:
 
 def rk4(f: Callable[[tf.Tensor], tf.Tensor], y0: tf.Tensor, time: float, steps: int) -> tf.Tensor:
     """Classical 4th-order Runge-Kutta for an autonomous ODE ``dy/dt = f(y)`` from 0 to `time` in
-    `steps` equal steps (a Python loop: unrolled in a graph)."""
+    `steps` equal steps. One step is traced once and repeated by a ``tf.while_loop`` (small graphs,
+    fast to build; differentiable, also under XLA)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be an int >= 1. Received: steps={steps!r}")
     h = float(time) / steps
-    y = y0
-    for _ in range(steps):
+
+    def step(y):
         k1 = f(y)
         k2 = f(y + (0.5 * h) * k1)
         k3 = f(y + (0.5 * h) * k2)
         k4 = f(y + h * k3)
-        y = y + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        return y + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+    if steps == 1:
+        return step(y0)
+    _, y = tf.while_loop(lambda i, y: i < steps, lambda i, y: (i + 1, step(y)),
+                         (tf.constant(0), y0), maximum_iterations=steps)
     return y
 
 

@@ -154,3 +154,18 @@ def multi_gaussian_multiplier(shape: Sequence[int], sigmas: Sequence[float],
     for sigma, weight in zip(sigmas, weights):
         total += weight * gaussian_multiplier(shape, sigma, spacing)
     return total
+
+
+def apply_symmetric_multiplier(x: tf.Tensor, multiplier) -> tf.Tensor:
+    """`apply_multiplier` for a fixed real multiplier (an even kernel, so the filter is
+    self-adjoint), with the gradient ``dL/dx = apply_multiplier(dL/dy)``. TensorFlow registers no
+    gradient for the 3D real FFT; use this wherever a filtered field is trained through."""
+    mult = np.asarray(multiplier, np.float32)
+
+    @tf.custom_gradient
+    def _filter(t):
+        def grad(upstream):
+            return apply_multiplier(upstream, mult)
+        return apply_multiplier(t, mult), grad
+
+    return _filter(tf.convert_to_tensor(x, tf.float32))

@@ -70,7 +70,9 @@ def fit_intensity_map(data: np.ndarray, mode: str = "minmax",
 def normalize_percentile(image: np.ndarray, low: float = 0.0, high: float = 99.9) -> np.ndarray:
     """`image` mapped to [0, 1] by its `low` and `high` percentiles and clipped; float32.
 
-    The ``"percentile"`` mode of `fit_intensity_map` applied at once.
+    The ``"percentile"`` mode of `fit_intensity_map` applied at once (the result is clipped to
+    [0, 1] once more against float32 rounding).
     """
     image = np.asarray(image, np.float32)
-    return fit_intensity_map(image, "percentile", (low, high)).apply(image)
+    out = fit_intensity_map(image, "percentile", (low, high)).apply(image)
+    return np.clip(out, 0.0, 1.0, out=out)

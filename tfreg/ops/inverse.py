@@ -17,7 +17,7 @@ from diffeomorphic registration of brain scans typically have ``max |grad u|`` o
 scalings far from 1) breaks the condition: invert the affine analytically and only the deformable
 remainder here, as `tfreg.register` does.
 
-Outside the grid, ``u`` is extended by its border values (`tfreg.layers.warp` with
+Outside the grid, ``u`` is extended by its border values (`tfreg.ops.sampling.warp` with
 ``fill_value=None``): near the border the inverse is the inverse of that extension.
 
 `composition_residual` gives ``phi o phi^-1 - id = w + u(y + w(y))`` in voxels, and
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tfreg import layers
+from tfreg.ops.sampling import warp
 
 __all__ = ["invert_displacement", "composition_residual", "residual_mm"]
 
@@ -46,7 +46,7 @@ def composition_residual(disp, inverse) -> tf.Tensor:
     """
     disp = tf.convert_to_tensor(disp, tf.float32)
     inverse = tf.convert_to_tensor(inverse, tf.float32)
-    return inverse + layers.warp(disp, inverse)
+    return inverse + warp(disp, inverse)
 
 
 def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
@@ -81,7 +81,7 @@ def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
     tol = tf.constant(float(tolerance), tf.float32)
 
     def step(i, w, err):
-        new = -layers.warp(disp, w)
+        new = -warp(disp, w)
         # residual of the current iterate: w + u(y + w) = w - new
         err = tf.reduce_max(tf.norm(w - new, axis=-1))
         return i + 1, new, err
