@@ -137,9 +137,10 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="With --model: N instance-optimisation steps that refine the network's "
                    "field (a diffeomorphic correction composed with it).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
-              help="With --model of a shared-weight cascade method: run K recursions of its "
-                   "cascade (K may exceed the trained count); report.json and the summary show "
-                   "the similarity after each recursion.")
+              help="With --model of a recursive method (one whose plugin takes this option, "
+                   "e.g. a shared-weight cascade): run K recursions (K may exceed the trained "
+                   "count); the method's report (e.g. the similarity after each recursion) goes "
+                   "into report.json and the summary.")
 @instance_options
 @click.option("--device", default=None, metavar="cpu|gpu|gpu:N",
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
@@ -163,7 +164,7 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
         raise ConfigError("--finetune: needs --model (instance optimisation without a model "
                           "is the default; use --iterations to change its steps)")
     if recursions is not None and not model:
-        raise ConfigError("--cascades: needs --model (a trained cascade model)")
+        raise ConfigError("--cascades: needs --model (a trained recursive model)")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
     from tfreg.register import register_files
@@ -191,11 +192,7 @@ def summary_text(report: dict, written: dict) -> str:
         lines.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f} "
                      f"over {len(report['dice'])} labels"
                      + (f"; mean HD95 {hd:.2f} mm" if hd is not None else ""))
-    if report.get("recursions"):
-        lines.append("recursions  global r   local NCC")
-        for row in report["recursions"]:
-            label = f"{row['recursions']}" + (" (trained)" if row["trained"] else "")
-            lines.append(f"{label:<12}{row['global_r']:<11.4f}{row['local_ncc']:.4f}")
+    lines.extend(report.get("method_summary") or [])  # the method's register report hook
     for name, path in written.items():
         lines.append(f"{name + ':':<15}{Path(path)}")
     return "\n".join(lines)

@@ -32,8 +32,11 @@ SMALL = {"model.enc_features": [4, 8, 8, 8], "model.dec_features": [8, 8, 8, 8, 
 # --------------------------------------------------------------------------------- registry
 def test_discovered_with_voxelmorph_defaults():
     loaded = discover().get("voxelmorph")
-    assert loaded.method is not None and loaded.method.needs_divisible_by == 16
     cfg = config()
+    # 2**4 for the default 4-level U-Net; 2**5 once a fifth level is configured (from the config)
+    assert loaded.method.divisor(cfg) == 16
+    assert loaded.method.divisor(config(**{"model.enc_features": [4, 4, 4, 4, 4],
+                                           "model.dec_features": [4] * 8})) == 32
     assert cfg["model"]["enc_features"] == [16, 32, 32, 32]
     assert cfg["model"]["dec_features"] == [32, 32, 32, 32, 32, 16, 16]
     assert (cfg["model"]["int_steps"], cfg["model"]["int_resolution"]) == (7, 2)

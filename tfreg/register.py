@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,9 @@ from tfreg.io import Volume, atomic_path, load_volume, save_volume
 
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
            "resolve_device", "device_name", "warp_file"]
+
+#: Method-dependent register options (`tfreg.registry.RegisterHook`): name -> command-line flag.
+METHOD_OPTIONS = {"recursions": "--cascades"}
 
 #: output file names inside the output folder.
 OUTPUTS = {"warped": "warped.nii.gz", "disp": "disp.nii.gz",
@@ -215,9 +217,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         config: `tfreg.instance.InstanceConfig` (default: the "accurate" preset).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
-        recursions: with a shared-weight cascade `model`: run it with this many recursions of
-            its cascade (may exceed the trained count); the report gets a `recursions` table of
-            the similarity after each recursion.
+        recursions: with a recursive `model` (its method's `RegisterHook` takes the
+            ``recursions`` option): run it with this many recursions; what the report gets is
+            the method's (e.g. a table of the similarity after each recursion).
         device: "cpu", "gpu", "gpu:N" or None (TensorFlow's choice).
         progress: `progress(stage, step, total, loss)` callback.
 
@@ -228,7 +230,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         `similarity_before` (`tfreg.instance.local_ncc`), `folding_percent`, `sdlogj`, and with
         both label maps `dice`/`hd95_mm` per label, `mean_dice`, `mean_hd95_mm`,
         `mean_dice_before` (labels resampled onto the fixed grid, not registered); `resampled`
-        (whether the moving grid differed), `stage_seconds`, `affine`, `config`.
+        (whether the moving grid differed), `stage_seconds`, `affine`, `config`; with a model
+        whose method has a register report hook, its entries and `method_summary` (lines).
     """
     import tensorflow as tf
 
@@ -262,11 +265,14 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         else:
             disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
                                                             None, moving.path), progress,
-                                        recursions=recursions)
+                                        options={"recursions": recursions})
             report.update(method=f"model {model_info['method']}", model=str(model),
                           model_inshape=list(model_info["inshape"]))
-            if recursions is not None:
-                report["recursions"] = model_info["recursions"]
+            extra = model_info.get("report")
+            if extra is not None:
+                report.update(extra.entries)
+                if extra.lines:
+                    report["method_summary"] = list(extra.lines)
             if finetune > 0:
                 disp, stage = _finetune(fixed_n, moving_n, disp, cfg, finetune, progress)
                 report.update(finetune_steps=int(finetune), config=_config_dict(cfg),
@@ -315,23 +321,53 @@ def _config_dict(cfg) -> dict:
 
 
 def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
-             progress: Callable | None, recursions: int | None = None
+             progress: Callable | None, options: dict | None = None
              ) -> tuple[np.ndarray, dict]:
     """Network displacement on the original fixed grid (fixed voxels), and the model info.
 
-    With `recursions`, the model is rebuilt with that many cascades (`model.cascades`) and the
-    info gets `recursions`: the similarity after each recursion (see `recursion_table`)."""
+    The inputs are prepared by the preprocessing record the model was exported with. When the
+    model's method is installed and has a `RegisterHook`, the model is rebuilt through it: with
+    the overrides its hook derives from `options` (method-dependent options, e.g.
+    ``{"recursions": K}``; None values = not given), and its report hook adds to the info
+    (``info["report"]``, a `RegisterReport`)."""
     from tfreg.data import Preprocessing, field_to_source
-    from tfreg.export import load_model
+    from tfreg.errors import TfregError
+    from tfreg.export import load_model, read_model_info
+    from tfreg.registry import discover
 
-    if recursions is None:
-        model = load_model(model_dir)
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    info_json, saved_config = read_model_info(model_dir)
+    name = info_json.get("method")
+    loaded = discover().methods.get(name)
+    hook = loaded.method.register_hook if loaded is not None else None
+    for key in given:
+        flag = METHOD_OPTIONS.get(key, key)
+        if loaded is None:
+            raise ConfigError(f"{flag}: needs the plugin of method '{name}' installed "
+                              f"(model {model_dir})")
+        if hook is None or hook.overrides is None:
+            raise ConfigError(f"{flag}: method '{name}' of model {model_dir} takes no such "
+                              "option")
+    rebuild = hook is not None and (hook.report is not None or bool(given))
+    overrides = None
+    if rebuild:
+        flags = ", ".join(METHOD_OPTIONS.get(k, k) for k in given) or "--model"
+        try:
+            overrides = dict(hook.overrides(saved_config, given)) \
+                if given and hook.overrides is not None else {}
+            model = load_model(model_dir, overrides=overrides, rebuild=True)
+        except TfregError as err:
+            raise ConfigError(f"{flags}: model {model_dir}: {reason(err)}") from None
     else:
-        model = _load_recursive(model_dir, recursions)
+        model = load_model(model_dir)
     if model.ndims != fixed.ndims:
         raise InputError(f"{fixed.path}: is {fixed.ndims}D but the model {model_dir} expects "
                          f"{model.ndims}D inputs of shape {model.inshape}")
-    settings = dict(model.preprocessing or {})
+    if model.preprocessing is None:
+        raise ConfigError(f"{model_dir}: the model records no inference preprocessing (its "
+                          "method's data source declares none), so tfreg register cannot "
+                          "prepare NIfTI inputs for it")
+    settings = dict(model.preprocessing)
     settings["shape"] = list(model.inshape)
     prep = Preprocessing.from_dict(settings, source=f"{model_dir}/tfreg_model.json",
                                    prefix="preprocessing.")
@@ -343,57 +379,15 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     if progress:
         progress("network", 1, 1, float("nan"))
     info = {"method": model.method, "inshape": model.inshape}
-    if recursions is not None:
-        from tfreg.config import load_yaml
+    if rebuild and hook.report is not None:
+        import tensorflow as tf
 
-        trained = load_yaml(Path(model_dir) / "config.yaml").get("model", {}).get("cascades")
-        info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
+        inputs = loaded.method.io.model_inputs(
+            model.config, tf.constant(f_in[None, ..., None], tf.float32),
+            tf.constant(m_in[None, ..., None], tf.float32))
+        inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        info["report"] = hook.report(model.keras_model, saved_config, inputs, given)
     return field_to_source(disp, rec_f, rec_m), info
-
-
-def _load_recursive(model_dir: str | Path, recursions: int):
-    """Load a shared-weight cascade model rebuilt with `recursions` cascades."""
-    from tfreg.errors import TfregError
-    from tfreg.export import load_model
-
-    if recursions < 1:
-        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
-    try:
-        return load_model(model_dir, overrides={"model.cascades": int(recursions)})
-    except TfregError as err:
-        raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
-                          "recursions; it needs a cascade model trained with "
-                          f"model.shared_weights: true ({reason(err)})") from None
-
-
-def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,
-                    trained: int | None = None) -> list[dict]:
-    """Similarity to the fixed image after each recursion of a cascade model.
-
-    Args:
-        keras_model: a model whose outputs include `warped_k` (k = 0..K; 0 = affine stem only).
-        fixed, moving: preprocessed network inputs `(*S)`.
-        trained: the number of cascades the model was trained with (marked in the table).
-
-    Returns:
-        One row per k: `{"recursions": k, "global_r": Pearson r, "local_ncc": signed local NCC
-        (tfreg.instance.local_ncc), "trained": k == trained}`, computed in one forward pass.
-    """
-    from tfreg import instance
-
-    batch = {"moving": moving[None, ..., None].astype(np.float32),
-             "fixed": fixed[None, ..., None].astype(np.float32)}
-    outputs = keras_model(batch, training=False)
-    steps = sorted(int(m.group(1)) for name in outputs
-                   if (m := re.fullmatch(r"warped_(\d+)", name)))
-    rows = []
-    for k in steps:
-        warped = np.asarray(outputs[f"warped_{k}"])[0, ..., 0]
-        r = np.corrcoef(fixed.ravel(), warped.ravel())[0, 1]
-        rows.append({"recursions": k, "global_r": _round(r),
-                     "local_ncc": _round(instance.local_ncc(fixed, warped)),
-                     "trained": trained is not None and k == trained})
-    return rows
 
 
 def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, steps: int,

@@ -3,16 +3,24 @@
 An optional VTN affine stem, then n deformable cascades (VTN or the VoxelMorph U-Net), each seeing
 the fixed image and the current warped moving image; fields are composed and the moving image is
 always resampled once from the original. Shared weights make the cascade a recursion that can run
-any number of times at test time. Defaults: ``configs/cascade.yaml``; guide: ``docs/cascade.md``.
+any number of times at test time. Defaults: ``plugins/cascade/cascade.yaml``; guide: ``docs/cascade.md``.
 """
 
 from __future__ import annotations
 
-from tfreg.registry import Method
+from tfreg.data import SPEC_DATA
+from tfreg.registry import Method, ModelIO, adam
 
-from . import losses, network
+from . import losses, network, report
 
-__all__ = ["METHOD", "network", "losses"]
+__all__ = ["METHOD", "network", "losses", "report", "divisible_by"]
+
+
+def divisible_by(config: dict) -> int:
+    """``2**vtn_levels`` (VTN base or affine stem) or ``2**len(unet_enc_features)`` (VoxelMorph
+    base), whichever is larger, from the resolved ``model:`` section."""
+    return network.Architecture.from_config(config).divisor
+
 
 METHOD = Method(
     name="cascade",
@@ -20,5 +28,10 @@ METHOD = Method(
     default_config="cascade.yaml",
     build_model=network.build,
     build_loss=losses.build,
-    needs_divisible_by=network.DIVISOR,
+    data=SPEC_DATA,
+    io=ModelIO(inputs=("moving", "fixed"), warped="warped", disp="disp",
+               fields=("disp", "disp_*", "flow_*", "affine")),
+    optimizer=adam,
+    divisible_by=divisible_by,
+    register_hook=report.REGISTER_HOOK,
 )

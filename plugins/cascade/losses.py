@@ -110,7 +110,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
         config: resolved config; reads ``loss:`` and ``model.{cascades, affine_stem}``.
 
     Returns:
-        ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "det", "ortho"]}``. ``outputs``
+        ``loss_fn(batch, outputs, ctx) -> {"sim", "smooth"[, "det", "ortho"]}``. ``outputs``
         are the model's (``"warped"``, ``"flow_1"``.. ``"flow_n"``, ``"affine"``).
 
     Raises:
@@ -125,7 +125,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
     stem = bool(model.get("affine_stem", True))
 
     def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
-                stage: Any = None) -> dict[str, tf.Tensor]:
+                ctx: Any = None) -> dict[str, tf.Tensor]:
         terms = {"sim": similarity(batch["fixed"], outputs["warped"])}
         flows = sorted((k for k in outputs if k.startswith("flow_")), key=lambda k: int(k[5:]))
         if flows:

@@ -155,7 +155,7 @@ def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
 def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tensor]]:
     """The `LossFn` of a resolved config.
 
-    The returned ``loss_fn(batch, outputs, stage)`` reads the level from ``stage.name``
+    The returned ``loss_fn(batch, outputs, ctx)`` reads the level from ``ctx.stage.name``
     (``"level1"``...) and returns weighted scalar terms ``{"ncc", "smooth"}`` plus ``"antifold"``
     when ``loss.antifold > 0``. It needs ``batch["fixed"]`` `(B, *S, 1)` and the outputs of
     `network.level_outputs(level, variant)`.
@@ -166,8 +166,8 @@ def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tens
                   for level in range(1, LEVELS + 1)}
     field_key = "velocity" if opts.variant == "diffeomorphic" else "disp"
 
-    def loss_fn(batch: dict, outputs: dict, stage) -> dict[str, tf.Tensor]:
-        level = stage_level(stage.name)
+    def loss_fn(batch: dict, outputs: dict, ctx) -> dict[str, tf.Tensor]:
+        level = stage_level(ctx.stage.name)
         fixed = tf.cast(batch["fixed"], "float32")
         for _ in range(LEVELS - level):
             fixed = avg_pool_half(fixed)

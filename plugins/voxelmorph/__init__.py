@@ -2,16 +2,24 @@
 
 A U-Net predicts a displacement (``int_steps: 0``) or a stationary velocity field integrated by
 scaling and squaring; trained with an image loss (MSE or NCC) plus ``lambda * Grad``, optionally
-with a Dice term on warped label maps. Defaults: ``configs/voxelmorph.yaml``.
+with a Dice term on warped label maps. Defaults: ``plugins/voxelmorph/voxelmorph.yaml``.
 """
 
 from __future__ import annotations
 
-from tfreg.registry import Method
+from tfreg.data import SPEC_DATA
+from tfreg.registry import Method, ModelIO, adam
 
 from . import losses, network
 
-__all__ = ["METHOD", "network", "losses"]
+__all__ = ["METHOD", "network", "losses", "divisible_by"]
+
+
+def divisible_by(config: dict) -> int:
+    """Every spatial size must divide by this: ``2**levels`` of the U-Net (32 for 5 levels) and
+    the field resolutions, from the resolved ``model:`` section."""
+    return network.divisor(network.architecture(config))
+
 
 METHOD = Method(
     name="voxelmorph",
@@ -19,5 +27,9 @@ METHOD = Method(
     default_config="voxelmorph.yaml",
     build_model=network.build,
     build_loss=losses.build,
-    needs_divisible_by=16,
+    data=SPEC_DATA,
+    io=ModelIO(inputs=("moving", "fixed"), warped="warped", disp="disp",
+               fields=("disp", "preint_flow", "neg_disp")),
+    optimizer=adam,
+    divisible_by=divisible_by,
 )

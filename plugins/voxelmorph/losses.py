@@ -103,7 +103,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
         config: resolved config; reads ``loss:`` and ``model.{bidir, int_resolution}``.
 
     Returns:
-        ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
+        ``loss_fn(batch, outputs, ctx) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
         tensors. ``batch`` holds ``"fixed"``, ``"moving"`` `(B, *S, 1)` and optionally
         ``"fixed_labels"``, ``"moving_labels"`` `(B, *S, 1)` int32; ``outputs`` are the model's
         (``"warped"``, ``"disp"``, ``"preint_flow"``, and with bidir ``"warped_fixed"``).
@@ -138,7 +138,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
     dice = Dice()
 
     def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
-                stage: Any = None) -> dict[str, tf.Tensor]:
+                ctx: Any = None) -> dict[str, tf.Tensor]:
         fixed, moving = batch["fixed"], batch["moving"]
         if bidir:
             sim = 0.5 * similarity(fixed, outputs["warped"]) + \

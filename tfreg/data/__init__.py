@@ -10,6 +10,7 @@ Public API::
     record = spec.plan(volume); x = spec.preprocess(volume, record=record)
     record.restore(array); field_to_source(disp, fixed_record, moving_record)
 
+``SPEC_DATA`` is the `tfreg.registry.DataSource` of methods trained on data specs.
 The spec format is documented in ``configs/data/README.md``; TensorFlow is imported only by
 `make_dataset` and the augmentation.
 """
@@ -19,6 +20,7 @@ from tfreg.data.cache import VolumeCache, default_cache_dir
 from tfreg.data.pipeline import make_dataset
 from tfreg.data.preprocess import PrepRecord, Preprocessing, field_to_source
 from tfreg.data.spec import DataSpec, Pair, PairSampler, Scan
+from tfreg.data.spec_data import SPEC_DATA
 
 __all__ = [
     "DataSpec",
@@ -32,4 +34,5 @@ __all__ = [
     "Augmentation",
     "VolumeCache",
     "default_cache_dir",
+    "SPEC_DATA",
 ]

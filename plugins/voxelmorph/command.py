@@ -1,10 +1,12 @@
-"""``tfreg import-voxelmorph``: convert a voxelmorph TensorFlow ``.h5`` model (VxmDense)."""
+"""``tfreg import-voxelmorph``: convert a voxelmorph TensorFlow ``.h5`` model (VxmDense).
+
+A top-level command provided by this plugin through the ``tfreg.commands`` entry-point group;
+tfreg's command line turns its `tfreg.errors.TfregError` into one line and exit status 1.
+"""
 
 from __future__ import annotations
 
 import click
-
-from tfreg_cli.common import user_errors
 
 NORMALIZE = ("minmax", "zscore", "percentile", "none")
 
@@ -40,7 +42,6 @@ def _parse_args(items: tuple[str, ...]) -> dict:
 @click.option("--normalize", type=click.Choice(NORMALIZE), default="minmax", show_default=True,
               help="Intensity normalisation 'tfreg register' applies to inputs (voxelmorph "
                    "models expect intensities in [0, 1]).")
-@user_errors
 def import_voxelmorph(h5_file: str, model_dir: str, args: tuple[str, ...], normalize: str) -> None:
     """Convert H5_FILE, a VxmDense model saved by voxelmorph's TensorFlow code (Keras 2 HDF5),
     into a tfreg model directory. voxelmorph is not needed: the file is read with h5py.
@@ -52,7 +53,7 @@ def import_voxelmorph(h5_file: str, model_dir: str, args: tuple[str, ...], norma
     checked shape by shape. Unsupported: use_probs, hyp_model (HyperMorph), input_model,
     src_feats/trg_feats other than 1, and classes other than VxmDense.
     """
-    from tfreg.vxm_h5 import import_voxelmorph as run_import
+    from .vxm_h5 import import_voxelmorph as run_import
 
     written = run_import(h5_file, model_dir, _parse_args(args), normalize=normalize)
     click.echo(f"wrote {written}")
