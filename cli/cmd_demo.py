@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from tfreg_cli.cmd_register import StageProgress
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_output_dir, user_errors
 
 
 @click.command("demo", short_help="Register a built-in sample pair (offline) and show it.")
@@ -22,6 +22,7 @@ from tfreg_cli.common import user_errors
 def demo(out_dir, preset, size, device, quiet):
     """Build a synthetic brain-like pair with label maps, register it without a trained model,
     score it (Dice per structure before and after, folding) and write an overview PNG."""
+    check_output_dir(out_dir, "-o")
     from tfreg.demo import format_demo, run_demo
 
     progress = StageProgress(enabled=not quiet)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_empty_or_owned, check_output_dir, user_errors
 
 
 @click.command("export", short_help="Export a trained run as a TF SavedModel.")
@@ -35,6 +35,8 @@ def export(run_dir: str, model_dir: str, checkpoint: str | None) -> None:
     The model is rebuilt in float32 whatever precision it was trained with. The write is
     atomic: MODEL_DIR appears complete or not at all.
     """
+    check_empty_or_owned(model_dir, ("tfreg_model.json",), "-o", "model folder")
+    check_output_dir(model_dir, "-o")
     from tfreg.export import export as run_export
 
     written = run_export(run_dir, model_dir, checkpoint=checkpoint)

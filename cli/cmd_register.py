@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import check_input_dirs, check_inputs, check_output_dir, user_errors
 
 
 class StageProgress:
@@ -124,18 +124,38 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="tfreg-out",
               show_default=True,
               help="Output folder: warped.nii.gz, disp.nii.gz, warped_labels.nii.gz, "
-                   "report.json (existing files are replaced).")
+                   "report.json, affine.mat (ITK/ANTs; 3D). Outputs of an earlier run there are "
+                   "replaced or removed (other files are kept).")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
               help="Label map of FIXED: Dice and HD95 per label go into report.json "
                    "(needs --moving-labels).")
+@click.option("--fixed-keypoints", type=click.Path(dir_okay=False),
+              help="Learn2Reg keypoint CSV of FIXED (voxel coordinates, x,y,z per line): the "
+                   "TRE in mm goes into report.json (needs --moving-keypoints).")
+@click.option("--moving-keypoints", type=click.Path(dir_okay=False),
+              help="Keypoint CSV of MOVING, row k matching row k of --fixed-keypoints.")
 @click.option("--model", type=click.Path(file_okay=False),
               help="Exported model folder (tfreg export); without it the pair is registered "
                    "by instance optimisation, no training needed.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --model: N instance-optimisation steps that refine the network's "
-                   "field (a diffeomorphic correction composed with it).")
+              help="With --model or --init: N instance-optimisation steps that refine the "
+                   "network's (or the initial) field (a diffeomorphic correction composed "
+                   "with it).")
+@click.option("--init", "init", type=click.Path(dir_okay=False),
+              help="Start from an external result instead of --model: a displacement field "
+                   "(tfreg voxels, world mm, or an ITK/ANTs warp); refine it with --finetune.")
+@click.option("--init-affine", type=click.Path(dir_okay=False),
+              help="ITK/ANTs affine (.mat/.txt) of the external result, applied after --init's "
+                   "warp as ANTs' transformlist=[warp, affine]; alone, an affine start.")
+@click.option("--inverse", is_flag=True, default=False,
+              help="Also write disp_inverse.nii.gz (on MOVING's grid: maps the fixed image onto "
+                   "the moving one) and the inverse-consistency error in mm to report.json.")
+@click.option("--itk", is_flag=True, default=False,
+              help="Also write the ITK/ANTs files: itk_warp.nii.gz (LPS mm) and affine.txt "
+                   "beside affine.mat; transformlist=[itk_warp, affine] reproduces warped.nii.gz "
+                   "from the original MOVING (3D).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
               help="With --model of a recursive method (one whose plugin takes this option, "
                    "e.g. a shared-weight cascade): run K recursions (K may exceed the trained "
@@ -146,7 +166,8 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
-def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetune, recursions,
+def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoints,
+             moving_keypoints, model, finetune, init, init_affine, inverse, itk, recursions,
              preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
              xla, device, quiet):
@@ -160,11 +181,15 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
     """
     from tfreg.errors import ConfigError
 
-    if finetune and not model:
-        raise ConfigError("--finetune: needs --model (instance optimisation without a model "
-                          "is the default; use --iterations to change its steps)")
+    if finetune and not (model or init or init_affine):
+        raise ConfigError("--finetune: needs --model or --init (instance optimisation without a "
+                          "model is the default; use --iterations to change its steps)")
     if recursions is not None and not model:
         raise ConfigError("--cascades: needs --model (a trained recursive model)")
+    check_inputs(fixed, moving, moving_labels, fixed_labels, fixed_keypoints, moving_keypoints,
+                 init, init_affine)
+    check_input_dirs(model)
+    check_output_dir(out_dir, "-o")
     cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
                        affine_iterations, xla)
     from tfreg.register import register_files
@@ -174,7 +199,10 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, model, finetun
         report, written = register_files(fixed, moving, out_dir, fixed_labels=fixed_labels,
                                          moving_labels=moving_labels, config=cfg, model=model,
                                          finetune=finetune, recursions=recursions,
-                                         device=device, progress=progress)
+                                         device=device, progress=progress,
+                                         fixed_keypoints=fixed_keypoints,
+                                         moving_keypoints=moving_keypoints, init=init,
+                                         init_affine=init_affine, inverse=inverse, itk=itk)
     finally:
         progress.close()
     click.echo(summary_text(report, written))
@@ -185,13 +213,24 @@ def summary_text(report: dict, written: dict) -> str:
     lines = [f"runtime {report['runtime_seconds']:.1f} s on {report['device']} "
              "(excluding file I/O, including compilation)",
              f"similarity (local NCC) {report['similarity_before']:.3f} -> "
-             f"{report['similarity']:.3f}; folding {report['folding_percent']:.3f}% of voxels; "
-             f"SDlogJ {report['sdlogj']:.3f}"]
+             f"{report['similarity']:.3f}",
+             f"folding {report['folding_percent']:.3f}% of voxels; NDV {report['ndv_percent']:.4f}%; "
+             f"SDlogJ {report['sdlogj']:.3f}"
+             + (f" (Learn2Reg's {report['sdlogj_l2r']:.3f})"
+                if report.get("sdlogj_l2r") is not None else "")]
     if report.get("mean_dice") is not None:
         hd = report.get("mean_hd95_mm")
         lines.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f} "
                      f"over {len(report['dice'])} labels"
-                     + (f"; mean HD95 {hd:.2f} mm" if hd is not None else ""))
+                     + (f"; mean HD95 {hd:.2f} mm ({report['mean_hd95_vox']:.2f} voxels)"
+                        if hd is not None else ""))
+    if report.get("tre_mm") is not None:
+        lines.append(f"TRE {report['tre_mm_before']:.2f} -> {report['tre_mm']:.2f} mm over "
+                     f"{report['keypoints']} keypoints")
+    ic = report.get("inverse_consistency_mm")
+    if ic and ic.get("mean") is not None:
+        lines.append(f"inverse consistency |phi(phi^-1(y)) - y|: mean {ic['mean']:.4f} mm, "
+                     f"max {ic['max']:.4f} mm ({report['inverse_method']})")
     lines.extend(report.get("method_summary") or [])  # the method's register report hook
     for name, path in written.items():
         lines.append(f"{name + ':':<15}{Path(path)}")

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import click
 
-from tfreg_cli.common import user_errors
+from tfreg_cli.common import (check_empty_or_owned, check_inputs, check_output_dir,
+                              user_errors)
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+#: files that mark a folder as a tfreg run directory (written when training starts).
+RUN_MARKERS = ("config.yaml", "versions.yaml")
 
 
 def _shortcuts(steps, epochs, batch_size, seed, learning_rate, precision, deterministic,
@@ -70,7 +73,8 @@ def _devices(devices: str | None, gpus: str | None) -> list[str] | None:
               help="Override one config value, e.g. --set train.learning_rate=3e-4 "
                    "(repeatable; applied after --config).")
 @click.option("--out", "out", type=click.Path(file_okay=False),
-              help="Run directory [default: runs/<method>-<date>-<time>].")
+              help="Run directory [default: runs/<method>-<date>-<time>]; an existing folder "
+                   "must be empty or a tfreg run directory (never a folder of your own files).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its newest checkpoint, with its "
                    "config.yaml (--set and the shortcut options below may change values).")
@@ -150,6 +154,10 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
         raise click.UsageError("missing METHOD (or give --resume RUN_DIR)")
     elif data is None:
         raise click.UsageError("missing option '--data' (the training data)")
+    check_inputs(data, config_file)
+    if out:  # a user's folder is never overwritten: only a new, empty or tfreg run folder
+        check_empty_or_owned(out, RUN_MARKERS, "--out", "run directory")
+    check_output_dir(out or resume or "runs", "--resume" if resume else "--out")
 
     names = _devices(devices, gpus)
 
@@ -192,6 +200,8 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
                               strategy=strategy, verbose=0 if quiet else 1,
                               fast_dev_run=fast_dev_run)
     except TrainingInterrupted as err:
+        if sys.stdout.isatty() or sys.stderr.isatty():  # the progress bar holds the line
+            click.echo("")
         click.echo(f"Error: {err}", err=True)
         sys.exit(128 + int(err.signum))
     click.echo(f"run directory: {result.run_dir}")

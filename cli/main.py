@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import click
-
-# TensorFlow's C++ start-up chatter is noise on a command line; users can still raise it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tfreg
 from tfreg_cli.common import user_errors
@@ -30,6 +28,7 @@ COMMANDS = {
     "export": "tfreg_cli.cmd_export:export",
     "register": "tfreg_cli.cmd_register:register",
     "warp": "tfreg_cli.cmd_warp:warp",
+    "convert": "tfreg_cli.cmd_convert:convert",
     "evaluate": "tfreg_cli.cmd_evaluate:evaluate",
     "show": "tfreg_cli.cmd_show:show",
 }
@@ -106,17 +105,51 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(tfreg.__version__, prog_name="tfreg")
-def cli() -> None:
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's and CUDA's start-up and log lines (hidden by default; "
+                   "also TFREG_VERBOSE=1).")
+def cli(verbose: bool) -> None:
     """tfreg: learning-based deformable image registration (TensorFlow / Keras 3).
 
     Fields are displacements in voxels on the fixed grid, pull convention:
     warped(x) = moving(x + u(x)).
     """
+    from tfreg_cli.common import show_warnings
+
+    show_warnings()
+
+
+def _verbose(argv: list[str]) -> bool:
+    """``--verbose`` before the command name, or TFREG_VERBOSE set to a true value."""
+    if os.environ.get("TFREG_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    for arg in argv:
+        if arg == "--verbose":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="tfreg")
+    """Console-script entry point: a quiet start (`tfreg_cli.quiet`), Ctrl-C that ends the
+    command within about a second (`tfreg_cli.interrupt`), then the command. After a signal
+    (exit 130, 143) the process ends at once, without waiting for TensorFlow's threads."""
+    from tfreg_cli import interrupt, quiet
+
+    quiet.install(verbose=_verbose(sys.argv[1:]))
+    interrupt.install()
+    try:
+        cli(prog_name="tfreg")
+    except SystemExit as done:
+        if isinstance(done.code, int) and done.code >= 128:  # a signal (130 Ctrl-C, 143 TERM)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(done.code)
+        raise
 
 
 if __name__ == "__main__":

@@ -225,3 +225,95 @@ def test_summarize():
     assert out["dice"] == {4: 1.0} and out["mean_dice"] == 1.0
     assert out["hd95"] == {4: 0.0} and out["mean_hd95"] == 0.0
     assert out["folding_percent"] == 0.0 and out["sdlogj"] == 0.0 and out["sdlogj_l2r"] == 0.0
+
+
+# ---------------------------------------------------------------- NDV (digital diffeomorphism)
+
+@pytest.mark.parametrize("t, folded", [
+    # Voxel p = (2, 2, 2) pushed by t along axis 0. For 1 < t < 2 the 8 corner tetrahedra with an
+    # edge along +e0 from p (4 at p) or along -e0 onto p (4 at p + e0) turn inside out, each with
+    # det 1 - t, i.e. folded volume (t - 1)/6; every other tetrahedron keeps det >= 1.
+    # For t > 2 four central tetrahedra (det 2 - t) fold as well. NDV counts half of each.
+    (1.5, 8 * 0.5 / 6),
+    (3.0, 8 * 2.0 / 6 + 4 * 1.0 / 6),
+])
+def test_ndv_one_pushed_voxel_hand_volume(t, folded):
+    u = np.zeros((5, 5, 5, 3))
+    u[2, 2, 2, 0] = t
+    assert metrics.ndv(u) == pytest.approx(folded / 2, rel=1e-12)
+    assert metrics.ndv_percent(u) == pytest.approx(100 * folded / 2 / 125, rel=1e-12)
+    dets = metrics.simplex_determinants(u)
+    assert dets.shape == (5, 5, 5, 10)
+    assert (dets < 0).sum() == (8 if t < 2 else 12)
+    # a mask that leaves out p + e0 drops its 4 folded corner tetrahedra
+    mask = np.ones((5, 5, 5), bool)
+    mask[3, 2, 2] = False
+    if t < 2:
+        assert metrics.ndv(u, mask) == pytest.approx(4 * (t - 1) / 6 / 2, rel=1e-12)
+
+
+def test_ndv_identity_and_smooth_fields_are_zero():
+    assert metrics.ndv(np.zeros((4, 5, 6, 3))) == 0.0
+    x = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"), -1)
+    u = 0.3 * np.sin(x[..., ::-1] / 3)  # |grad u| <= 0.1: no simplex can fold
+    assert metrics.ndv(u) == 0.0
+    assert metrics.simplex_determinants(u).min() > 0
+
+
+def test_ndv_reflection_folds_every_interior_voxel_by_det():
+    # phi(x) = A x with det A < 0: every tetrahedron is inverted, |det_k| = |det A| * det_k(id),
+    # and half of the summed volumes (8/6 + 2*2/6 = 2 voxels) is |det A| per voxel.
+    A = np.array([[-1.2, 0.1, 0.0], [0.2, 0.9, 0.0], [0.0, 0.3, 1.1]])
+    x = np.stack(np.meshgrid(*[np.arange(6.0)] * 3, indexing="ij"), -1)
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1:-1, 1:-1, 1:-1] = True  # the edge padding keeps the border simplices unfolded
+    assert metrics.ndv(x @ A.T - x, mask) == pytest.approx(abs(np.linalg.det(A)) * mask.sum())
+
+
+def test_nda_2d_one_pushed_pixel():
+    # 2D: 4 corner triangles per pixel; pushing p by t = 1.5 along axis 0 inverts 2 triangles at
+    # p and 2 at p + e0, each of area (t - 1)/2; NDA counts half -> 4 * 0.25 / 2.
+    u = np.zeros((5, 5, 2))
+    u[2, 2, 0] = 1.5
+    assert metrics.ndv(u) == pytest.approx(0.5)
+    assert metrics.simplex_determinants(u).shape == (5, 5, 4)
+
+
+def test_ndv_bad_mask():
+    with pytest.raises(InputError, match=r"^mask: shape \(3, 3\) does not match"):
+        metrics.ndv(np.zeros((4, 4, 2)), np.ones((3, 3)))
+
+
+# ---------------------------------------------------------------- TRE
+
+def test_tre_hand_values_anisotropic_spacing():
+    u = np.zeros((10, 12, 14, 3))
+    u[..., 0] = 2.0           # constant shift of 2 voxels along axis 0
+    fixed_pts = np.array([[3.0, 4.0, 5.0], [6.5, 2.25, 7.0]])
+    moving_pts = fixed_pts + [[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+    # moved = p + (2, 0, 0): errors (0, 0, 0) and (1, -1, 0) voxels -> mm with spacing (2, 3, 1)
+    got = metrics.tre(fixed_pts, moving_pts, u, spacing=(2.0, 3.0, 1.0), order=1)
+    np.testing.assert_allclose(got, [0.0, np.hypot(2.0, 3.0)], atol=1e-12)
+
+
+def test_tre_interpolates_a_linear_field():
+    # u(x) = 0.1 * x0 along axis 1: the point (4.5, 5, 5) moves by 0.45 voxels. Linear
+    # interpolation is exact; the cubic spline (Learn2Reg's) is within 1e-4 of it here (its
+    # boundary extension bends the spline slightly).
+    x = np.stack(np.meshgrid(*[np.arange(12.0)] * 3, indexing="ij"), -1)
+    u = np.zeros_like(x)
+    u[..., 1] = 0.1 * x[..., 0]
+    p = np.array([[4.5, 5.0, 5.0]])
+    assert metrics.tre(p, p, u, order=1)[0] == pytest.approx(0.45, abs=1e-9)
+    assert metrics.tre(p, p, u, order=3)[0] == pytest.approx(0.45, abs=1e-3)
+
+
+def test_read_keypoints_learn2reg_csv(tmp_path):
+    path = tmp_path / "kp.csv"
+    path.write_text("21.000,88.000,73.000\n21.500,91.000,89.000\n")
+    np.testing.assert_array_equal(metrics.read_keypoints(path), [[21, 88, 73], [21.5, 91, 89]])
+    path.write_text("1,2\n")
+    with pytest.raises(InputError, match="line 1 has 2 values, expected 3"):
+        metrics.read_keypoints(path)
+    with pytest.raises(InputError, match="moving keypoints: shape"):
+        metrics.tre(np.zeros((2, 3)), np.zeros((3, 3)), np.zeros((4, 4, 4, 3)))

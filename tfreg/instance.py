@@ -50,7 +50,7 @@ from tfreg import layers, losses
 from tfreg.errors import ConfigError, InputError
 
 __all__ = ["InstanceConfig", "InstanceResult", "PRESETS", "make_config", "register_arrays",
-           "adapt_to_shape", "moments_init", "normalize_image", "local_ncc"]
+           "adapt_to_shape", "moments_init", "normalize_image", "local_ncc", "velocity_displacement"]
 
 SIMILARITIES = ("ncc", "mse")
 _PER_LEVEL = ("iterations", "learning_rate", "ncc_win")
@@ -238,6 +238,10 @@ class InstanceResult:
         initial_similarity: the same before registration.
         stage_seconds: wall time per stage, tracing and XLA compilation included.
         config: the settings used (after `adapt_to_shape`).
+        velocity: `(*S_k, N)` stationary velocity (smoothed, level-``k`` voxels) on pyramid
+            level ``k = velocity_level``, or None without a deformable stage:
+            ``disp = Aff(x + velocity_displacement(velocity, k, S, steps)) - x``.
+        velocity_level: its pyramid level.
     """
 
     disp: np.ndarray
@@ -246,6 +250,8 @@ class InstanceResult:
     initial_similarity: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     config: InstanceConfig | None = None
+    velocity: np.ndarray | None = None
+    velocity_level: int = 0
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -416,6 +422,26 @@ def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:
     _, disp = tf.while_loop(lambda i, d: i < steps, lambda i, d: (i + 1, d + layers.warp(d, d)),
                             (tf.constant(0), disp), maximum_iterations=steps)
     return disp
+
+
+def velocity_displacement(velocity, level: int, shape: Sequence[int], steps: int) -> tf.Tensor:
+    """Full-resolution displacement ``exp(v)`` of a velocity on pyramid level `level`.
+
+    Args:
+        velocity: `(*S_k, N)` velocity in level-`level` voxels (``InstanceResult.velocity``).
+        level: its pyramid level (grid ``ceil(shape / 2**level)``).
+        shape: full-resolution spatial shape `S`.
+        steps: scaling-and-squaring steps.
+
+    Returns:
+        `(*S, N)` float32 displacement in full-resolution voxels. With ``-velocity`` it is the
+        inverse map's displacement (up to the interpolation of the upsampling).
+    """
+    shapes = [tuple(int(math.ceil(n / 2 ** k)) for n in shape) for k in range(level + 1)]
+    u = _integrate(tf.convert_to_tensor(velocity, tf.float32)[None], steps) * float(2 ** level)
+    for k in range(level, 0, -1):
+        u = _upsample(u, shapes[k - 1])
+    return u[0]
 
 
 def _grad_l2(v: tf.Tensor) -> tf.Tensor:
@@ -665,17 +691,18 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
     # full-resolution displacement (eager: runs once, nothing to compile)
     t0 = time.perf_counter()
     points = _level_grid(shape, 1.0, centre)
+    velocity = None
     if w is not None:
-        u = _integrate(_smooth(w, cfg.smooth_sigma), cfg.int_steps) * float(2 ** w_level)
-        for k in range(w_level, 0, -1):
-            u = _upsample(u, shapes[k - 1])
-        points = points + u
+        velocity = _smooth(w, cfg.smooth_sigma)
+        points = points + velocity_displacement(velocity[0], w_level, shape, cfg.int_steps)[None]
     disp = (_apply_affine(points, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims)))[0]
     disp = disp.numpy()
     warped = layers.warp(m_pyr[0], disp[None]).numpy()[0, ..., 0]
     result = InstanceResult(disp=disp, affine=affine.numpy(),
                             similarity=local_ncc(fixed, warped),
-                            initial_similarity=local_ncc(fixed, moving), config=cfg)
+                            initial_similarity=local_ncc(fixed, moving), config=cfg,
+                            velocity=None if velocity is None else velocity.numpy()[0],
+                            velocity_level=w_level or 0)
     times["final"] = time.perf_counter() - t0
     result.stage_seconds = times
     return result

@@ -36,6 +36,8 @@ __all__ = [
     "voxel_spacing",
     "atomic_path",
     "nifti_stem",
+    "check_label_grid",
+    "LABEL_GRID_TOLERANCE",
 ]
 
 #: suffixes removed by `nifti_stem` (longest first).
@@ -231,6 +233,61 @@ def load_volume(path: str | Path, *, label: bool = False, allow_vector: bool = F
         data = data.astype(np.float32, copy=False)
     header = img.header.copy()
     return Volume(data, np.asarray(img.affine, np.float64), header, str(path), vector)
+
+
+# ----------------------------------------------------------------------- label maps vs images
+#: a label map's header may differ from its image's by this fraction (voxel sizes, and the
+#: world position of any voxel relative to the field of view's diagonal) and still be used.
+LABEL_GRID_TOLERANCE = 0.05
+
+
+def check_label_grid(labels_path: str | Path, labels_affine: np.ndarray,
+                     labels_shape: tuple[int, ...], image_path: str | Path,
+                     image_affine: np.ndarray, image_shape: tuple[int, ...],
+                     tol: float = LABEL_GRID_TOLERANCE) -> str | None:
+    """Compare a label map's grid with its image's.
+
+    Label maps and images share one grid. Headers written by other tools often differ slightly
+    (FreeSurfer, resampled or converted label maps): with the same shape, voxel sizes within
+    `tol` (5 %) of the image's and no voxel centre further than `tol` of the image's field-of-view
+    diagonal from where the image's header puts it, the label map is used voxel for voxel on the
+    image's grid (the image's header wins).
+
+    Returns:
+        None when the grids agree (within 1e-3 mm), else a one-line warning to show.
+
+    Raises:
+        InputError: a different shape, or a larger mismatch (the message says how to fix it).
+    """
+    labels_affine = np.asarray(labels_affine, np.float64)
+    image_affine = np.asarray(image_affine, np.float64)
+    if tuple(labels_shape) != tuple(image_shape):
+        raise InputError(f"{labels_path}: shape {list(labels_shape)} differs from its image "
+                         f"{image_path} {list(image_shape)} (resample the label map onto the "
+                         "image's grid with nearest-neighbour interpolation)")
+    if np.allclose(labels_affine, image_affine, atol=1e-3):
+        return None
+    n = len(image_shape)
+    zooms_l = np.array(voxel_spacing(labels_affine, n))
+    zooms_i = np.array(voxel_spacing(image_affine, n))
+    zoom_diff = float(np.max(np.abs(zooms_l - zooms_i) / zooms_i))
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in image_shape], indexing="ij")
+                       ).reshape(n, -1)
+    homog = np.zeros((4, corners.shape[1]))
+    homog[:n] = corners
+    homog[3] = 1.0
+    shift = float(np.max(np.linalg.norm((labels_affine @ homog - image_affine @ homog)[:3],
+                                         axis=0)))
+    diagonal = float(np.linalg.norm(zooms_i * (np.array(image_shape) - 1)))
+    if zoom_diff <= tol and shift <= tol * max(diagonal, 1e-9):
+        return (f"{labels_path}: header differs slightly from its image {image_path} (voxel "
+                f"sizes by {100 * zoom_diff:.1f}%, positions by up to {shift:.1f} mm); using the "
+                "image's header for the label map")
+    raise InputError(f"{labels_path}: its header differs from its image {image_path} (voxel "
+                     f"sizes by {100 * zoom_diff:.1f}%, positions by up to {shift:.1f} mm; "
+                     f"tolerated: {100 * tol:.0f}%); if the label map is on the image's grid copy "
+                     "the image's header to it, else resample it onto the image with "
+                     "nearest-neighbour interpolation")
 
 
 # ----------------------------------------------------------------------------------- writing

@@ -1,5 +1,8 @@
 """Training losses for registration: image similarity, field regularisers and soft Dice.
 
+Thin loss classes over `tfreg.ops` (`similarity`, `differences`, `filters`): the classes hold the
+options, the mathematics lives in the ops.
+
 Every loss is a callable ``loss(y_true, y_pred) -> scalar float32 tensor``; lower is better.
 Inputs are channels-last ``(batch, *spatial, channels)``, 2D or 3D, and are cast to float32 first,
 so the losses stay in float32 under a ``mixed_float16`` policy. All losses work eagerly, inside
@@ -12,6 +15,8 @@ Summary (``N`` = spatial rank, ``C`` = channels, means run over the batch too):
                    default: ``-mean(cc)`` with ``cc = cross^2 / (var_I * var_J)`` (squared).
 ``MultiResolutionNCC``  weighted sum of ``NCC`` on successively average-pooled images (LapIRN).
 ``GlobalNCC``      ``-mean_batch(pearson(I, J))`` over the whole volume.
+``MKLNCC``         multi-kernel local NCC, ``sum_k w_k (1 - mean(cc_k))`` over strided, dilated
+                   windows sized from the image (vSVF's similarity; `tfreg.ops.mk_lncc`).
 ``MSE``            ``mean((I - J)^2) / sigma^2``.
 ``Grad``           mean forward-difference ``|du|`` (l1) or ``du^2`` (l2), averaged over axes.
 ``BendingEnergy``  mean over voxels and components of the squared Frobenius norm of the Hessian.
@@ -27,10 +32,19 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfreg.ops import mk_lncc as _mk_lncc
+from tfreg.ops import similarity as _sim
+from tfreg.ops._checks import ndims_of as _ndims
+from tfreg.ops._checks import window as _window_of
+from tfreg.ops.differences import forward_differences
+from tfreg.ops.filters import box_sum
+from tfreg.ops.filters import pool_half as avg_pool_half
+
 __all__ = [
     "NCC",
     "MultiResolutionNCC",
     "GlobalNCC",
+    "MKLNCC",
     "MSE",
     "Grad",
     "BendingEnergy",
@@ -46,99 +60,13 @@ def _f32(x) -> tf.Tensor:
     return ops.cast(x, "float32")
 
 
-def _ndims(x, name: str) -> int:
-    rank = len(x.shape)
-    if rank not in (4, 5):
-        raise ValueError(f"`{name}` must have shape (batch, *spatial, channels) with 2 or 3 spatial "
-                         f"axes. Received: {name}.shape={tuple(x.shape)}")
-    return rank - 2
-
-
 def _pair(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:
     """Both inputs as float32, with a clear error if their (static) shapes differ."""
-    t, p = _f32(y_true), _f32(y_pred)
-    if t.shape.rank is not None and p.shape.rank is not None and not t.shape.is_compatible_with(p.shape):
-        raise ValueError("`y_true` and `y_pred` must have the same shape. "
-                         f"Received: y_true.shape={tuple(t.shape)}, y_pred.shape={tuple(p.shape)}")
-    return t, p
-
-
-def _window(win: int | Sequence[int], ndims: int) -> tuple[int, ...]:
-    """Normalise a window given as an int or one int per spatial axis."""
-    if isinstance(win, (int, np.integer)):
-        win = (int(win),) * ndims
-    win = tuple(win)
-    if len(win) != ndims:
-        raise ValueError(f"`win` needs one size per spatial axis ({ndims}). Received: win={win}")
-    return win
+    return _sim._pair(y_true, y_pred)
 
 
 def _check_window(win) -> None:
-    values = (win,) if isinstance(win, (int, np.integer)) else tuple(win)
-    if not values or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1
-                         for w in values):
-        raise ValueError(f"`win` must be a positive int or a sequence of positive ints. Received: win={win!r}")
-
-
-def box_sum(x: tf.Tensor, win: Sequence[int]) -> tf.Tensor:
-    """Sum over a sliding box window with zero padding ('same' output size), per channel.
-
-    Implemented as one 1-D stride-1 average pool per axis (separable), which is fast with and
-    without XLA, unlike a dense ``conv3d`` whose gradient is very slow under XLA on CPU. For an even
-    window the extra padded voxel goes after the sample, as TensorFlow's ``'SAME'`` padding does.
-
-    Args:
-        x: `(batch, *spatial, channels)` float tensor, 2 or 3 spatial axes.
-        win: window size per spatial axis, in voxels.
-
-    Returns:
-        Tensor of the shape of `x`: ``out[p] = sum of x over the window centred at p``.
-    """
-    ndims = len(x.shape) - 2
-    for axis, w in enumerate(win):
-        if w == 1:
-            continue
-        before = (w - 1) // 2
-        paddings = [[0, 0]] * (ndims + 2)
-        paddings[axis + 1] = [before, w - 1 - before]
-        ksize = [1] * (ndims + 2)
-        ksize[axis + 1] = w
-        x = _avg_pool(tf.pad(x, paddings), ksize, [1] * (ndims + 2)) * float(w)
-    return x
-
-
-def _avg_pool(x: tf.Tensor, ksize: list[int], strides: list[int]) -> tf.Tensor:
-    """'VALID' average pooling, 2D or 3D, channels-last.
-
-    Calls the rank-specific ops with an explicit data format: the gradient of the generic
-    ``tf.nn.avg_pool`` fails in eager mode for 5-D inputs (missing ``data_format`` attribute).
-    """
-    if len(x.shape) == 5:
-        return tf.nn.avg_pool3d(x, ksize, strides, "VALID", data_format="NDHWC")
-    return tf.nn.avg_pool2d(x, ksize, strides, "VALID", data_format="NHWC")
-
-
-def avg_pool_half(x: tf.Tensor) -> tf.Tensor:
-    """Average pooling with kernel 3, stride 2, one voxel of padding, padding not counted.
-
-    This matches PyTorch's ``avg_pool3d(kernel_size=3, stride=2, padding=1, count_include_pad=False)``
-    used by LapIRN between the scales of its multi-resolution NCC: output voxel ``q`` averages the
-    input voxels ``2q-1, 2q, 2q+1`` that lie inside the volume (per axis).
-
-    Args:
-        x: `(batch, *spatial, channels)` float tensor.
-
-    Returns:
-        `(batch, *ceil(spatial / 2), channels)`.
-    """
-    ndims = len(x.shape) - 2
-    paddings = [[0, 0]] + [[1, 1]] * ndims + [[0, 0]]
-    ksize = [1] + [3] * ndims + [1]
-    strides = [1] + [2] * ndims + [1]
-    total = _avg_pool(tf.pad(x, paddings), ksize, strides)
-    ones = tf.ones_like(x[:1, ..., :1])
-    count = _avg_pool(tf.pad(ones, paddings), ksize, strides)
-    return total / count
+    _window_of(win, 1 if isinstance(win, (int, np.integer)) else len(tuple(win)))
 
 
 class NCC:
@@ -159,14 +87,22 @@ class NCC:
     Options:
         - ``squared=False``: signed correlation ``cc = cross / sqrt(var_I * var_J)`` (``cross`` not
           clamped), in ``[-1, 1]``.
-        - ``eps_mode="add"``: no clamping; ``eps`` is added to the denominator instead:
-          ``cross^2 / (var_I var_J + eps)`` (LapIRN's form), or ``cross / sqrt(var_I var_J + eps)``.
+        - ``eps_mode="add"``: variances only clamped to ``>= 0``; ``eps`` is added to the denominator:
+          ``cross^2 / (var_I var_J + eps)`` (LapIRN's form), or ``cross / sqrt(var_I var_J + eps)``
+          (instance optimisation's, and the similarity `tfreg register` reports).
+        - ``contrast_floor > 0``: the mean over voxels is weighted by the fixed image's window
+          contrast ``var_I / (var_I + n floor^2)`` (`tfreg.ops.similarity.contrast_weights`), so
+          flat windows count little.
+
+    The mathematics is `tfreg.ops.similarity.local_ncc`; this class holds the options.
 
     Args:
         win: window size in voxels, an int (all axes) or one int per spatial axis. Defaults to 9.
         squared: squared (default, voxelmorph) or signed correlation.
         eps: stabiliser. Defaults to 1e-5.
         eps_mode: ``"clamp"`` (voxelmorph, default) or ``"add"``.
+        contrast_floor: intensity standard deviation below which windows count little; 0
+            (default) = plain mean.
 
     Input shape:
         ``y_true``, ``y_pred``: `(batch, *spatial, channels)`, 2 or 3 spatial axes.
@@ -180,49 +116,36 @@ class NCC:
     """
 
     def __init__(self, win: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5,
-                 eps_mode: str = "clamp"):
+                 eps_mode: str = "clamp", contrast_floor: float = 0.0):
         _check_window(win)
         if not eps > 0:
             raise ValueError(f"`eps` must be > 0. Received: eps={eps!r}")
         if eps_mode not in ("clamp", "add"):
             raise ValueError(f"`eps_mode` must be 'clamp' or 'add'. Received: eps_mode={eps_mode!r}")
+        if isinstance(contrast_floor, bool) or not contrast_floor >= 0:
+            raise ValueError(f"`contrast_floor` must be >= 0. Received: contrast_floor={contrast_floor!r}")
         self.win = win
         self.squared = bool(squared)
         self.eps = float(eps)
         self.eps_mode = eps_mode
+        self.contrast_floor = float(contrast_floor)
 
     def local_cc(self, y_true, y_pred) -> tf.Tensor:
         """Per-voxel correlation map `(batch, *spatial, 1)` (squared or signed, see class doc)."""
-        i, j = _pair(y_true, y_pred)
-        ndims = _ndims(j, "y_pred")
-        win = _window(self.win, ndims)
-        n = float(np.prod(win) * j.shape[-1])
-        stacked = tf.concat([i, j, i * i, j * j, i * j], axis=-1)
-        sums = box_sum(stacked, win)
-        c = i.shape[-1]
-        s_i, s_j, s_ii, s_jj, s_ij = (tf.reduce_sum(sums[..., k * c:(k + 1) * c], axis=-1, keepdims=True)
-                                      for k in range(5))
-        mean_i, mean_j = s_i / n, s_j / n
-        # the same algebra as voxelmorph: cross = S_IJ - mJ S_I - mI S_J + mI mJ n
-        cross = s_ij - mean_j * s_i - mean_i * s_j + mean_i * mean_j * n
-        var_i = s_ii - 2.0 * mean_i * s_i + mean_i * mean_i * n
-        var_j = s_jj - 2.0 * mean_j * s_j + mean_j * mean_j * n
-        if self.eps_mode == "clamp":
-            var_i = tf.maximum(var_i, self.eps)
-            var_j = tf.maximum(var_j, self.eps)
-            if self.squared:
-                cross = tf.maximum(cross, self.eps)
-                return (cross / var_i) * (cross / var_j)
-            return cross / tf.sqrt(var_i * var_j)
-        if self.squared:
-            return cross * cross / (var_i * var_j + self.eps)
-        return cross / tf.sqrt(tf.maximum(var_i * var_j, 0.0) + self.eps)
+        return _sim.local_ncc_map(y_true, y_pred, self.win, squared=self.squared, eps=self.eps,
+                                  eps_mode=self.eps_mode)[0]
+
+    def similarity(self, y_true, y_pred) -> tf.Tensor:
+        """Mean (or contrast-weighted mean) local correlation, higher is better: ``-loss``."""
+        return _sim.local_ncc(y_true, y_pred, self.win, squared=self.squared, eps=self.eps,
+                              eps_mode=self.eps_mode, contrast_floor=self.contrast_floor)
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
-        return -tf.reduce_mean(self.local_cc(y_true, y_pred))
+        return -self.similarity(y_true, y_pred)
 
     def get_config(self) -> dict:
-        return {"win": self.win, "squared": self.squared, "eps": self.eps, "eps_mode": self.eps_mode}
+        return {"win": self.win, "squared": self.squared, "eps": self.eps, "eps_mode": self.eps_mode,
+                "contrast_floor": self.contrast_floor}
 
     def __repr__(self) -> str:
         return f"NCC({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
@@ -291,17 +214,54 @@ class GlobalNCC:
 
     def correlation(self, y_true, y_pred) -> tf.Tensor:
         """Pearson correlation per sample, `(batch,)`."""
-        i, j = _pair(y_true, y_pred)
-        axes = list(range(1, len(j.shape)))
-        di = i - tf.reduce_mean(i, axis=axes, keepdims=True)
-        dj = j - tf.reduce_mean(j, axis=axes, keepdims=True)
-        cov = tf.reduce_mean(di * dj, axis=axes)
-        var_i = tf.reduce_mean(di * di, axis=axes)
-        var_j = tf.reduce_mean(dj * dj, axis=axes)
-        return cov / tf.sqrt((var_i + self.eps) * (var_j + self.eps))
+        return _sim.global_ncc(y_true, y_pred, self.eps)
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
         return -tf.reduce_mean(self.correlation(y_true, y_pred))
+
+
+class MKLNCC:
+    """Multi-kernel local NCC (`tfreg.ops.mk_lncc`): ``sum_k w_k (1 - mean(cross^2 / (var_I var_J
+    + eps)))`` over windows of ``k`` taps per axis, spaced by a dilation and evaluated at a stride of
+    ``max(int((k + 1) / 4), 1)`` voxels, inside the volume only. 0 for a perfect local match.
+
+    Args:
+        fractions: window sizes as fractions of the smallest spatial size; None = the automatic
+            rule of the vSVF original (``S >= 128``: 1/16, 1/8, 1/4 with weights .1, .3, .6 and
+            dilation 2; ``64 <= S < 128``: 1/4, 1/2 with .3, .7 and dilation 2; else 1/2, dilation 1).
+        weights: one per fraction (required with `fractions`).
+        dilation: tap spacing (with `fractions`), an int or one per window.
+        eps: added to ``var_I var_J``. Defaults to 1e-5.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+
+    def __init__(self, fractions: Sequence[float] | None = None,
+                 weights: Sequence[float] | None = None, dilation: int | Sequence[int] = 1,
+                 eps: float = 1e-5):
+        if (fractions is None) != (weights is None):
+            raise ValueError("`fractions` and `weights` go together (or neither, for the automatic "
+                             f"windows). Received: fractions={fractions!r}, weights={weights!r}")
+        if fractions is not None and (not list(fractions) or any(not 0 < f <= 1 for f in fractions)):
+            raise ValueError(f"`fractions` must be in (0, 1]. Received: fractions={fractions!r}")
+        if not eps > 0:
+            raise ValueError(f"`eps` must be > 0. Received: eps={eps!r}")
+        self.fractions = None if fractions is None else tuple(float(f) for f in fractions)
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.dilation = dilation
+        self.eps = float(eps)
+
+    def windows(self, shape: Sequence[int]):
+        """The `tfreg.ops.mk_lncc.LNCCWindows` used for an image of spatial `shape`."""
+        if self.fractions is None:
+            return _mk_lncc.auto_windows(shape)
+        return _mk_lncc.windows_from_fractions(shape, self.fractions, self.weights, self.dilation)
+
+    def __call__(self, y_true, y_pred) -> tf.Tensor:
+        i, j = _pair(y_true, y_pred)
+        _ndims(j, "y_pred")
+        return _mk_lncc.mk_lncc(i, j, self.windows(tuple(j.shape[1:-1])), eps=self.eps)
 
 
 class MSE:
@@ -320,9 +280,7 @@ class MSE:
         self.sigma = float(sigma)
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
-        t, p = _pair(y_true, y_pred)
-        diff = t - p
-        return tf.reduce_mean(diff * diff) / (self.sigma ** 2)
+        return _sim.mse(y_true, y_pred) / (self.sigma ** 2)
 
 
 class Grad:
@@ -352,12 +310,8 @@ class Grad:
     def __call__(self, y_true, y_pred) -> tf.Tensor:
         u = _f32(y_pred)
         ndims = _ndims(u, "y_pred")
-        terms = []
-        for d in range(ndims):
-            axis = d + 1
-            n = u.shape[axis]
-            diff = tf.gather(u, tf.range(1, n), axis=axis) - tf.gather(u, tf.range(0, n - 1), axis=axis)
-            terms.append(tf.reduce_mean(tf.abs(diff) if self.penalty == "l1" else diff * diff))
+        terms = [tf.reduce_mean(tf.abs(diff) if self.penalty == "l1" else diff * diff)
+                 for diff in forward_differences(u)]
         return tf.add_n(terms) / float(ndims) * self.loss_mult
 
 

@@ -22,6 +22,11 @@ __all__ = [
     "folding_percent",
     "sdlogj",
     "sdlogj_l2r",
+    "simplex_determinants",
+    "ndv",
+    "ndv_percent",
+    "tre",
+    "read_keypoints",
     "surface_mask",
     "summarize",
 ]
@@ -214,6 +219,182 @@ def sdlogj_l2r(disp) -> float:
     return float(np.std(np.log(np.clip(det + 3.0, 1e-9, 1e9))))
 
 
+# ------------------------------------------------------------------ digital diffeomorphism (NDV)
+
+def _simplices(ndims: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Edge offsets (voxels) from a voxel `x` to the other vertices of each simplex at `x`.
+
+    3D: the 8 corner tetrahedra ``x, x + s0 e0, x + s1 e1, x + s2 e2`` (one per sign octant,
+    volume 1/6 each for the identity) and the 2 central tetrahedra ``x, x - e0 - e1, x - e0 - e2,
+    x - e1 - e2`` and ``x, x + e0 + e1, x + e1 + e2, x + e0 + e2`` (volume 1/3 each), the ten
+    tetrahedra of Liu et al. (IJCV 2024). 2D: the 4 corner triangles ``x, x + s0 e0, x + s1 e1``.
+    Each edge list is ordered so that the identity map has a positive determinant.
+    """
+    out = []
+    for signs in np.ndindex(*(2,) * ndims):
+        s = [1 if b == 0 else -1 for b in signs]
+        edges = [tuple(s[d] if k == d else 0 for k in range(ndims)) for d in range(ndims)]
+        if np.prod(s) < 0:  # a reflected octant: swap two edges to keep the orientation
+            edges[0], edges[1] = edges[1], edges[0]
+        out.append(tuple(edges))
+    if ndims == 3:
+        out.append(((-1, -1, 0), (-1, 0, -1), (0, -1, -1)))
+        out.append(((1, 1, 0), (0, 1, 1), (1, 0, 1)))
+    return out
+
+
+def simplex_determinants(disp) -> np.ndarray:
+    """Determinants of the finite-difference Jacobians on the simplices around every voxel.
+
+    For a simplex with vertices ``x, x + a, x + b, x + c`` (offsets from :func:`_simplices`), the
+    value is ``det[phi(x+a) - phi(x), phi(x+b) - phi(x), phi(x+c) - phi(x)]`` with
+    ``phi(x) = x + u(x)``: six times the signed volume of the deformed tetrahedron (twice the
+    signed area of the triangle in 2D). The field is extended by one voxel with its border values
+    (edge padding of the displacement) for the simplices that leave the grid.
+
+    Args:
+        disp: `(*S, N)` displacement in voxels, N = 2 or 3.
+
+    Returns:
+        `(*S, K)` float64, K = 10 in 3D (8 corner, 2 central tetrahedra), 4 in 2D; positive for
+        the identity.
+    """
+    u = _field(disp)
+    ndims = u.shape[-1]
+    shape = u.shape[:-1]
+    padded = np.pad(u, [(1, 1)] * ndims + [(0, 0)], mode="edge")
+
+    def phi_minus_phi0(offset: tuple[int, ...]) -> np.ndarray:
+        window = tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, shape))
+        return padded[window] - u + np.asarray(offset, np.float64)
+
+    dets = []
+    for edges in _simplices(ndims):
+        cols = [phi_minus_phi0(e) for e in edges]
+        if ndims == 2:
+            dets.append(cols[0][..., 0] * cols[1][..., 1] - cols[0][..., 1] * cols[1][..., 0])
+        else:
+            dets.append(np.einsum("...c,...c->...", cols[0], np.cross(cols[1], cols[2])))
+    return np.stack(dets, axis=-1)
+
+
+def _mask(mask, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, bool)
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise InputError(f"mask: shape {mask.shape} does not match the field's spatial shape "
+                         f"{shape}")
+    return mask > 0
+
+
+def ndv(disp, mask=None) -> float:
+    """Non-diffeomorphic volume (Liu et al., IJCV 2024; LUMIR's NDV), in voxels.
+
+    Every voxel is covered twice by its simplices (3D: 8 corner tetrahedra of volume 1/6 and 2
+    central ones of 1/3 add up to 2 voxels), so the folded volume of a voxel is
+    ``sum_k max(-det_k, 0) / 6 / 2`` over its ten tetrahedra (:func:`simplex_determinants`):
+    half the volume of the tetrahedra that the map turns inside out. In 2D it is the
+    non-diffeomorphic area, ``sum_k max(-det_k, 0) / 2 / 2`` over the four corner triangles.
+
+    Args:
+        disp: `(*S, N)` displacement in voxels.
+        mask: optional `(*S,)` region (nonzero = inside) to sum over.
+
+    Returns:
+        Folded volume (area) in voxels; 0 for a map without inverted simplices.
+    """
+    u = _field(disp)
+    ndims = u.shape[-1]
+    inside = _mask(mask, u.shape[:-1])
+    folded = np.maximum(-simplex_determinants(u), 0.0).sum(axis=-1)
+    per_voxel = folded / (2.0 * (6.0 if ndims == 3 else 2.0))
+    return float(per_voxel[inside].sum())
+
+
+def ndv_percent(disp, mask=None) -> float:
+    """:func:`ndv` as a percentage of the number of voxels (inside `mask`): LUMIR's NDV (%)."""
+    u = _field(disp)
+    count = int(_mask(mask, u.shape[:-1]).sum())
+    if count == 0:
+        raise InputError("mask: is empty")
+    return 100.0 * ndv(u, mask) / count
+
+
+# ------------------------------------------------------------------------------------- keypoints
+
+def read_keypoints(path, ndims: int = 3) -> np.ndarray:
+    """Read a Learn2Reg keypoint/landmark CSV: one point per line, ``x,y,z`` in voxel
+    coordinates (array index order, 0-based), no header.
+
+    Returns:
+        `(K, ndims)` float64.
+
+    Raises:
+        InputError: unreadable file, a row with the wrong number of values, non-numbers.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read keypoints ({err.__class__.__name__})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p for p in line.replace(";", ",").split(",")]
+        if len(parts) != ndims:
+            raise InputError(f"{path}: line {number} has {len(parts)} values, expected {ndims} "
+                             "voxel coordinates")
+        try:
+            rows.append([float(p) for p in parts])
+        except ValueError:
+            raise InputError(f"{path}: line {number} is not {ndims} numbers: {line.strip()!r}"
+                             ) from None
+    if not rows:
+        raise InputError(f"{path}: holds no keypoints")
+    points = np.asarray(rows, np.float64)
+    if not np.all(np.isfinite(points)):
+        raise InputError(f"{path}: contains NaN or Inf")
+    return points
+
+
+def tre(fixed_points, moving_points, disp, spacing: Sequence[float] | float = 1.0,
+        order: int = 3) -> np.ndarray:
+    """Target registration error per keypoint, in mm (Learn2Reg's TRE).
+
+    Each fixed keypoint ``p`` is moved by the displacement interpolated at it,
+    ``p + u(p)``, and compared with its moving keypoint ``q``:
+    ``|| (p + u(p) - q) * spacing ||``. Interpolation is ``scipy.ndimage.map_coordinates`` with
+    spline `order` (3, cubic, is what Learn2Reg's evaluation uses; 1 is linear), zero outside.
+
+    Args:
+        fixed_points, moving_points: `(K, N)` voxel coordinates on the fixed grid (the grid of
+            `disp`), row k of one matching row k of the other.
+        disp: `(*S, N)` displacement in voxels.
+        spacing: voxel size in mm (one per axis or one for all).
+        order: spline order of the interpolation, 0 to 5.
+
+    Returns:
+        `(K,)` float64 distances in mm.
+    """
+    u = _field(disp)
+    ndims = u.shape[-1]
+    p = np.asarray(fixed_points, np.float64)
+    q = np.asarray(moving_points, np.float64)
+    if p.ndim != 2 or p.shape[1] != ndims:
+        raise InputError(f"fixed keypoints: expected shape (K, {ndims}), got {p.shape}")
+    if q.shape != p.shape:
+        raise InputError(f"moving keypoints: shape {q.shape} does not match the fixed "
+                         f"keypoints {p.shape} (one moving point per fixed point)")
+    sp = np.asarray(_spacing(spacing, ndims))
+    moved = p + np.stack([ndimage.map_coordinates(u[..., c], p.T, order=order)
+                          for c in range(ndims)], axis=-1)
+    return np.linalg.norm((moved - q) * sp, axis=1)
+
+
 def summarize(fixed_labels=None, warped_labels=None, disp=None,
               spacing: Sequence[float] | float = 1.0, labels: Iterable[int] | None = None) -> dict:
     """All metrics of one registered pair, as plain Python numbers.
@@ -226,7 +407,8 @@ def summarize(fixed_labels=None, warped_labels=None, disp=None,
 
     Returns:
         Dict with ``dice`` and ``hd95`` (per label), ``mean_dice``, ``mean_hd95`` when labels are
-        given; ``folding_percent``, ``sdlogj``, ``sdlogj_l2r`` (when every size >= 5) when `disp` is.
+        given; ``folding_percent``, ``sdlogj``, ``ndv_percent``, ``sdlogj_l2r`` (when every size
+        >= 5) when `disp` is.
     """
     out: dict = {}
     if (fixed_labels is None) != (warped_labels is None):
@@ -241,6 +423,7 @@ def summarize(fixed_labels=None, warped_labels=None, disp=None,
         u = _field(disp)
         out["folding_percent"] = folding_percent(u)
         out["sdlogj"] = sdlogj(u)
+        out["ndv_percent"] = ndv_percent(u)
         if all(s >= 5 for s in u.shape[:-1]):
             out["sdlogj_l2r"] = sdlogj_l2r(u)
     return out

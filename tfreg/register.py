@@ -12,12 +12,21 @@ When the moving image lives on another grid, `disp` is still relative to the mov
 *resampled onto the fixed grid* (that is what `tfreg warp` applies), but the warped outputs
 written here sample the original moving image once, through the composition of the displacement
 and the grid-to-grid map, so no image is interpolated twice.
+
+Also written: `affine.mat` (the affine stage as an ITK/ANTs transform from fixed to moving
+physical space; identity without one), with `inverse=True` `disp_inverse.nii.gz` (on the
+**moving** grid, its voxels, pull: `fixed_warped(y) = fixed(y + disp_inverse(y))` maps the fixed
+image onto the moving one), and with `itk=True` the ITK/ANTs files (`tfreg.transforms_io`):
+`itk_warp.nii.gz` + `affine.mat`/`affine.txt` reproduce `warped.nii.gz` from the original moving
+image (`transformlist=[itk_warp, affine]`), and `itk_inverse_warp.nii.gz` with `--inverse`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import platform
 import time
@@ -29,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from tfreg.errors import ConfigError, InputError, reason
-from tfreg.io import Volume, atomic_path, load_volume, save_volume
+from tfreg.io import Volume, atomic_path, check_label_grid, load_volume, save_volume
 
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
+           "score", "load_keypoints",
            "resolve_device", "device_name", "warp_file"]
 
 #: Method-dependent register options (`tfreg.registry.RegisterHook`): name -> command-line flag.
@@ -39,7 +49,13 @@ METHOD_OPTIONS = {"recursions": "--cascades"}
 
 #: output file names inside the output folder.
 OUTPUTS = {"warped": "warped.nii.gz", "disp": "disp.nii.gz",
-           "warped_labels": "warped_labels.nii.gz", "report": "report.json"}
+           "warped_labels": "warped_labels.nii.gz", "report": "report.json",
+           "disp_inverse": "disp_inverse.nii.gz", "affine": "affine.mat",
+           "affine_txt": "affine.txt", "itk_warp": "itk_warp.nii.gz",
+           "itk_inverse_warp": "itk_inverse_warp.nii.gz"}
+#: files an earlier `register` (or `show`) left in an output folder that a new run removes when
+#: it does not write them again (they would describe another registration).
+STALE_OUTPUTS = tuple(OUTPUTS.values()) + ("overview.png",)
 
 
 @dataclass
@@ -51,12 +67,21 @@ class RegisterResult:
         disp: `(*S, N)` float32 displacement, voxels, pull.
         warped_labels: `(*S,)` int32 warped moving labels, or None.
         report: JSON-safe dict (see `register_volumes`).
+        affine: `(N, N+1)` centred voxel affine of the affine stage (`tfreg.instance`), or
+            None: `disp(x) = Aff(x + warp(x)) - x` with `warp` the deformable part.
+        inverse: `(*S, N)` float32 inverse displacement on the fixed grid (fixed voxels, pull:
+            `x = y + inverse(y)` satisfies `x + disp(x) = y`), or None when not asked for.
+        inverse_warp: `(*S, N)` float32 inverse of the deformable part alone (fixed grid), or
+            None.
     """
 
     warped: np.ndarray
     disp: np.ndarray
     warped_labels: np.ndarray | None
     report: dict[str, Any] = field(default_factory=dict)
+    affine: np.ndarray | None = None
+    inverse: np.ndarray | None = None
+    inverse_warp: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -170,7 +195,9 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
 
     Raises:
         InputError: one line naming the file: unreadable, wrong rank, NaN, a label map whose grid
-            differs from its image's, 2D/3D mismatch, a label map given for only one side.
+            differs from its image's beyond `tfreg.io.check_label_grid`'s tolerance (a small
+            difference is logged as a warning on the "tfreg" logger and the image's header is
+            used), 2D/3D mismatch, a label map given for only one side.
     """
     if (fixed_labels is None) != (moving_labels is None) and fixed_labels is not None:
         raise InputError(f"{fixed_labels}: --fixed-labels needs --moving-labels too "
@@ -189,11 +216,44 @@ def load_pair(fixed: str | Path, moving: str | Path, fixed_labels: str | Path | 
         if lab.shape != image.shape:
             raise InputError(f"{path}: shape {lab.shape} does not match its image {image.path} "
                              f"{image.shape}")
-        if not np.allclose(lab.affine, image.affine, atol=1e-3):
-            raise InputError(f"{path}: its affine differs from its image {image.path} "
-                             "(label map and image must share one grid)")
+        note = check_label_grid(path, lab.affine, lab.shape, image.path, image.affine,
+                                image.shape)
+        if note:
+            logging.getLogger("tfreg").warning(note)
+            lab = Volume(lab.data, image.affine, image.header, lab.path, lab.vector)
         labels.append(lab)
     return fixed_v, moving_v, labels[0], labels[1]
+
+
+def load_keypoints(fixed_csv: str | Path | None, moving_csv: str | Path | None,
+                   fixed: Volume, moving: Volume) -> tuple[np.ndarray, np.ndarray] | None:
+    """Read a pair of Learn2Reg keypoint CSVs (voxel coordinates of `fixed` and of `moving`).
+
+    Raises:
+        InputError: only one CSV given, unreadable or malformed rows, different point counts,
+            a point outside its image.
+    """
+    from tfreg.metrics import read_keypoints
+
+    if fixed_csv is None and moving_csv is None:
+        return None
+    if fixed_csv is None or moving_csv is None:
+        given = fixed_csv if moving_csv is None else moving_csv
+        raise InputError(f"{given}: TRE needs both fixed and moving keypoints")
+    points = []
+    for path, image in ((fixed_csv, fixed), (moving_csv, moving)):
+        pts = read_keypoints(path, image.ndims)
+        outside = np.any((pts < -0.5) | (pts > np.asarray(image.shape) - 0.5), axis=1)
+        if outside.any():
+            row = int(np.argmax(outside)) + 1
+            raise InputError(f"{path}: keypoint {row} {pts[row - 1].tolist()} lies outside its "
+                             f"image {image.path} {list(image.shape)} (voxel coordinates "
+                             "expected)")
+        points.append(pts)
+    if len(points[0]) != len(points[1]):
+        raise InputError(f"{moving_csv}: has {len(points[1])} keypoints but {fixed_csv} has "
+                         f"{len(points[0])} (one moving point per fixed point)")
+    return points[0], points[1]
 
 
 def _check_image(volume: Volume) -> None:
@@ -206,7 +266,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                      moving_labels: Volume | None = None, config=None,
                      model: str | Path | None = None, finetune: int = 0,
                      recursions: int | None = None, device: str | None = None,
-                     progress: Callable[[str, int, int, float], None] | None = None
+                     progress: Callable[[str, int, int, float], None] | None = None,
+                     keypoints: tuple[np.ndarray, np.ndarray] | None = None,
+                     init_disp: np.ndarray | None = None, inverse: bool = False
                      ) -> RegisterResult:
     """Register `moving` to `fixed` (loaded volumes; any grids, same number of axes).
 
@@ -222,20 +284,31 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             the method's (e.g. a table of the similarity after each recursion).
         device: "cpu", "gpu", "gpu:N" or None (TensorFlow's choice).
         progress: `progress(stage, step, total, loss)` callback.
+        keypoints: optional `(fixed_points, moving_points)`, `(K, N)` voxel coordinates of
+            matching keypoints on the fixed and on the moving grid (Learn2Reg CSVs, see
+            `tfreg.metrics.read_keypoints`): the report gets the TRE.
+        init_disp: instead of `model`: an external result `(*S, N)` (fixed voxels, pull, e.g.
+            from `tfreg.transforms_io.read_transform`) refined by `finetune` steps.
+        inverse: also compute the inverse (`RegisterResult.inverse`): exact for instance
+            optimisation (analytic inverse affine, integration of the negated velocity),
+            fixed-point inversion (`tfreg.ops.inverse`) otherwise; the report gets
+            `inverse_method` and `inverse_consistency_mm` (see `inverse_consistency`).
 
     Returns:
         `RegisterResult`. Its report holds: `runtime_seconds` (from the loaded volumes to the
         warped outputs: resampling, preprocessing, compilation, optimisation or prediction,
-        warping; not file I/O, not the metrics below), `device`, `method`, `similarity` and
-        `similarity_before` (`tfreg.instance.local_ncc`), `folding_percent`, `sdlogj`, and with
-        both label maps `dice`/`hd95_mm` per label, `mean_dice`, `mean_hd95_mm`,
-        `mean_dice_before` (labels resampled onto the fixed grid, not registered); `resampled`
-        (whether the moving grid differed), `stage_seconds`, `affine`, `config`; with a model
-        whose method has a register report hook, its entries and `method_summary` (lines).
+        warping; not file I/O, not the metrics), `device`, `method`, `similarity` and
+        `similarity_before` (`tfreg.instance.local_ncc`), and the metrics of `score`:
+        `folding_percent`, `sdlogj`, `sdlogj_l2r`, `ndv_percent`; with both label maps
+        `dice`/`hd95_mm`/`hd95_vox` per label, `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox`,
+        `mean_dice_before` (labels resampled onto the fixed grid, not registered); with
+        keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `resampled` (whether the moving grid
+        differed), `stage_seconds`, `affine`, `config`; with a model whose method has a register
+        report hook, its entries and `method_summary` (lines).
     """
     import tensorflow as tf
 
-    from tfreg import instance, metrics
+    from tfreg import instance
 
     _check_image(fixed)
     _check_image(moving)
@@ -255,30 +328,46 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     cfg = config or instance.PRESETS["accurate"]
     report: dict[str, Any] = {}
     with tf.device(tf_device) if tf_device else contextlib.nullcontext():
-        if model is None:
+        affine, inverse_warp = None, None
+        if model is None and init_disp is None:
             result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
-            disp = result.disp
+            disp, affine = result.disp, np.asarray(result.affine, np.float64)
             report.update(method="instance optimisation", config=_config_dict(result.config),
                           affine=np.asarray(result.affine).tolist(),
                           stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
             sim_after, sim_before = result.similarity, result.initial_similarity
+            if inverse:
+                inverse_warp = _velocity_inverse(result, disp.shape[:-1], cfg)
         else:
-            disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
-                                                            None, moving.path), progress,
-                                        options={"recursions": recursions})
-            report.update(method=f"model {model_info['method']}", model=str(model),
-                          model_inshape=list(model_info["inshape"]))
-            extra = model_info.get("report")
-            if extra is not None:
-                report.update(extra.entries)
-                if extra.lines:
-                    report["method_summary"] = list(extra.lines)
+            if model is not None:
+                disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
+                                                                None, moving.path), progress,
+                                            options={"recursions": recursions})
+                report.update(method=f"model {model_info['method']}", model=str(model),
+                              model_inshape=list(model_info["inshape"]))
+                extra = model_info.get("report")
+                if extra is not None:
+                    report.update(extra.entries)
+                    if extra.lines:
+                        report["method_summary"] = list(extra.lines)
+            else:
+                disp = np.asarray(init_disp, np.float32)
+                if disp.shape != (*fixed.shape, fixed.ndims):
+                    raise InputError(f"initial transform: shape {disp.shape} does not match the "
+                                     f"fixed grid {(*fixed.shape, fixed.ndims)}")
+                report.update(method="external transform")
             if finetune > 0:
                 disp, stage = _finetune(fixed_n, moving_n, disp, cfg, finetune, progress)
                 report.update(finetune_steps=int(finetune), config=_config_dict(cfg),
                               stage_seconds=stage)
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
+        inverse_disp = None
+        if inverse:
+            inverse_disp, inverse_warp, how = _inverse(disp, affine, inverse_warp)
+            report.update(inverse_method=how,
+                          inverse_consistency_mm=inverse_consistency(disp, inverse_disp,
+                                                                     fixed.affine))
         warped = _sample_moving(moving.data.astype(np.float32), disp, to_moving, "linear")
         warped_labels = None
         if moving_labels is not None:
@@ -291,22 +380,156 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         similarity=round(float(sim_after), 5), similarity_before=round(float(sim_before), 5),
         similarity_metric="local NCC, window 7, signed, weighted by fixed-image contrast "
                           "(1 = identical images)",
-        folding_percent=round(metrics.folding_percent(disp), 5),
-        sdlogj=round(metrics.sdlogj(disp), 5),
     )
+    unregistered = None
+    if fixed_labels is not None and moving_labels is not None:
+        unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving,
+                                      "nearest")
+    moving_points = None
+    if keypoints is not None:
+        moving_points = _points_on_fixed(keypoints[1], to_moving)
+    report.update(score(disp, fixed.spacing,
+                        fixed_labels=None if fixed_labels is None else fixed_labels.data,
+                        warped_labels=warped_labels if fixed_labels is not None else None,
+                        unregistered_labels=unregistered,
+                        keypoints=None if keypoints is None else (keypoints[0], moving_points)))
+    return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report,
+                          affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp)
+
+
+def _points_on_fixed(points: np.ndarray, to_moving: np.ndarray | None) -> np.ndarray:
+    """Moving-grid voxel coordinates `(K, N)` -> fixed-grid voxel coordinates."""
+    points = np.asarray(points, np.float64)
+    if to_moving is None:
+        return points
+    n = points.shape[1]
+    back = np.linalg.inv(to_moving)
+    return points @ back[:n, :n].T + back[:n, n]
+
+
+def score(disp: np.ndarray, spacing, *, fixed_labels: np.ndarray | None = None,
+          warped_labels: np.ndarray | None = None,
+          unregistered_labels: np.ndarray | None = None,
+          keypoints: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """The metrics of one registered pair, under the report's names (docs/register.md).
+
+    Args:
+        disp: `(*S, N)` displacement in fixed voxels.
+        spacing: fixed voxel size in mm.
+        fixed_labels, warped_labels: `(*S,)` label maps (both, or none).
+        unregistered_labels: `(*S,)` moving labels on the fixed grid without registration
+            (gives `mean_dice_before`).
+        keypoints: `(fixed_points, moving_points)`, both in fixed-grid voxel coordinates.
+
+    Returns:
+        `folding_percent`, `sdlogj`, `sdlogj_l2r` (Learn2Reg's SDlogJ; when every size >= 5),
+        `ndv_percent` (LUMIR's NDV); with labels `dice`, `hd95_mm`, `hd95_vox` per label and
+        their means `mean_dice`, `mean_hd95_mm`, `mean_hd95_vox` (Learn2Reg's HD95, spacing 1),
+        `mean_dice_before`; with keypoints `tre_mm` and `tre_mm_before` (means over
+        keypoints, Learn2Reg's TRE) and `keypoints` (their number).
+    """
+    from tfreg import metrics
+
+    out: dict[str, Any] = {
+        "folding_percent": round(metrics.folding_percent(disp), 5),
+        "sdlogj": round(metrics.sdlogj(disp), 5),
+        "sdlogj_l2r": (round(metrics.sdlogj_l2r(disp), 5)
+                       if all(s >= 5 for s in disp.shape[:-1]) else None),
+        "ndv_percent": round(metrics.ndv_percent(disp), 6),
+    }
     if fixed_labels is not None and warped_labels is not None:
-        labels = sorted(int(v) for v in np.unique(fixed_labels.data) if v != 0)
-        dice = metrics.dice(fixed_labels.data, warped_labels, labels=labels)
-        hd = metrics.hd95(fixed_labels.data, warped_labels, spacing=fixed.spacing, labels=labels)
-        unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving, "nearest")
-        before = metrics.dice(fixed_labels.data, unregistered, labels=labels)
-        report.update(
+        labels = sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
+        dice = metrics.dice(fixed_labels, warped_labels, labels=labels)
+        hd = metrics.hd95(fixed_labels, warped_labels, spacing=spacing, labels=labels)
+        hd_vox = (hd if np.allclose(spacing, 1.0) else
+                  metrics.hd95(fixed_labels, warped_labels, spacing=1.0, labels=labels))
+        out.update(
             mean_dice=_round(metrics.mean_dice(dice)), mean_hd95_mm=_round(metrics.mean_dice(hd)),
-            mean_dice_before=_round(metrics.mean_dice(before)),
+            mean_hd95_vox=_round(metrics.mean_dice(hd_vox)),
             dice={str(k): _round(v) for k, v in dice.items()},
             hd95_mm={str(k): _round(v) for k, v in hd.items()},
+            hd95_vox={str(k): _round(v) for k, v in hd_vox.items()},
         )
-    return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report)
+        if unregistered_labels is not None:
+            before = metrics.dice(fixed_labels, unregistered_labels, labels=labels)
+            out["mean_dice_before"] = _round(metrics.mean_dice(before))
+    if keypoints is not None:
+        fixed_points, moving_points = keypoints
+        errors = metrics.tre(fixed_points, moving_points, disp, spacing)
+        before = metrics.tre(fixed_points, moving_points, np.zeros_like(disp), spacing)
+        out.update(tre_mm=_round(errors.mean()), tre_mm_before=_round(before.mean()),
+                   keypoints=int(len(errors)))
+    return out
+
+
+# ------------------------------------------------------------------------------------- inverse
+def _velocity_inverse(result, shape: tuple[int, ...], cfg) -> np.ndarray | None:
+    """Inverse of the deformable part of an instance-optimisation result: ``exp(-v)``."""
+    from tfreg import instance
+
+    if result.velocity is None:
+        return np.zeros((*shape, len(shape)), np.float32)
+    steps = (result.config or cfg).int_steps
+    return instance.velocity_displacement(-result.velocity, result.velocity_level, shape,
+                                          steps).numpy()
+
+
+def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Inverse of ``x -> Aff(x + v(x))`` on the fixed grid: ``y -> z + v^-1(z)``, ``z = Aff^-1 y``.
+
+    Args:
+        disp: `(*S, N)` full displacement (voxels, pull).
+        affine: `(N, N+1)` centred voxel affine, or None (identity).
+        inverse_warp: `(*S, N)` exact inverse of the deformable part ``v``, or None: then ``v``
+            is inverted by fixed-point iteration.
+
+    Returns:
+        `(inverse displacement, inverse of the deformable part, method description)`.
+    """
+    import tensorflow as tf
+
+    from tfreg.ops.fields import affine_to_disp, compose
+    from tfreg.ops.inverse import invert_displacement
+    from tfreg.transforms_io import deformable_part
+
+    n = disp.shape[-1]
+    how = "exact: inverse affine and integration of the negated velocity"
+    if inverse_warp is None:
+        warp = disp if affine is None else deformable_part(disp, affine)
+        inverse_warp = invert_displacement(warp[None].astype(np.float32), iterations=200,
+                                           tolerance=1e-3).numpy()[0]
+        how = "fixed-point inversion of the displacement"
+    if affine is None:
+        return inverse_warp.astype(np.float32), inverse_warp.astype(np.float32), how
+    a = np.asarray(affine, np.float64)
+    a_inv = np.linalg.inv(a[:, :n])
+    inv_affine = np.concatenate([a_inv, (-a_inv @ a[:, n])[:, None]], axis=1)
+    to_z = affine_to_disp(inv_affine[None].astype(np.float32), disp.shape[:-1])
+    total = compose(tf.constant(inverse_warp[None], tf.float32), to_z)
+    return total.numpy()[0], inverse_warp.astype(np.float32), how
+
+
+def inverse_consistency(disp: np.ndarray, inverse: np.ndarray, affine: np.ndarray
+                        ) -> dict[str, float]:
+    """``|phi(phi^-1(y)) - y|`` in mm over the fixed grid points whose inverse image lies inside
+    the grid (elsewhere `disp` is only extended by its border values).
+
+    Returns:
+        ``{"mean": mm, "max": mm, "fraction": share of voxels evaluated}``.
+    """
+    from tfreg.ops.inverse import composition_residual, residual_mm
+
+    residual = composition_residual(disp[None], inverse[None]).numpy()[0]
+    shape = np.asarray(disp.shape[:-1])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    target = grid + inverse
+    inside = np.all((target >= 0) & (target <= shape - 1), axis=-1)
+    if not inside.any():
+        return {"mean": None, "max": None, "fraction": 0.0}
+    stats = residual_mm(residual[inside], affine)
+    return {"mean": round(stats["mean_mm"], 6), "max": round(stats["max_mm"], 6),
+            "fraction": round(float(inside.mean()), 4)}
 
 
 def _round(value: float, digits: int = 5) -> float | None:
@@ -359,7 +582,8 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
         except TfregError as err:
             raise ConfigError(f"{flags}: model {model_dir}: {reason(err)}") from None
     else:
-        model = load_model(model_dir)
+        model = _load_model_once(str(Path(model_dir).resolve()),
+                                 _mtime(Path(model_dir) / "tfreg_model.json"))
     if model.ndims != fixed.ndims:
         raise InputError(f"{fixed.path}: is {fixed.ndims}D but the model {model_dir} expects "
                          f"{model.ndims}D inputs of shape {model.inshape}")
@@ -388,6 +612,22 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
         info["report"] = hook.report(model.keras_model, saved_config, inputs, given)
     return field_to_source(disp, rec_f, rec_m), info
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model_once(model_dir: str, mtime: float):
+    """`tfreg.export.load_model`, loaded once per folder (and modification time) per process,
+    so `evaluate` does not reload the model for every pair."""
+    from tfreg.export import load_model
+
+    return load_model(model_dir)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, steps: int,
@@ -423,24 +663,49 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
                    fixed_labels: str | Path | None = None, moving_labels: str | Path | None = None,
                    config=None, model: str | Path | None = None, finetune: int = 0,
                    recursions: int | None = None, device: str | None = None,
-                   progress: Callable[[str, int, int, float], None] | None = None
+                   progress: Callable[[str, int, int, float], None] | None = None,
+                   fixed_keypoints: str | Path | None = None,
+                   moving_keypoints: str | Path | None = None,
+                   init: str | Path | None = None, init_affine: str | Path | None = None,
+                   inverse: bool = False, itk: bool = False
                    ) -> tuple[dict, dict[str, Path]]:
     """Register two files and write the outputs into `out_dir` (atomic writes).
+
+    Args:
+        init, init_affine: instead of `model`, start from an external transform: a field file
+            (tfreg, world or ITK/ANTs) and/or an ITK/ANTs affine applied after it
+            (`tfreg.transforms_io.read_transform`), refined by `finetune` steps.
+        inverse: also write `disp_inverse.nii.gz` (and `itk_inverse_warp.nii.gz` with `itk`).
+        itk: also write `itk_warp.nii.gz` and `affine.txt` (ITK/ANTs, LPS mm).
+        Others: see `register_volumes`.
+    `fixed_keypoints`/`moving_keypoints`: Learn2Reg keypoint CSVs (both or none) for the TRE.
 
     Returns:
         `(report, written)` with `written` = output name -> path.
     """
     fixed_v, moving_v, fixed_l, moving_l = load_pair(fixed, moving, fixed_labels, moving_labels)
+    keypoints = load_keypoints(fixed_keypoints, moving_keypoints, fixed_v, moving_v)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
+    init_disp = None
+    if init is not None or init_affine is not None:
+        from tfreg.transforms_io import read_transform
+
+        if model is not None:
+            raise ConfigError("--init: give either --model or an initial transform, not both")
+        init_disp = read_transform(init, affine=init_affine, reference=fixed_v).data
+    if (itk or init_disp is not None) and fixed_v.ndims != 3:
+        raise InputError(f"{fixed}: ITK/ANTs transforms are supported for 3D images only")
     result = register_volumes(fixed_v, moving_v, fixed_labels=fixed_l, moving_labels=moving_l,
                               config=config, model=model, finetune=finetune,
-                              recursions=recursions, device=device, progress=progress)
+                              recursions=recursions, device=device, progress=progress,
+                              keypoints=keypoints, init_disp=init_disp, inverse=inverse)
     report = dict(result.report)
-    report.update(fixed=str(fixed), moving=str(moving),
-                  fixed_labels=None if fixed_labels is None else str(fixed_labels),
-                  moving_labels=None if moving_labels is None else str(moving_labels))
+    report.update(fixed=_relative_to(fixed, out_dir), moving=_relative_to(moving, out_dir),
+                  fixed_labels=_relative_to(fixed_labels, out_dir),
+                  moving_labels=_relative_to(moving_labels, out_dir),
+                  paths_relative_to="report")
     written = {}
     written["warped"] = save_volume(out_dir / OUTPUTS["warped"], result.warped, fixed_v.affine,
                                     fixed_v.header)
@@ -448,9 +713,79 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
     if result.warped_labels is not None:
         written["warped_labels"] = save_volume(out_dir / OUTPUTS["warped_labels"],
                                                result.warped_labels, fixed_v.affine, fixed_v.header)
+    written.update(_write_transforms(out_dir, result, fixed_v, moving_v, itk=itk))
     report["outputs"] = {k: str(v) for k, v in written.items()}
     written["report"] = write_json(out_dir / OUTPUTS["report"], report)
+    for name in STALE_OUTPUTS:  # an earlier run's outputs that this run does not replace
+        if name not in {p.name for p in written.values()}:
+            (out_dir / name).unlink(missing_ok=True)
     return report, written
+
+
+def _relative_to(path: str | Path | None, out_dir: Path) -> str | None:
+    """`path` relative to the output folder (as `report.json` records inputs), so the report
+    stays valid from any working directory and when the folders move together."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).absolute(), Path(out_dir).absolute())
+
+
+def _write_transforms(out_dir: Path, result: RegisterResult, fixed: Volume, moving: Volume, *,
+                      itk: bool) -> dict[str, Path]:
+    """`affine.mat` (3D), `disp_inverse.nii.gz`, and with `itk` the ITK/ANTs files."""
+    from tfreg import transforms_io as tio
+
+    written: dict[str, Path] = {}
+    n = fixed.ndims
+    affine = result.affine if result.affine is not None else np.eye(n, n + 1)
+    if n == 3:
+        physical = tio.affine_to_physical(affine, fixed.affine, fixed.shape)
+        centre = fixed.affine[:3, :3] @ ((np.asarray(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+        written["affine"] = tio.write_itk_affine(out_dir / OUTPUTS["affine"], physical, centre)
+        if itk:
+            written["affine_txt"] = tio.write_itk_affine(out_dir / OUTPUTS["affine_txt"],
+                                                         physical, centre)
+            warp = tio.deformable_part(result.disp, affine)
+            written["itk_warp"] = tio.save_field(out_dir / OUTPUTS["itk_warp"], warp,
+                                                 fixed.affine, "itk")
+            if result.inverse_warp is not None:
+                written["itk_inverse_warp"] = tio.save_field(
+                    out_dir / OUTPUTS["itk_inverse_warp"], result.inverse_warp, fixed.affine, "itk")
+    if result.inverse is not None:
+        written["disp_inverse"] = save_volume(out_dir / OUTPUTS["disp_inverse"],
+                                              _inverse_on_moving(result, fixed, moving),
+                                              moving.affine)
+    return written
+
+
+def _inverse_on_moving(result: RegisterResult, fixed: Volume, moving: Volume) -> np.ndarray:
+    """The inverse as a field on the moving image's grid (its voxels, pull).
+
+    For a moving voxel `m`: `y = G m` in fixed voxels (`G` the moving->fixed voxel map through the
+    two affines), `z = Aff^-1(y)` exactly, `x = z + v^-1(z)` (the deformable part's inverse,
+    interpolated once, border values outside), and the field is `G^-1 x - m`. On a shared grid
+    this is `RegisterResult.inverse`.
+    """
+    if same_grid(fixed, moving):
+        return result.inverse
+    from scipy import ndimage
+
+    n = fixed.ndims
+    to_fixed = _fixed_to_moving(moving, fixed)  # moving voxels -> fixed voxels
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in moving.shape],
+                                indexing="ij"), axis=-1)
+    y = grid @ to_fixed[:n, :n].T + to_fixed[:n, n]
+    if result.affine is None:
+        z = y
+    else:
+        a = np.asarray(result.affine, np.float64)
+        centre = (np.asarray(fixed.shape, np.float64) - 1) / 2.0
+        z = (y - centre - a[:, n]) @ np.linalg.inv(a[:, :n]).T + centre
+    coords = np.moveaxis(z, -1, 0)
+    x = z + np.stack([ndimage.map_coordinates(result.inverse_warp[..., c], coords, order=1,
+                                              mode="nearest") for c in range(n)], axis=-1)
+    back = np.linalg.inv(to_fixed)
+    return (x @ back[:n, :n].T + back[:n, n] - grid).astype(np.float32)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -461,17 +796,34 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
-def warp_file(moving: str | Path, disp: str | Path, out: str | Path, *, nearest: bool = False
-              ) -> Path:
+def warp_file(moving: str | Path, disp: str | Path | None, out: str | Path, *,
+              nearest: bool = False, affine: str | Path | None = None,
+              reference: str | Path | None = None) -> Path:
     """Apply a displacement field file to an image or label map and write the result.
 
     The field lives on the fixed grid (its affine); the moving image may be on another grid: it is
     sampled at `T(x + disp(x))` with `T` the fixed->moving voxel map from the two affines.
 
+    Args:
+        moving: image or label map to warp.
+        disp: a field in any format `tfreg.transforms_io.read_transform` reads (tfreg voxels,
+            world mm, ITK/ANTs warp), or None with `affine`.
+        out: output NIfTI, on the field's grid (or `reference`'s).
+        nearest: nearest-neighbour interpolation (label maps).
+        affine: ITK/ANTs affine applied after the warp (ANTs' `transformlist=[warp, affine]`).
+        reference: the fixed image defining the output grid (needed for an affine alone).
+
     Raises:
         InputError: unreadable files, a field that is not `(*S, N)`, 2D/3D mismatch.
     """
-    field_v = load_volume(disp, allow_vector=True)
+    from tfreg.transforms_io import field_format, read_transform
+
+    if disp is None or affine is not None or reference is not None \
+            or field_format(disp) != "tfreg":
+        field_v = read_transform(disp, affine=affine, reference=reference)
+        disp = disp or affine
+    else:
+        field_v = load_volume(disp, allow_vector=True)
     if not field_v.vector:
         raise InputError(f"{disp}: expected a displacement field (*S, N) with N = 2 or 3 "
                          f"components in the last axis, got shape {field_v.data.shape}")

@@ -1,4 +1,4 @@
-"""One PNG that shows how a registration went (matplotlib, no display needed).
+"""One figure (PNG, JPEG, PDF or SVG) that shows how a registration went (matplotlib, no display needed).
 
 Columns: fixed, moving, warped, |fixed - moving| (before), |fixed - warped| (after), the deformed
 grid, and the Jacobian determinant of the transform (blue < 1 < red; folded voxels, det <= 0, in
@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from tfreg.errors import InputError
-from tfreg.io import atomic_path
 
-__all__ = ["show_registration", "show_result_dir"]
+__all__ = ["show_registration", "show_result_dir", "image_format", "FORMATS"]
 
 
 def _norm(image: np.ndarray) -> np.ndarray:
@@ -138,11 +137,47 @@ def show_registration(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
                  label="det J (black: <= 0)")
     if title:
         fig.suptitle(title, fontsize=10)
+    from tfreg.io import atomic_path
+
     out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+    kind = image_format(out_png)
+    try:
+        with atomic_path(out_png, suffix=out_png.suffix.lower()) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=kind)
+    finally:
+        plt.close(fig)
     return out_png
+
+
+#: file suffix -> matplotlib format of the overview figure.
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
+def image_format(path: str | Path) -> str:
+    """The figure format its suffix names: PNG, JPEG, PDF or SVG.
+
+    Raises:
+        InputError: another or no suffix (``"view.tif: unsupported figure format '.tif' ..."``).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(f"{path}: unsupported figure format '{suffix or '(none)'}' (use .png, "
+                         ".jpg, .pdf or .svg)")
+    return FORMATS[suffix]
+
+
+def _recorded(path: str | None, result_dir: Path, report: dict) -> str | None:
+    """An input path recorded in `report.json`: relative to the report's folder (reports that
+    say ``paths_relative_to: report``), else as typed where `register` ran (older reports;
+    tried relative to the report's folder too)."""
+    if not path:
+        return None
+    if Path(path).is_absolute():
+        return path
+    beside = result_dir / path
+    if report.get("paths_relative_to") == "report" or beside.exists():
+        return str(beside)
+    return path
 
 
 def show_result_dir(result_dir: str | Path, out_png: str | Path | None = None, *,
@@ -171,8 +206,8 @@ def show_result_dir(result_dir: str | Path, out_png: str | Path | None = None, *
             report = json.loads(report_path.read_text(encoding="utf-8"))
         except ValueError:
             raise InputError(f"{report_path}: not valid JSON") from None
-    fixed = fixed or report.get("fixed")
-    moving = moving or report.get("moving")
+    fixed = fixed or _recorded(report.get("fixed"), result_dir, report)
+    moving = moving or _recorded(report.get("moving"), result_dir, report)
     if not fixed or not moving:
         raise InputError(f"{report_path}: no fixed/moving paths recorded; pass --fixed and "
                          "--moving")

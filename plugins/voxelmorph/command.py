@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from tfreg_cli.common import check_empty_or_owned, check_output_dir
+
 NORMALIZE = ("minmax", "zscore", "percentile", "none")
 
 
@@ -53,6 +55,8 @@ def import_voxelmorph(h5_file: str, model_dir: str, args: tuple[str, ...], norma
     checked shape by shape. Unsupported: use_probs, hyp_model (HyperMorph), input_model,
     src_feats/trg_feats other than 1, and classes other than VxmDense.
     """
+    check_empty_or_owned(model_dir, ("tfreg_model.json",), "-o", "model folder")
+    check_output_dir(model_dir, "-o")
     from .vxm_h5 import import_voxelmorph as run_import
 
     written = run_import(h5_file, model_dir, _parse_args(args), normalize=normalize)

@@ -9,6 +9,7 @@ The format is documented in ``configs/data/README.md``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -25,8 +26,8 @@ from tfreg.data.cache import VolumeCache, default_cache_dir
 from tfreg.data.preprocess import Preprocessing, PrepRecord
 from tfreg.data.sources import (Learn2RegDataset, PairRow, group_of, read_pairs_csv,
                                 resolve_images, resolve_labels, resolve_paths)
-from tfreg.errors import ConfigError, InputError
-from tfreg.io import Volume, load_volume, read_info
+from tfreg.errors import ConfigError, InputError, TfregError, all_problems
+from tfreg.io import Volume, check_label_grid, load_volume, read_info
 
 __all__ = ["DataSpec", "Pair", "Scan", "PairSampler", "SPEC_KEYS", "PAIRINGS", "SPLITS"]
 
@@ -240,40 +241,54 @@ class DataSpec:
             labels = self.preprocessing.apply(lab, record, label=True)
         return image, labels, record
 
-    def validate(self, deep: bool = False, workers: int | None = None) -> int:
-        """Check the data before training.
+    def validate(self, deep: bool = False, workers: int | None = None,
+                 images: set[Path] | None = None) -> int:
+        """Check the data before training (or evaluation).
 
         Shallow checks (headers, keys, files) already ran when the spec was built. With `deep`,
         every volume is decoded: truncated data, NaN/Inf voxels and non-integer labels are
         reported now rather than mid-training. With a cache, preprocessed scans are stored on the
         way (and scans already cached, whose files are unchanged, are not read again).
 
+        Args:
+            deep: decode every volume.
+            workers: reader threads (default: up to 4).
+            images: check only the scans of these image paths (e.g. one split's pairs).
+
         Returns:
             The number of scans checked.
 
         Raises:
-            InputError: the first bad file, in scan order.
+            InputError: every bad file, in scan order (one line for one problem; else a numbered
+                list in the error's `details` and a summary line).
         """
         if not deep:
             return 0
         workers = workers or min(4, os.cpu_count() or 1)
+        wanted = None if images is None else {_norm(Path(p)) for p in images}
+        indices = [i for i, scan in enumerate(self.scans)
+                   if wanted is None or _norm(Path(scan.image)) in wanted]
 
-        def check(index: int) -> None:
-            if self._cache is not None:
-                self.load_scan(index)
-                return
-            scan = self.scans[index]
-            image = load_volume(scan.image)
-            if scan.labels is not None:
-                labels = load_volume(scan.labels, label=True)
-                if labels.shape != image.shape:
-                    raise InputError(f"{scan.labels}: shape {labels.shape} differs from its "
-                                     f"image {scan.image} {image.shape}")
+        def check(index: int) -> TfregError | None:
+            try:
+                if self._cache is not None:
+                    self.load_scan(index)
+                    return None
+                scan = self.scans[index]
+                image = load_volume(scan.image)
+                if scan.labels is not None:
+                    labels = load_volume(scan.labels, label=True)
+                    if labels.shape != image.shape:
+                        raise InputError(f"{scan.labels}: shape {labels.shape} differs from its "
+                                         f"image {scan.image} {image.shape}")
+            except TfregError as err:
+                return err
+            return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(check, range(len(self.scans))):
-                pass
-        return len(self.scans)
+            problems = [err for err in pool.map(check, indices) if err is not None]
+        all_problems(problems, f"{self.source}: {len(indices)} scans checked")
+        return len(indices)
 
 
 class PairSampler:
@@ -478,8 +493,10 @@ def _build(d: Mapping[str, Any], base: Path, source: str) -> DataSpec:
 
 
 def _check_pairing_keys(d: Mapping[str, Any], pairing: str, source: str) -> None:
-    own = {"scan-to-atlas": ("atlas", "atlas_labels", "atlas_role"), "pairs": ("pairs",),
-           "scan-to-scan": ("groups",)}
+    own = {"scan-to-atlas": ("atlas", "atlas_labels", "atlas_role"), "pairs": ("pairs",)}
+    if pairing == "scan-to-atlas" and d.get("groups") is not None:
+        raise chk.fail(source, "groups", "only used with pairing: scan-to-scan or pairs "
+                       "(pairing is scan-to-atlas)")
     for mode, keys in own.items():
         for key in keys:
             if mode != pairing and d.get(key) is not None:
@@ -543,26 +560,41 @@ def _row_to_pair(row: PairRow, csv_path: Path, table: _Scans, by_image: dict[Pat
 
 
 def _check_headers(scans: list[Scan], source: str) -> list[tuple[int, ...]]:
-    """Read every header once; image shapes (spatial) in scan order."""
-    seen: dict[Path, tuple[int, ...]] = {}
+    """Read every header once; image shapes (spatial) in scan order. Every bad file is reported
+    at once (`tfreg.errors.all_problems`); a label map whose header differs slightly from its
+    image's is accepted with a warning (`tfreg.io.check_label_grid`)."""
+    seen: dict[Path, Any] = {}
+    problems: list[InputError] = []
 
-    def shape_of(path: Path) -> tuple[int, ...]:
+    def info_of(path: Path):
         if path not in seen:
             try:
-                seen[path] = read_info(path).shape
+                seen[path] = read_info(path)
             except InputError as err:
-                raise InputError(f"{err} (named by {source})") from None
+                seen[path] = None
+                problems.append(InputError(f"{err} (named by {source})"))
         return seen[path]
 
     shapes = []
+    checked: set[tuple[Path, Path]] = set()
     for scan in scans:
-        shape = shape_of(scan.image)
-        if scan.labels is not None:
-            lab_shape = shape_of(scan.labels)
-            if lab_shape != shape:
-                raise InputError(f"{scan.labels}: shape {list(lab_shape)} differs from its image "
-                                 f"{scan.image} {list(shape)}")
-        shapes.append(shape)
+        info = info_of(scan.image)
+        shapes.append(info.shape if info is not None else ())
+        if scan.labels is None or info is None:
+            continue
+        lab = info_of(scan.labels)
+        if lab is None or (scan.labels, scan.image) in checked:
+            continue
+        checked.add((scan.labels, scan.image))
+        try:
+            note = check_label_grid(scan.labels, lab.affine, lab.shape, scan.image, info.affine,
+                                    info.shape)
+        except InputError as err:
+            problems.append(err)
+            continue
+        if note:
+            logging.getLogger("tfreg").warning(note)
+    all_problems(problems, source)
     return shapes
 
 
@@ -589,8 +621,7 @@ def _splits(value: Any, pairing: str, items: list[int], table: _Scans, by_image:
         if value is None:
             return empty, {"train": rows, "val": [], "test": []}
         fractions, seed = _fractions(value, source)
-        parts = _divide(len(rows), fractions, seed)
-        return empty, {s: [rows[k] for k in parts[s]] for s in SPLITS}
+        return empty, _divide_pairs_by_subject(rows, fractions, seed, groups, source)
 
     if value is None:
         return {"train": list(items), "val": [], "test": []}, {}
@@ -659,6 +690,61 @@ def _divide(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[in
     n_test = min(int(round(fractions["test"] * n)), n - n_val)
     return {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
             "train": sorted(order[n_val + n_test:])}
+
+
+def _subjects(rows: list[tuple[int, int]], groups: list[str] | None) -> list[list[int]]:
+    """Indices of `rows` grouped so that no scan (or `groups` subject) is in two groups.
+
+    Two rows share a group when they share a scan or, with `groups`, scans of one subject:
+    the connected components of the graph whose nodes are subjects and whose edges are pairs.
+    """
+    parent: dict[Any, Any] = {}
+
+    def find(a: Any) -> Any:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def subject(scan: int) -> Any:
+        return ("group", groups[scan]) if groups else scan
+
+    for fixed, moving in rows:
+        parent[find(subject(fixed))] = find(subject(moving))
+    members: dict[Any, list[int]] = {}
+    for k, (fixed, _) in enumerate(rows):
+        members.setdefault(find(subject(fixed)), []).append(k)
+    return list(members.values())
+
+
+def _divide_pairs_by_subject(rows: list[tuple[int, int]], fractions: dict[str, float], seed: int,
+                             groups: list[str] | None, source: str
+                             ) -> dict[str, list[tuple[int, int]]]:
+    """Fraction splits of CSV pairs that keep every subject within one split.
+
+    The subject components (`_subjects`) are shuffled with `seed` and dealt out: val until it
+    holds ``round(f_val * rows)`` pairs, then test likewise, the rest to train.
+
+    Raises:
+        ConfigError: a split with a positive fraction would get no pair, because the pairs link
+            too many subjects together (e.g. one atlas in every pair).
+    """
+    components = _subjects(rows, groups)
+    order = [int(k) for k in np.random.default_rng(seed).permutation(len(components))]
+    targets = {"val": int(round(fractions["val"] * len(rows))),
+               "test": int(round(fractions["test"] * len(rows)))}
+    taken: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for k in order:
+        split = next((s for s in ("val", "test") if len(taken[s]) < targets[s]), "train")
+        taken[split].extend(components[k])
+    wanted = [s for s in SPLITS if fractions[s] > 0 and (s == "train" or targets[s] > 0)]
+    empty = [s for s in wanted if not taken[s]]
+    if empty:
+        raise chk.fail(source, "split", f"cannot keep subjects apart: the {len(rows)} pairs link "
+                       f"their scans into {len(components)} group(s) sharing a subject, too few "
+                       f"for a non-empty '{empty[0]}' split (give one pairs CSV per split)")
+    return {s: [rows[k] for k in sorted(taken[s])] for s in SPLITS}
 
 
 def _learn2reg_split(items: list[int], table: _Scans, by_image: dict[Path, int], source: str,

@@ -39,7 +39,8 @@ from tfreg.io import atomic_path
 from tfreg.registry import LossContext
 
 from .checkpoint import Checkpointer, RunState
-from .logging import TrainLogger, write_versions
+from .logging import (TrainLogger, describe_distribution, distribution, record_distribution,
+                      write_versions)
 from .strategy import check_global_batch, is_chief, make_strategy
 
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "dtype_policy",
@@ -473,6 +474,10 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
         dump_yaml(config, run_dir / "config.yaml")
         write_versions(run_dir, loaded if hasattr(loaded, "method") else None)
     log = TrainLogger(run_dir / "logs", enabled=chief, verbose=verbose)
+    placement = distribution(strategy, global_batch)
+    if chief:
+        record_distribution(run_dir, placement, step)
+    log.message(describe_distribution(placement))
     names = [s.name for s in stages]
     preprocessing = source.preprocessing(data) if source.preprocessing is not None else None
     run_state = RunState(step=step, stage=stage_index, stage_step=stage_step,

@@ -102,3 +102,55 @@ def apply_matrix_multiplier(x: tf.Tensor, matrix) -> tf.Tensor:
     mixed = tf.einsum("...ij,b...j->b...i", mat, spec)
     back = [0, ndims + 1] + list(range(1, ndims + 1))
     return from_spectrum(tf.transpose(mixed, back), shape)
+
+
+def gaussian_multiplier(shape: Sequence[int], sigma: float | Sequence[float],
+                        spacing: float | Sequence[float] | None = None) -> np.ndarray:
+    """Half-spectrum multiplier of a discrete periodic Gaussian normalised to sum 1.
+
+    The kernel is sampled on the grid of `shape` at the periodic distance from voxel 0 (index
+    ``i`` sits at ``min(i, S_d - i) * spacing_d``), ``exp(-sum_d x_d^2 / (2 sigma_d^2))``, and divided
+    by its sum, so filtering keeps the mean of a field (multiplier 1 at frequency 0).
+
+    Args:
+        shape: spatial shape ``S`` (2 or 3 axes).
+        sigma: standard deviation per axis (or one for all), in the units of `spacing`.
+        spacing: grid spacing per axis; None = ``1 / (S_d - 1)``, i.e. `sigma` is a fraction of
+            each axis (the unit-interval coordinates of the vSVF original).
+
+    Returns:
+        float64 array of shape `half_shape(shape)`.
+    """
+    shape = tuple(int(s) for s in shape)
+    n = len(shape)
+    if spacing is None:
+        spacing = [1.0 / max(s - 1, 1) for s in shape]
+    spacing = np.broadcast_to(np.asarray(spacing, np.float64), (n,))
+    sigma = np.broadcast_to(np.asarray(sigma, np.float64), (n,))
+    if np.any(sigma <= 0):
+        raise ValueError(f"`sigma` must be > 0. Received: sigma={tuple(sigma)}")
+    kernel = np.ones(shape)
+    for d, s in enumerate(shape):
+        i = np.arange(s)
+        dist = np.minimum(i, s - i) * spacing[d]
+        view = [1] * n
+        view[d] = s
+        kernel = kernel * np.exp(-dist ** 2 / (2.0 * sigma[d] ** 2)).reshape(view)
+    return multiplier_from_kernel(kernel / kernel.sum())
+
+
+def multi_gaussian_multiplier(shape: Sequence[int], sigmas: Sequence[float],
+                              weights: Sequence[float],
+                              spacing: float | Sequence[float] | None = None) -> np.ndarray:
+    """Weighted sum ``sum_i w_i G_sigma_i`` of normalised periodic Gaussians (`gaussian_multiplier`),
+    e.g. the vSVF smoother: sigmas ``(0.05, 0.1, 0.15, 0.2, 0.25)`` of each axis, weights
+    ``(1, 2, 3, 4, 5) / 15``. Weights are used as given (they sum to 1 for a mean-preserving filter).
+    Returns a float64 multiplier of shape `half_shape(shape)`."""
+    sigmas, weights = list(sigmas), [float(w) for w in weights]
+    if not sigmas or len(sigmas) != len(weights):
+        raise ValueError(f"`sigmas` and `weights` need the same non-zero length. Received: "
+                         f"{len(sigmas)} sigmas, {len(weights)} weights")
+    total = np.zeros(half_shape(shape))
+    for sigma, weight in zip(sigmas, weights):
+        total += weight * gaussian_multiplier(shape, sigma, spacing)
+    return total
