@@ -65,6 +65,24 @@ def parse_per_level(text: str | None, name: str, kind=int):
     return values[0] if len(values) == 1 else values
 
 
+def _deprecated_lambda(ctx: click.Context, param: click.Parameter, value):
+    """``--lambda`` (old name of ``--smooth-weight``): accepted with a one-line hint."""
+    if value is None:
+        return None
+    click.echo("note: --lambda is deprecated, use --smooth-weight", err=True)
+    if ctx.params.get("lam") is not None:
+        raise click.UsageError("--lambda: give only --smooth-weight (--lambda is its old name)")
+    ctx.params["lam"] = value
+    return None
+
+
+def _keep_deprecated_value(ctx: click.Context, param: click.Parameter, value):
+    """``--smooth-weight``, or the value a deprecated ``--lambda`` already set."""
+    if value is not None and ctx.params.get("lam") is not None:
+        raise click.UsageError("--lambda: give only --smooth-weight (--lambda is its old name)")
+    return value if value is not None else ctx.params.get("lam")
+
+
 def instance_options(func):
     """The instance-optimisation options shared by `register` and `evaluate`."""
     options = [
@@ -79,9 +97,13 @@ def instance_options(func):
                      help="Number of pyramid levels of the deformable stage, ending at the "
                           "preset's finest level (accurate: 2 levels, half and full resolution; "
                           "fast: 1 level, half resolution)."),
-        click.option("--lambda", "lam", type=click.FloatRange(min=0),
+        click.option("--smooth-weight", "lam", type=click.FloatRange(min=0),
+                     callback=_keep_deprecated_value,
                      help="Weight of the smoothness penalty mean|grad v|^2 on the velocity "
                           "(larger = smoother, default: from the preset)."),
+        click.option("--lambda", type=click.FloatRange(min=0), expose_value=False,
+                     hidden=True, callback=_deprecated_lambda,
+                     help="Deprecated name of --smooth-weight."),
         click.option("--lr", "learning_rate", metavar="LR[,LR...]",
                      help="Adam step size per level, in voxels of velocity (default: preset)."),
         click.option("--similarity", type=click.Choice(["ncc", "mse"]),

@@ -46,8 +46,14 @@ def _resolve_config(loaded, config_file: str | None, run_config: Path | None, se
         overrides.pop(key, None)
         overrides[key] = value
         overrides.sources[key] = f"{_option_name(key)} {value}"
-    return resolve(method_defaults(loaded.method), file_cfg, overrides,
-                   file_source=str(source) if source else "config")
+    notes: list[str] = []
+    config = resolve(method_defaults(loaded.method), file_cfg, overrides,
+                     file_source=str(source) if source else "config",
+                     renamed=loaded.method.renamed, notes=notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    loaded.method.check_config(config, str(source) if source else "config")
+    return config
 
 
 def _devices(devices: str | None, gpus: str | None) -> list[str] | None:

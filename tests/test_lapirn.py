@@ -196,7 +196,7 @@ def test_negative_jacobian_of_known_fields(ndims):
 def test_loss_weights_and_antifold_term():
     assert losses.loss_options(_config()).smooth == 3.5
     assert losses.loss_options(_config(model={"variant": "displacement"})).smooth == 1.0
-    assert losses.loss_options(_config(loss={"smooth": 2})).smooth == 2.0
+    assert losses.loss_options(_config(loss={"smooth_weight": 2})).smooth == 2.0
     with pytest.raises(ConfigError,
                        match=r"^loss.antifold: expected a number >= 0, got -1.0$"):
         losses.build_loss(_config(loss={"antifold": -1}))
@@ -224,7 +224,7 @@ def test_entry_point_and_defaults_follow_the_original():
     assert cfg["train"]["learning_rate"] == 1e-4 and cfg["train"]["batch_size"] == 1
     assert cfg["model"] == {"variant": "diffeomorphic", "features": 28, "res_blocks": 5,
                             "range_flow": 0.4, "int_steps": 7}
-    assert cfg["loss"] == {"smooth": None, "antifold": 0.0}
+    assert cfg["loss"] == {"smooth_weight": None, "antifold": 0.0}
     stages = METHOD.resolve_stages(cfg)
     assert [(s.name, s.steps, s.frozen, s.freeze_steps) for s in stages] == [
         ("level1", 30000, (), 0),
@@ -370,7 +370,7 @@ def learned(tmp_path_factory):
                 for i in range(N_TRAIN + N_VAL)]
     images = np.stack([s[0] for s in subjects])
     labels = np.stack([s[1] for s in subjects])
-    cfg = _config(model={"features": 16}, loss={"smooth": 0.5},
+    cfg = _config(model={"features": 16}, loss={"smooth_weight": 0.5},
                   schedule={"level1_steps": 200, "level2_steps": 200, "level3_steps": 200,
                             "freeze_steps": 20},
                   train={"learning_rate": 1e-3, "checkpoint_every": 10000, "log_every": 10000,

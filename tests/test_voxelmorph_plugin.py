@@ -41,9 +41,9 @@ def test_discovered_with_voxelmorph_defaults():
     assert cfg["model"]["dec_features"] == [32, 32, 32, 32, 32, 16, 16]
     assert (cfg["model"]["int_steps"], cfg["model"]["int_resolution"]) == (7, 2)
     assert cfg["train"]["learning_rate"] == 1e-4 and cfg["train"]["batch_size"] == 1
-    assert losses.grad_weight({"image": "ncc", "lambda": None}) == 1.0
-    assert losses.grad_weight({"image": "mse", "lambda": None}) == 0.01
-    assert losses.grad_weight({"image": "mse", "lambda": 0.5}) == 0.5
+    assert losses.grad_weight({"image": "ncc", "smooth_weight": None}) == 1.0
+    assert losses.grad_weight({"image": "mse", "smooth_weight": None}) == 0.01
+    assert losses.grad_weight({"image": "mse", "smooth_weight": 0.5}) == 0.5
 
 
 # ------------------------------------------------------------------------------ architecture
@@ -188,7 +188,7 @@ def test_ncc_bidir_and_weights():
     shape = (12, 12)
     fixed, moving = rng.random((2, 1, *shape, 1)).astype("float32")
     cfg = config(**{"loss.image": "ncc", "loss.ncc_window": 5, "model.bidir": True,
-                    "loss.lambda": 0.5})
+                    "loss.smooth_weight": 0.5})
     fn = METHOD.build_loss(cfg)
     # warped == fixed and warped_fixed == 2 * moving: squared local correlation 1 everywhere
     # (zero padding keeps the linear relation at the borders; no flat windows in random images)

@@ -185,7 +185,7 @@ def build_from_run(run_dir: str | Path, checkpoint: str | None = None
     config, state = _read_run(run_dir)
     loaded = discover().get(config.get("method"))
     config = resolve(method_defaults(loaded.method), config, None,
-                     file_source=run_dir / "config.yaml")
+                     file_source=run_dir / "config.yaml", renamed=loaded.method.renamed)
     inshape = _run_inshape(run_dir, config, state)
     with dtype_policy("float32"):
         model = loaded.method.build_model(config, inshape)
@@ -369,7 +369,7 @@ def _apply_overrides(config: dict, method: Any, overrides: dict, source: Path) -
 
     sources = {key: f"overrides {key}={value!r}" for key, value in overrides.items()}
     return resolve(method_defaults(method), config, dict(overrides), file_source=source,
-                   override_sources=sources)
+                   override_sources=sources, renamed=method.renamed)
 
 
 def read_model_info(model_dir: str | Path) -> tuple[dict, dict]:

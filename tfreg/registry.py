@@ -45,7 +45,7 @@ import importlib.metadata
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from tfreg.config import did_you_mean, get_dotted, load_yaml, method_defaults
 from tfreg.errors import ConfigError, MethodError
@@ -301,6 +301,11 @@ class Method:
         divisible_by: every spatial size of the data must divide by this: an int, or
             ``(config) -> int`` computed from the resolved config (checked before the data).
         register_hook: the method's ``tfreg register --model`` options and report, or None.
+        sections: its own config sections declared once, ``{"loss": LossDataclass, ...}``, with
+            checks from `tfreg.validation` (`number`, `integer`, `choice`...): the core validates
+            them before any work, and their defaults fill keys the YAML leaves out.
+        renamed: deprecated key names still accepted, ``{"loss.lambda": "loss.smooth_weight"}``
+            (old dotted key -> new); using one prints a one-line deprecation hint.
         api_version: version of the protocol the plugin was written for.
     """
 
@@ -315,6 +320,8 @@ class Method:
     optimizer: Callable[[dict, Stage], "keras.optimizers.Optimizer"] = adam
     divisible_by: int | Callable[[dict], int] = 1
     register_hook: RegisterHook | None = None
+    sections: Mapping[str, type] = field(default_factory=dict)
+    renamed: Mapping[str, str] = field(default_factory=dict)
     api_version: int = API_VERSION
 
     def __post_init__(self) -> None:
@@ -340,6 +347,17 @@ class Method:
                                  f"Received: {attr}={value!r}")
         if self.io is None:
             raise ValueError("Method.io must be a tfreg.registry.ModelIO. Received: io=None")
+        import dataclasses as _dc
+
+        for section, schema in dict(self.sections).items():
+            if section in ("train", "method", "data") or not (
+                    isinstance(schema, type) and _dc.is_dataclass(schema)):
+                raise ValueError(f"Method.sections must map the method's own section names to "
+                                 f"dataclasses. Received: {section!r}: {schema!r}")
+        for old, new in dict(self.renamed).items():
+            if not (isinstance(old, str) and isinstance(new, str) and "." in old and "." in new):
+                raise ValueError("Method.renamed must map dotted keys to dotted keys. "
+                                 f"Received: {old!r}: {new!r}")
         div = self.divisible_by
         if not callable(div) and (not isinstance(div, int) or isinstance(div, bool) or div < 1):
             raise ValueError("Method.divisible_by must be an int >= 1 or a callable. "
@@ -353,6 +371,20 @@ class Method:
     def load_defaults(self) -> dict:
         """The method's default YAML as a dict (`ConfigError` naming the file)."""
         return load_yaml(self.default_config)
+
+    def check_config(self, config: dict, source: str = "config") -> dict:
+        """Validate the declared `sections` of a resolved config (`tfreg.validation`).
+
+        Returns:
+            ``{section: dataclass instance}``.
+
+        Raises:
+            ConfigError: ``"<source>: <section>.<key>: expected <what>, got <value>"``.
+        """
+        from tfreg.validation import check_section
+
+        return {name: check_section(schema, config.get(name), name, source)
+                for name, schema in self.sections.items()}
 
     def divisor(self, config: dict) -> int:
         """The divisibility rule for a resolved config (`divisible_by`), checked to be an int >= 1.
@@ -504,7 +536,7 @@ def _check(obj: Any, ep: Any) -> Method:
                          "the plugin as package data)")
     method = dataclasses.replace(obj, default_config=found)
     try:
-        method_defaults(method)
+        method.check_config(method_defaults(method), str(found))
     except ConfigError as err:
         raise _SpecError(str(err)) from None
     return method

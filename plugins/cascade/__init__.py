@@ -8,12 +8,26 @@ any number of times at test time. Defaults: ``plugins/cascade/cascade.yaml``; gu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tfreg.data import SPEC_DATA
 from tfreg.registry import Method, ModelIO, adam
+from tfreg.validation import choice, integer, number
 
 from . import losses, network, report
 
-__all__ = ["METHOD", "network", "losses", "report", "divisible_by"]
+__all__ = ["METHOD", "network", "losses", "report", "divisible_by", "Loss"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The ``loss:`` section (see cascade.yaml)."""
+
+    similarity: str = choice("gncc", losses.SIMILARITIES)
+    ncc_window: int = integer(9, low=1)
+    smooth_weight: float = number(1.0, low=0.0)
+    det_weight: float = number(0.1, low=0.0)
+    ortho_weight: float = number(0.1, low=0.0)
 
 
 def divisible_by(config: dict) -> int:
@@ -34,4 +48,6 @@ METHOD = Method(
     optimizer=adam,
     divisible_by=divisible_by,
     register_hook=report.REGISTER_HOOK,
+    sections={"loss": Loss},
+    renamed={"loss.reg_weight": "loss.smooth_weight"},
 )

@@ -7,7 +7,7 @@ mean over the batch (the original sums over the batch; with Adam this only resca
   ``1 - r`` with ``r`` the global Pearson correlation (``loss.similarity: gncc``, default, eps 1e-6 on
   each variance), or ``1 + NCC(win=ncc_window)`` with voxelmorph's squared local NCC
   (``loss.similarity: ncc``). Both are 0 for a perfect match.
-- ``"smooth"``: ``reg_weight * sum_k R(f_k)`` over every deformable cascade's **own** flow ``f_k``
+- ``"smooth"``: ``smooth_weight * sum_k R(f_k)`` over every deformable cascade's **own** flow ``f_k``
   (not the composed field), with the original's
   ``R(f) = sum_d 0.5 * sum((f[x + e_d] - f[x])^2) / (prod(S) * N)`` (forward differences, all
   channels, per sample).
@@ -119,7 +119,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
     loss = config.get("loss") or {}
     model = config.get("model") or {}
     similarity = similarity_fn(loss)
-    reg_weight = _weight(loss, "reg_weight", 1.0)
+    reg_weight = _weight(loss, "smooth_weight", 1.0)
     det_weight = _weight(loss, "det_weight", 0.1)
     ortho_weight = _weight(loss, "ortho_weight", 0.1)
     stem = bool(model.get("affine_stem", True))

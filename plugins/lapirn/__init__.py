@@ -8,12 +8,24 @@ displacement (displacement variant). Defaults: ``plugins/lapirn/lapirn.yaml``; g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tfreg.data import SPEC_DATA
 from tfreg.registry import Method, ModelIO, adam
+from tfreg.validation import number
 
 from . import losses, network, schedule
 
-__all__ = ["METHOD", "network", "losses", "schedule"]
+__all__ = ["METHOD", "network", "losses", "schedule", "Loss"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The ``loss:`` section (see lapirn.yaml)."""
+
+    smooth_weight: float | None = number(None, low=0.0, nullable=True)
+    antifold: float = number(0.0, low=0.0)
+
 
 #: Each level's training stage starts with a fresh Adam (`adam`), as the original builds a new
 #: optimizer per level: levels 2 and 3 take the first steps of a fresh optimizer.
@@ -30,4 +42,6 @@ METHOD = Method(
                fields=("disp", "disp_l*", "velocity_l*")),
     optimizer=adam,
     divisible_by=network.DIVISOR,
+    sections={"loss": Loss},
+    renamed={"loss.smooth": "loss.smooth_weight"},
 )

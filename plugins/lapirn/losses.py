@@ -82,14 +82,15 @@ def _number(value, key: str, allow_none: bool = False) -> float | None:
 
 
 def loss_options(config: dict) -> LossOptions:
-    """Read ``model.variant``, ``loss.smooth`` (null: the variant's default) and ``loss.antifold``.
+    """Read ``model.variant``, ``loss.smooth_weight`` (null: the variant's default) and
+    ``loss.antifold``.
 
     Raises:
         ConfigError: ``"loss.<key>: <problem>"`` (or ``"model.<key>: ..."``).
     """
     variant = model_options(config).variant
     section = config.get("loss") or {}
-    smooth = _number(section.get("smooth"), "smooth", allow_none=True)
+    smooth = _number(section.get("smooth_weight"), "smooth_weight", allow_none=True)
     antifold = _number(section.get("antifold", 0.0), "antifold")
     return LossOptions(variant=variant,
                        smooth=DEFAULT_SMOOTH[variant] if smooth is None else smooth,

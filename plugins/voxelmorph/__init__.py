@@ -7,12 +7,28 @@ with a Dice term on warped label maps. Defaults: ``plugins/voxelmorph/voxelmorph
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tfreg.data import SPEC_DATA
 from tfreg.registry import Method, ModelIO, adam
+from tfreg.validation import choice, integer, number, value
 
 from . import losses, network
 
-__all__ = ["METHOD", "network", "losses", "divisible_by"]
+__all__ = ["METHOD", "network", "losses", "divisible_by", "Loss"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The ``loss:`` section (see voxelmorph.yaml)."""
+
+    image: str = choice("mse", losses.IMAGE_LOSSES)
+    smooth_weight: float | None = number(None, low=0.0, nullable=True)
+    image_sigma: float = number(1.0, low=0.0, low_open=True)
+    ncc_window: int = integer(9, low=1)
+    grad_penalty: str = choice("l2", ("l2", "l1"))
+    dice_weight: float = number(0.0, low=0.0)
+    labels: list | None = value(None)   # checked by losses.label_values
 
 
 def divisible_by(config: dict) -> int:
@@ -32,4 +48,6 @@ METHOD = Method(
                fields=("disp", "preint_flow", "neg_disp")),
     optimizer=adam,
     divisible_by=divisible_by,
+    sections={"loss": Loss},
+    renamed={"loss.lambda": "loss.smooth_weight"},
 )

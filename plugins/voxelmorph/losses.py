@@ -45,12 +45,12 @@ def _number(loss: Mapping[str, Any], key: str, *, positive: bool = False) -> flo
 
 
 def grad_weight(loss: Mapping[str, Any]) -> float:
-    """The smoothness weight lambda: ``loss.lambda``, or the voxelmorph default for the image
-    loss when it is null."""
+    """The smoothness weight (voxelmorph's lambda): ``loss.smooth_weight``, or the voxelmorph
+    default for the image loss when it is null."""
     image = loss.get("image", "mse")
-    if loss.get("lambda") is None:
+    if loss.get("smooth_weight") is None:
         return DEFAULT_LAMBDA[image]
-    return _number(loss, "lambda")
+    return _number(loss, "smooth_weight")
 
 
 def label_values(loss: Mapping[str, Any]) -> list[int] | None:

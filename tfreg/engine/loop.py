@@ -404,6 +404,7 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
     run_dir = Path(run_dir).resolve()
     tcfg = config["train"]
     _check_train_config(tcfg)
+    method.check_config(config)
     if fast_dev_run is not None and (isinstance(fast_dev_run, bool) or fast_dev_run < 1):
         raise ConfigError(f"--fast-dev-run: expected an integer >= 1, got {fast_dev_run!r}")
     strategy = strategy or make_strategy(devices)
