@@ -99,22 +99,23 @@ def test_train_runs_the_toy_plugin_on_its_own_data(toy_run):
 
 
 def test_toy_stages_use_their_own_optimizers(toy_run):
-    """Checkpoint 3 (end of 'coarse') holds an Adam (moments, 3 iterations); checkpoint 5 (end
-    of 'fine') a fresh SGD with momentum: 2 iterations, and no Adam moments any more."""
+    """Checkpoint 3 (end of 'coarse') holds an Adam: 3 iterations, two slots (moments) per
+    trained variable; checkpoint 5 (end of 'fine') a fresh SGD with momentum: 2 iterations, one
+    slot per variable."""
     import tensorflow as tf
 
-    def names(step):
-        return {name for name, _ in tf.train.list_variables(
-            str(toy_run / "run" / "checkpoints" / f"ckpt-{step}"))}
+    def optimizer_state(step):
+        prefix = str(toy_run / "run" / "checkpoints" / f"ckpt-{step}")
+        names = [n for n, _ in tf.train.list_variables(prefix) if n.startswith("optimizer/")]
+        trained = sum(n.startswith("optimizer/_trainable_variables/") for n in names)
+        slots = sum(n.startswith("optimizer/_variables/") for n in names)
+        key = next(n for n in names if n.startswith("optimizer/_iterations/"))
+        return int(tf.train.load_checkpoint(prefix).get_tensor(key)), trained, slots
 
-    def iterations(step):
-        reader = tf.train.load_checkpoint(str(toy_run / "run" / "checkpoints" / f"ckpt-{step}"))
-        key = next(n for n in names(step) if n.startswith("optimizer/") and "iterations" in n)
-        return int(reader.get_tensor(key))
-
-    assert iterations(3) == 3 and iterations(5) == 2
-    assert any("momentum" in n for n in names(5)) and not any("momentum" in n for n in names(3))
-    assert any("velocity" in n for n in names(3)) and not any("velocity" in n for n in names(5))
+    iterations, trained, slots = optimizer_state(3)
+    assert (iterations, slots) == (3, 2 * trained) and trained > 0
+    iterations, trained, slots = optimizer_state(5)
+    assert (iterations, slots) == (2, trained)
 
 
 def test_toy_model_registers_nifti_files_with_its_recorded_preprocessing(toy_run, tmp_path,

@@ -13,16 +13,30 @@ from tfreg.data import SPEC_DATA
 from tfreg.registry import Method, ModelIO, adam
 from tfreg.validation import choice, integer, number, value
 
-from . import losses, network
+# The network and loss modules (Keras, TensorFlow) load on first use, so that the plugin's
+# command (`import-voxelmorph`) can check its arguments without importing TensorFlow.
+__all__ = ["METHOD", "divisible_by", "Loss", "build_model", "build_loss"]
 
-__all__ = ["METHOD", "network", "losses", "divisible_by", "Loss"]
+
+def build_model(config: dict, inshape: tuple[int, ...]):
+    """`network.build`."""
+    from .network import build
+
+    return build(config, inshape)
+
+
+def build_loss(config: dict):
+    """`losses.build`."""
+    from .losses import build
+
+    return build(config)
 
 
 @dataclass(frozen=True)
 class Loss:
     """The ``loss:`` section (see voxelmorph.yaml)."""
 
-    image: str = choice("mse", losses.IMAGE_LOSSES)
+    image: str = choice("mse", ("mse", "ncc"))
     smooth_weight: float | None = number(None, low=0.0, nullable=True)
     image_sigma: float = number(1.0, low=0.0, low_open=True)
     ncc_window: int = integer(9, low=1)
@@ -34,15 +48,17 @@ class Loss:
 def divisible_by(config: dict) -> int:
     """Every spatial size must divide by this: ``2**levels`` of the U-Net (32 for 5 levels) and
     the field resolutions, from the resolved ``model:`` section."""
-    return network.divisor(network.architecture(config))
+    from .network import architecture, divisor
+
+    return divisor(architecture(config))
 
 
 METHOD = Method(
     name="voxelmorph",
     summary="VoxelMorph U-Net (VxmDense): diffeomorphic or plain field, MSE/NCC + Grad, optional Dice.",
     default_config="voxelmorph.yaml",
-    build_model=network.build,
-    build_loss=losses.build,
+    build_model=build_model,
+    build_loss=build_loss,
     data=SPEC_DATA,
     io=ModelIO(inputs=("moving", "fixed"), warped="warped", disp="disp",
                fields=("disp", "preint_flow", "neg_disp")),
