@@ -247,7 +247,7 @@ def test_labels_null_reads_label_values_from_the_data(tmp_path):
 @pytest.mark.parametrize("options,message", [
     ({"loss.image": "ssd"}, "loss.image: expected one of ncc, mse, got 'ssd'"),
     ({"loss.image": "ncc", "loss.ncc_window": 4}, "loss.ncc_window: expected an odd integer >= 1, got 4"),
-    ({"loss.lambda": -1.0}, "loss.lambda: expected a number >= 0, got -1.0"),
+    ({"loss.smooth_weight": -1.0}, "loss.smooth_weight: expected a number >= 0, got -1.0"),
     ({"loss.grad_penalty": "l3"}, "loss.grad_penalty: expected l1 or l2, got 'l3'"),
     ({"loss.labels": [1, 1]}, "loss.labels: has duplicates: [1, 1]"),
 ])
