@@ -81,11 +81,12 @@ def install(verbose: bool = False) -> None:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
-    # Python-level writes go straight to the real stderr, unbuffered per line.
+    # Python-level writes go straight to the real stderr, flushed per line: a line leaves in one
+    # write (print's text and its newline together), so the filter thread's lines cannot land
+    # in the middle of it.
     sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(real), "wb", buffering=0),
                                   encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
-                                  errors="backslashreplace", line_buffering=True,
-                                  write_through=True)
+                                  errors="backslashreplace", line_buffering=True)
     thread = threading.Thread(target=_forward, args=(read_end, real), daemon=True,
                               name="tfreg-stderr-filter")
     thread.start()
