@@ -57,7 +57,7 @@ def divisible_by(config: dict) -> int:
 
 METHOD = Method(
     name="voxelmorph",
-    summary="VoxelMorph U-Net (VxmDense): diffeomorphic or plain field, MSE/NCC + Grad, optional Dice.",
+    summary="VoxelMorph U-Net (VxmDense): diffeomorphic or plain field, MSE/NCC/MIND/NMI + Grad, optional Dice.",
     default_config="voxelmorph.yaml",
     build_model=build_model,
     build_loss=build_loss,
