@@ -83,7 +83,9 @@ def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
     def step(i, w, err):
         new = -warp(disp, w)
         # residual of the current iterate: w + u(y + w) = w - new
-        err = tf.reduce_max(tf.norm(w - new, axis=-1))
+        # (no gradient: the norm's gradient at a zero residual is NaN, and XLA's while-loop
+        # gradient evaluates it for every loop variable)
+        err = tf.stop_gradient(tf.reduce_max(tf.norm(w - new, axis=-1)))
         return i + 1, new, err
 
     _, inverse, _ = tf.while_loop(
