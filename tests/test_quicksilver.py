@@ -1,6 +1,7 @@
-"""Quicksilver pieces: patch split/reassembly (exact round trips, full coverage, patch 0 kept)
-and the patch network's architecture (shapes 15 -> 8 -> 5 -> 8 -> 15, unshared encoders,
-dropout positions, Monte-Carlo sampling)."""
+"""Quicksilver pieces: patch gathering and reassembly (against slicing, exact round trips, full
+coverage, patch 0 kept, background skipped), the patch network's architecture (shapes 15 -> 8 ->
+5 -> 8 -> 15, unshared encoders, dropout positions, Monte-Carlo sampling), the momentum cache and
+whole-image prediction."""
 from __future__ import annotations
 
 import os
@@ -19,23 +20,32 @@ def test_axis_starts_stride_14_plus_end_patch():
         patches.axis_starts(10, 15, 14)
 
 
+def _all_patches(volume: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """`(P, *Pt, C)` patches of `volume` `(*S, C)` by slicing (the reference for `gather`)."""
+    return np.stack([volume[tuple(slice(s, s + 15) for s in start)] for start in starts])
+
+
 @pytest.mark.parametrize("shape", [(32, 20), (16, 30, 17)])
-def test_split_and_reassembly_exact(shape):
+def test_gather_and_reassembly_exact(shape):
     starts = patches.patch_starts(shape)
-    const = np.full((*shape, 3), 2.5, np.float32)
-    out = patches.reassemble(patches.extract(const, starts), starts, shape)
-    np.testing.assert_array_equal(out, const)           # constant field: exact
     rng = np.random.default_rng(0)
     field = rng.normal(size=(*shape, 2)).astype(np.float32)
-    back = patches.reassemble(patches.extract(field, starts), starts, shape)
+    got = patches.gather(field[None], starts[None]).numpy()[0]
+    np.testing.assert_array_equal(got, _all_patches(field, starts))     # slicing reference
+    ones = np.ones((1, len(starts)), np.float32)
+    back = patches.reassemble(got[None], ones, starts, shape).numpy()[0]
     np.testing.assert_allclose(back, field, atol=1e-6)  # every voxel covered, overlaps agree
-    # averaging: two different values on an overlap give their mean
-    ones = patches.extract(np.ones((*shape, 1), np.float32), starts)
-    ones[0] = 3.0
-    merged = patches.reassemble(ones, starts, shape)
+    # averaging: two different values on an overlap give their mean; a skipped patch adds nothing
+    values = np.ones((1, len(starts), *[15] * len(shape), 1), np.float32)
+    values[0, 0] = 3.0
+    merged = patches.reassemble(values, ones, starts, shape).numpy()[0]
     assert merged[(0,) * len(shape)][0] == 3.0
     overlap = (14,) + (0,) * (len(shape) - 1)            # covered by patch 0 and the next
     assert merged[overlap][0] == pytest.approx(2.0)
+    weights = ones.copy()
+    weights[0, 1:] = 0.0                                 # only patch 0 kept
+    only = patches.reassemble(values, weights, starts, shape).numpy()[0]
+    assert only[overlap][0] == 3.0 and only[(-1,) * len(shape)][0] == 0.0
 
 
 def test_background_patches_skipped_patch_zero_kept():
@@ -45,8 +55,16 @@ def test_background_patches_skipped_patch_zero_kept():
     moving[2, 3] = 1.0           # only in patch 0 (starts 0,0)
     fixed[31, 31] = 1.0          # only in the last patch (17, 17)
     starts = patches.patch_starts(shape)
-    keep = patches.foreground(moving, fixed, starts)
-    assert keep.tolist() == [True] + [False] * 7 + [True]
+    keep = patches.foreground(patches.gather(moving[None, ..., None], starts[None]),
+                              patches.gather(fixed[None, ..., None], starts[None])).numpy()[0]
+    assert keep.tolist() == [1.0] + [0.0] * 7 + [1.0]
+    # training starts on the stride grid whose window holds a non-zero voxel of either image
+    grid = patches.foreground_starts(moving, fixed, 15, 14)
+    assert grid.tolist() == [[0, 0], [17, 17]]
+    every = patches.foreground_starts(moving, fixed, 15, 1)
+    expect = [[i, j] for i in range(18) for j in range(18)
+              if (i <= 2 and j <= 3) or (i + 14 >= 31 and j + 14 >= 31)]
+    assert every.tolist() == expect
 
 
 def test_network_shapes_unshared_encoders_and_dropout():
@@ -112,18 +130,28 @@ def test_momentum_cache_reuse_invalidation_and_atomic_write(tmp_path):
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".h5", ".h5"]  # no temps
 
 
-def test_predict_momentum_skips_background_and_samples():
-    from tfreg_plugins.quicksilver.network import build_network
-    from tfreg_plugins.quicksilver.predict import predict_momentum
+def test_whole_image_prediction_skips_background_and_samples():
+    import tensorflow as tf
+
+    from tfreg_plugins.quicksilver.layers import PatchNetworks
 
     shape = (32, 32)
-    moving = np.zeros(shape, np.float32)
-    fixed = np.zeros(shape, np.float32)
-    moving[2:10, 2:10] = 1.0                     # only patch 0 (rows/cols 0..14) has content
-    net = build_network(2, features=2, dropout=0.2)
-    mean, std = predict_momentum(net, moving, fixed)
-    assert mean.shape == (32, 32, 2) and std is None
-    assert np.abs(mean[20:, 20:]).max() == 0.0   # no patch covers it: 0
-    assert np.abs(mean[:14, :14]).max() > 0.0    # patch 0 predicted (the original drops it)
-    mean, std = predict_momentum(net, moving, fixed, samples=3)
-    assert std.shape == (32, 32, 2) and std[:14, :14].max() > 0.0
+    moving = np.zeros((1, *shape, 1), np.float32)
+    fixed = np.zeros((1, *shape, 1), np.float32)
+    moving[0, 2:10, 2:10] = 1.0                  # only patch 0 (rows/cols 0..14) has content
+    nets = PatchNetworks(shape, features=2, dropout=0.2, correction=False, mc_samples=3,
+                         patch_batch=4)
+    whole = nets.whole_image(moving, fixed, "prediction", sample=True).numpy()[0]
+    assert whole.shape == (32, 32, 2)
+    assert np.abs(whole[20:, 20:]).max() == 0.0  # no patch covers it: 0
+    assert np.abs(whole[:14, :14]).max() > 0.0   # patch 0 predicted (the original drops it)
+    # one deterministic network call on patch 0 gives the same values there (chunked batches)
+    det = PatchNetworks(shape, features=2, correction=False, patch_batch=3)
+    out = det.whole_image(moving, fixed).numpy()[0]
+    patch0 = det.prediction({"moving": tf.constant(moving[:, :15, :15]),
+                             "fixed": tf.constant(fixed[:, :15, :15])})["momentum"].numpy()[0]
+    np.testing.assert_allclose(out[:14, :14], patch0[:14, :14], atol=1e-6)
+    # Monte-Carlo samples differ; their mean is the layer's prediction with dropout
+    a = nets.whole_image(moving, fixed, "prediction", sample=True).numpy()
+    b = nets.whole_image(moving, fixed, "prediction", sample=True).numpy()
+    assert not np.allclose(a, b)

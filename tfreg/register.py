@@ -73,6 +73,8 @@ class RegisterResult:
             `x = y + inverse(y)` satisfies `x + disp(x) = y`), or None when not asked for.
         inverse_warp: `(*S, N)` float32 inverse of the deformable part alone (fixed grid), or
             None.
+        maps: per-voxel maps a model's method adds (`tfreg.registry.RegisterReport.maps`), on
+            the fixed grid, by name (written as ``<name>.nii.gz``).
     """
 
     warped: np.ndarray
@@ -82,6 +84,7 @@ class RegisterResult:
     affine: np.ndarray | None = None
     inverse: np.ndarray | None = None
     inverse_warp: np.ndarray | None = None
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -331,6 +334,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     moving_n = instance.normalize_image(moving_on_fixed)
     cfg = config or instance.PRESETS["accurate"]
     report: dict[str, Any] = {}
+    maps: dict[str, np.ndarray] = {}
     with tf.device(tf_device) if tf_device else contextlib.nullcontext():
         affine, inverse_warp = None, None
         if model is None and init_disp is None and isinstance(cfg, LddmmConfig):
@@ -361,6 +365,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                 extra = model_info.get("report")
                 if extra is not None:
                     report.update(extra.entries)
+                    maps = dict(model_info.get("maps") or {})
                     if extra.lines:
                         report["method_summary"] = list(extra.lines)
             else:
@@ -415,7 +420,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                         unregistered_labels=unregistered,
                         keypoints=None if keypoints is None else (keypoints[0], moving_points)))
     return RegisterResult(warped.astype(np.float32), disp.astype(np.float32), warped_labels, report,
-                          affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp)
+                          affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp,
+                          maps=maps)
 
 
 def _affine_warp(moving_n: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -670,6 +676,10 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
             tf.constant(m_in[None, ..., None], tf.float32))
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
         info["report"] = hook.report(model.keras_model, saved_config, inputs, given)
+        if info["report"] is not None and info["report"].maps:
+            # method maps live on the model grid: resample each onto the fixed image's grid
+            info["maps"] = {name: rec_f.restore(np.asarray(array, np.float32), fill_value=0.0)
+                            for name, array in info["report"].maps.items()}
     return field_to_source(disp, rec_f, rec_m), info
 
 
@@ -773,6 +783,11 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
         written["warped_labels"] = save_volume(out_dir / OUTPUTS["warped_labels"],
                                                result.warped_labels, fixed_v.affine, fixed_v.header)
     written.update(_write_transforms(out_dir, result, fixed_v, moving_v, itk=itk))
+    for name, array in result.maps.items():   # a method's per-voxel maps (RegisterReport.maps)
+        if name in OUTPUTS or name in written:
+            raise ConfigError(f"model {model}: its method's map '{name}' would replace "
+                              f"register's own output")
+        written[name] = save_volume(out_dir / f"{name}.nii.gz", array, fixed_v.affine)
     report["outputs"] = {k: str(v) for k, v in written.items()}
     written["report"] = write_json(out_dir / OUTPUTS["report"], report)
     for name in STALE_OUTPUTS:  # an earlier run's outputs that this run does not replace

@@ -235,10 +235,23 @@ class RegisterReport:
     Attributes:
         entries: JSON-safe entries merged into ``report.json``.
         lines: lines printed after the summary.
+        maps: per-voxel maps `(*S)` or `(*S, C)` on the model's (preprocessed) fixed grid,
+            e.g. an uncertainty map; ``tfreg register`` resamples each onto the fixed image's
+            grid (linear) and writes it as ``<name>.nii.gz`` (listed in the report's outputs).
+            Names are lower-case letters, digits and ``_``, and not one of register's own.
     """
 
     entries: dict = field(default_factory=dict)
     lines: tuple[str, ...] = ()
+    maps: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import re
+
+        for name in self.maps:
+            if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)):
+                raise ValueError("RegisterReport.maps names must be lower-case identifiers. "
+                                 f"Received: {name!r}")
 
 
 @dataclass(frozen=True)

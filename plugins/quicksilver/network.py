@@ -12,7 +12,11 @@ decoders.
 Dropout (probabilistic variant, p = 0.2): in the encoders after the first three PReLUs (not
 after the pooling convolution's), in the decoders after the two PReLUs following the unpooling
 and after the intermediate output PReLU. PReLU has one slope per layer, initialised at 0.25
-(PyTorch's ``nn.PReLU()``).
+(PyTorch's ``nn.PReLU()``). **Deviation**: the last convolution of each decoder starts with
+weights of standard deviation 1e-5 (the original: PyTorch's default), so an untrained network
+predicts about zero momentum, the identity; optimised momenta are small (about 1e-3 for a
+velocity of one voxel with the default operator) and a default-initialised output of about 0.1
+would take many steps to unlearn.
 """
 from __future__ import annotations
 
@@ -59,9 +63,11 @@ def _decoder_block(x, features_in: int, features_out: int, kernel: int, ndims: i
         x = _prelu(ndims, f"{name}_prelu{i}")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"{name}_drop{i}")(x)
+    if features_out == 1:   # a momentum component: starts near zero (the identity)
+        small = keras.initializers.RandomNormal(stddev=1e-5)
+        return conv(1, 3, padding="same", name=f"{name}_out", kernel_initializer=small,
+                    bias_initializer="zeros")(x)
     x = conv(features_out, 3, padding="same", name=f"{name}_out")(x)
-    if features_out == 1:
-        return x
     x = _prelu(ndims, f"{name}_prelu_out")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name=f"{name}_drop_out")(x)

@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from tfreg.errors import InputError
 from tfreg.io import atomic_path
 
-__all__ = ["MomentumCache", "pair_key"]
+__all__ = ["MomentumCache", "pair_key", "TargetPair", "optimise_targets"]
 
 CACHE_VERSION = 1
 
@@ -88,3 +90,57 @@ class MomentumCache:
         momentum, attrs = build()
         self.store(key, momentum, attrs)
         return np.asarray(momentum, np.float32), False
+
+
+@dataclass(frozen=True)
+class TargetPair:
+    """One training pair: its files (for the cache key) and its preprocessed images `(*S)`."""
+
+    fixed_path: str
+    moving_path: str
+    fixed: np.ndarray
+    moving: np.ndarray
+
+
+def optimise_targets(pairs: Sequence[TargetPair], cfg, settings: dict, cache: MomentumCache,
+                     verbose: bool = True) -> tuple[list[np.ndarray], dict]:
+    """The optimised initial momentum `(*S, N)` of every pair, from the cache or computed by
+    `tfreg.ops.lddmm.register_pair` (unit voxel spacing) and stored.
+
+    Args:
+        pairs: the training pairs.
+        cfg: `tfreg.ops.lddmm.LddmmConfig` of the optimisation.
+        settings: everything else the result depends on (preprocessing, shape); part of the key.
+        cache: where entries live.
+        verbose: a progress bar (a terminal) or one line per pair (a log) on stdout.
+
+    Returns:
+        ``(momenta, counts)`` with ``counts = {"optimised": n, "reused": n}``.
+    """
+    from tfreg.ops import lddmm
+
+    full = {"lddmm": dataclasses.asdict(cfg), **settings}
+    bar = None
+    if verbose and sys.stdout.isatty():
+        import keras
+
+        bar = keras.utils.Progbar(len(pairs), unit_name="pair")
+    counts = {"optimised": 0, "reused": 0}
+    momenta = []
+    for i, pair in enumerate(pairs):
+        def build(pair=pair):
+            result = lddmm.register_pair(pair.fixed, pair.moving, None, cfg)
+            reg, image = result.history[-1]
+            return result.momentum, {"regularity": reg, "image": image,
+                                     "seconds": result.seconds}
+
+        key = pair_key(pair.fixed_path, pair.moving_path, full)
+        momentum, reused = cache.get(key, build)
+        counts["reused" if reused else "optimised"] += 1
+        momenta.append(momentum)
+        if bar is not None:
+            bar.update(i + 1, values=[("optimised", counts["optimised"])])
+        elif verbose:
+            print(f"momentum targets: {i + 1}/{len(pairs)} pairs ({counts['reused']} reused, "
+                  f"{counts['optimised']} optimised)", flush=True)
+    return momenta, counts
