@@ -128,23 +128,27 @@ class PatchNetworks(keras.layers.Layer):
         stride: patch stride of whole-image prediction (the original: 14).
         mc_samples: Monte-Carlo samples of whole-image prediction with dropout.
         patch_batch: patches per network call in whole-image prediction.
+        momentum_scale: the networks' outputs are momenta in these units.
     """
 
     def __init__(self, shape: Sequence[int], features: int = 64, dropout: float = 0.0,
                  correction: bool = True, patch: int = 15, stride: int = 14,
-                 mc_samples: int = 50, patch_batch: int = 64, **kwargs):
+                 mc_samples: int = 50, patch_batch: int = 64, momentum_scale: float = 1.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.shape = tuple(int(s) for s in shape)
         self.features, self.dropout = int(features), float(dropout)
         self.correction = bool(correction)
         self.patch, self.stride = int(patch), int(stride)
         self.mc_samples, self.patch_batch = int(mc_samples), int(patch_batch)
+        self.momentum_scale = float(momentum_scale)
         ndims = len(self.shape)
         self.starts = patches.patch_starts(self.shape, self.patch, self.stride)
         self.prediction = build_network(ndims, self.features, self.dropout, self.patch,
-                                        name="prediction")
+                                        self.momentum_scale, name="prediction")
         self.correction_network = build_network(ndims, self.features, 0.0, self.patch,
-                                                name="correction") if self.correction else None
+                                                self.momentum_scale, name="correction") \
+            if self.correction else None
 
     def _network(self, which: str) -> keras.Model:
         if which == "prediction":
@@ -223,7 +227,7 @@ class PatchNetworks(keras.layers.Layer):
         return {**super().get_config(), "shape": list(self.shape), "features": self.features,
                 "dropout": self.dropout, "correction": self.correction, "patch": self.patch,
                 "stride": self.stride, "mc_samples": self.mc_samples,
-                "patch_batch": self.patch_batch}
+                "patch_batch": self.patch_batch, "momentum_scale": self.momentum_scale}
 
 
 def displacement_spread(networks: PatchNetworks, shoot: Shoot, moving: np.ndarray,

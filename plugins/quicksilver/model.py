@@ -42,6 +42,7 @@ class Model:
     patch: int = choice(15, (7, 15, 31))
     stride: int = integer(14, low=1)
     patch_batch: int = integer(64, low=1)
+    momentum_scale: float = number(1e-3, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def build_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
     fixed = keras.Input((*inshape, 1), name="fixed")
     starts = keras.Input((None, ndims), dtype="int32", name="starts")
     nets = PatchNetworks(inshape, m["features"], m["dropout"], m["correction"], m["patch"],
-                         m["stride"], m["mc_samples"], m["patch_batch"], name="networks")
+                         m["stride"], m["mc_samples"], m["patch_batch"], m["momentum_scale"],
+                         name="networks")
     lddmm_args = dict(alpha=s["alpha"], beta=s["beta"], gamma=s["gamma"], power=s["power"],
                       steps=s["steps"], inverse_iterations=s["predict_inverse_iterations"])
     gather = GatherPatches(m["patch"], name="gather")

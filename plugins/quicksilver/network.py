@@ -75,7 +75,8 @@ def _decoder_block(x, features_in: int, features_out: int, kernel: int, ndims: i
 
 
 def build_network(ndims: int = 3, features: int = 64, dropout: float = 0.0,
-                  patch: int = PATCH, name: str = "quicksilver") -> keras.Model:
+                  patch: int = PATCH, scale: float = 1.0, name: str = "quicksilver"
+                  ) -> keras.Model:
     """Patch network ``{"moving", "fixed"}`` `(B, *P, 1)` -> ``{"momentum"}`` `(B, *P, N)`.
 
     Args:
@@ -85,6 +86,8 @@ def build_network(ndims: int = 3, features: int = 64, dropout: float = 0.0,
             at test time by calling the model with ``training=True``).
         patch: patch edge length (15 in the original; other sizes must map back to themselves
             through the two poolings, e.g. 7 or 31).
+        scale: the output is multiplied by this (1 in the original): the network's own output
+            is then the momentum in units of `scale`.
     """
     if ndims not in (2, 3):
         raise ValueError(f"ndims must be 2 or 3, got {ndims}")
@@ -100,5 +103,7 @@ def build_network(ndims: int = 3, features: int = 64, dropout: float = 0.0,
     for d in range(ndims):
         x = _decoder_block(joint, 4 * features, 2 * features, 2, ndims, dropout, f"dec_{d}_1")
         components.append(_decoder_block(x, 2 * features, 1, 3, ndims, dropout, f"dec_{d}_2"))
-    momentum = keras.layers.Concatenate(name="momentum")(components)
+    momentum = keras.layers.Concatenate(name="components")(components)
+    if scale != 1.0:
+        momentum = keras.layers.Rescaling(scale, name="momentum_scale")(momentum)
     return keras.Model({"moving": moving, "fixed": fixed}, {"momentum": momentum}, name=name)

@@ -398,16 +398,18 @@ class LddmmResult:
 
 
 def _energy_grad_fn(cfg: LddmmConfig, kernel: FluidKernel) -> Callable:
-    """``(m0, moving, fixed) -> (reg, image, grad)``, one `tf.function` per shape/settings."""
-    key = ("lddmm.energy_grad", kernel.shape, kernel.spacing, kernel.params, cfg.sigma, cfg.steps, cfg.inverse_iterations)
+    """``(m0, moving, fixed) -> (reg, image, grad, forward, inverse)``, one `tf.function` per
+    shape/settings; the maps are those of the shooting the energy was computed from."""
+    key = ("lddmm.energy_grad", kernel.shape, kernel.spacing, kernel.params, cfg.sigma,
+           cfg.steps, cfg.inverse_iterations)
 
     def fn(m0, moving, fixed):
         with tf.GradientTape() as tape:
             tape.watch(m0)
-            reg, image, _ = energy(m0, moving, fixed, kernel, cfg.sigma, cfg.steps,
-                                   cfg.inverse_iterations)
+            reg, image, geo = energy(m0, moving, fixed, kernel, cfg.sigma, cfg.steps,
+                                     cfg.inverse_iterations)
             total = tf.reduce_sum(reg + image)
-        return reg, image, tape.gradient(total, m0)
+        return reg, image, tape.gradient(total, m0), geo.forward, geo.inverse
 
     return compile_cache.compiled(key, fn, jit=cfg.jit)
 
@@ -481,7 +483,7 @@ def register_pair(fixed: np.ndarray, moving: np.ndarray, spacing: Sequence[float
     start = time.perf_counter()
     first, second = tf.zeros_like(m), tf.zeros_like(m)
     for it in range(int(cfg.iterations)):
-        reg, image, grad = step_fn(m, m_t, f_t)
+        reg, image, grad, _, _ = step_fn(m, m_t, f_t)
         history.append((float(reg[0]) / voxels, float(image[0]) / voxels))
         if progress:
             progress("lddmm", it + 1, int(cfg.iterations), sum(history[-1]))
@@ -493,10 +495,10 @@ def register_pair(fixed: np.ndarray, moving: np.ndarray, spacing: Sequence[float
             second = 0.999 * second + 0.001 * grad * grad
             m = m - cfg.learning_rate * (first / (1 - 0.9 ** t)) / (
                 tf.sqrt(second / (1 - 0.999 ** t)) + 1e-12)
-    # final state: the maps with the optimisation's inverse iterations, for consistency
-    reg, image, _ = step_fn(m, m_t, f_t)
+    # final state: the maps with the optimisation's inverse iterations, for consistency (from
+    # the same compiled function: no second compilation for the shooting alone)
+    reg, image, _, fwd, inv = step_fn(m, m_t, f_t)
     history.append((float(reg[0]) / voxels, float(image[0]) / voxels))
-    fwd, inv = _shoot_fn(kernel, cfg.steps, cfg.inverse_iterations, cfg.jit)(m)
     warped = _warp(m_t, inv)
     seconds = time.perf_counter() - start
     return LddmmResult(m.numpy()[0], inv.numpy()[0], fwd.numpy()[0], warped.numpy()[0, ..., 0],
