@@ -151,7 +151,7 @@ def test_whole_image_prediction_skips_background_and_samples():
     patch0 = det.prediction({"moving": tf.constant(moving[:, :15, :15]),
                              "fixed": tf.constant(fixed[:, :15, :15])})["momentum"].numpy()[0]
     np.testing.assert_allclose(out[:14, :14], patch0[:14, :14], atol=1e-6)
-    # Monte-Carlo samples differ; their mean is the layer's prediction with dropout
+    # Monte-Carlo samples differ
     a = nets.whole_image(moving, fixed, "prediction", sample=True).numpy()
     b = nets.whole_image(moving, fixed, "prediction", sample=True).numpy()
     assert not np.allclose(a, b)

@@ -4,9 +4,9 @@ images, patch gathering, and geodesic shooting.
 `PatchNetworks` owns the prediction network (and the correction network): called on patches it
 is the network itself (training), called with ``whole=True`` on whole images it cuts the images
 into patches at stride `stride` (`patches.patch_starts`), skips background patches, predicts in
-chunks of `patch_batch`, and averages the overlaps (`patches.reassemble`). With dropout and
-``mc_samples > 1`` the whole-image prediction of the prediction network is the mean of that many
-Monte-Carlo samples (dropout active), as the original's probabilistic variant.
+chunks of `patch_batch`, and averages the overlaps (`patches.reassemble`), with dropout off
+(the usual approximation of the Monte-Carlo mean: a dropout layer's random state cannot be part
+of the exported SavedModel). `displacement_spread` draws Monte-Carlo samples (dropout active).
 
 `Shoot` is `tfreg.ops.lddmm.shoot` on the model's grid (unit voxel spacing), returning the
 forward and the inverse map as voxel displacements.
@@ -117,8 +117,7 @@ class PatchNetworks(keras.layers.Layer):
     * ``whole=False``: `a`, `b` are patches `(B', *P, 1)`; returns the network's momentum
       `(B', *P, N)` (dropout follows `training`).
     * ``whole=True``: `a`, `b` are images `(B, *shape, 1)`; returns the whole-image momentum
-      `(B, *shape, N)` (never in training mode; Monte-Carlo mean for the prediction network
-      when it has dropout and ``mc_samples > 1``).
+      `(B, *shape, N)` (never in training mode: dropout off).
 
     Args:
         shape: image grid of the whole-image calls.
@@ -126,7 +125,7 @@ class PatchNetworks(keras.layers.Layer):
             network has no dropout.
         correction: also build the correction network.
         stride: patch stride of whole-image prediction (the original: 14).
-        mc_samples: Monte-Carlo samples of whole-image prediction with dropout.
+        mc_samples: Monte-Carlo samples of the uncertainty (`displacement_spread`, the hook).
         patch_batch: patches per network call in whole-image prediction.
         momentum_scale: the networks' outputs are momenta in these units.
     """
@@ -156,11 +155,6 @@ class PatchNetworks(keras.layers.Layer):
         if which == "correction" and self.correction_network is not None:
             return self.correction_network
         raise ValueError(f"no '{which}' network in this model")
-
-    @property
-    def sampled(self) -> bool:
-        """Whether whole-image prediction averages Monte-Carlo samples."""
-        return self.dropout > 0 and self.mc_samples > 1
 
     def _chunked(self, net: keras.Model, a: tf.Tensor, b: tf.Tensor, training: bool) -> tf.Tensor:
         """The network on `(M, *P, 1)` patches, `patch_batch` at a time."""
@@ -198,15 +192,8 @@ class PatchNetworks(keras.layers.Layer):
         weights = patches.foreground(pa, pb)                                  # (B, P)
         flat_shape = tf.concat([[-1], tf.shape(pa)[2:]], 0)
         fa, fb = tf.reshape(pa, flat_shape), tf.reshape(pb, flat_shape)
-        runs = 1 if sample else (self.mc_samples if which == "prediction" and self.sampled
-                                 else 0)
-        if runs:                       # dropout active: the mean of `runs` samples
-            total = tf.zeros([batch * count, *[self.patch] * len(self.shape), len(self.shape)])
-            total = tf.foldl(lambda acc, _: acc + self._chunked(net, fa, fb, True),
-                             tf.range(runs), initializer=total)
-            values = total / float(runs)
-        else:
-            values = self._chunked(net, fa, fb, False)
+        # one Monte-Carlo sample (dropout active) or the network with dropout off
+        values = self._chunked(net, fa, fb, bool(sample))
         values = tf.reshape(values, tf.concat([[batch, count], tf.shape(values)[1:]], 0))
         return patches.reassemble(values, weights, self.starts, self.shape)
 

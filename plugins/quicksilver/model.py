@@ -176,8 +176,8 @@ def register_report(keras_model: keras.Model, config: dict, inputs: dict, option
                                  inputs["fixed"], samples)[0]
     summary = {"samples": samples, "units": "voxels of the model grid",
                "statistic": "sqrt of the summed per-component variance of the displacement",
-               "mean": round(float(spread.mean()), 5), "max": round(float(spread.max()), 5)}
+               "mean": float(f"{spread.mean():.4g}"), "max": float(f"{spread.max():.4g}")}
     line = (f"uncertainty ({samples} Monte-Carlo samples): displacement std mean "
-            f"{summary['mean']:.3f}, max {summary['max']:.3f} voxels -> uncertainty.nii.gz")
+            f"{summary['mean']:.3g}, max {summary['max']:.3g} voxels -> uncertainty.nii.gz")
     return RegisterReport(entries={"uncertainty": summary}, lines=(line,),
                           maps={"uncertainty": np.asarray(spread, np.float32)})
