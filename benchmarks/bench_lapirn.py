@@ -134,7 +134,11 @@ def worker(args: argparse.Namespace) -> dict:
         else:
             sets["train"]["steps"] = total
         config = resolve(config, sets, None)
-        method = dataclasses.replace(loaded.method, data_pipeline=_pipeline(shape))
+        from tfreg.registry import DataSource
+
+        source = DataSource(open=lambda path, config, divisor: None,
+                            dataset=lambda data, config, **kwargs: _pipeline(shape)(data, **kwargs))
+        method = dataclasses.replace(loaded.method, data=source)
         with tempfile.TemporaryDirectory() as run_dir:
             result = train(method, config, None, run_dir, verbose=0)
         times = [h["time"] for h in result.history]

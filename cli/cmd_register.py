@@ -65,6 +65,24 @@ def parse_per_level(text: str | None, name: str, kind=int):
     return values[0] if len(values) == 1 else values
 
 
+def _deprecated_lambda(ctx: click.Context, param: click.Parameter, value):
+    """``--lambda`` (old name of ``--smooth-weight``): accepted with a one-line hint."""
+    if value is None:
+        return None
+    click.echo("note: --lambda is deprecated, use --smooth-weight", err=True)
+    if ctx.params.get("lam") is not None:
+        raise click.UsageError("--lambda: give only --smooth-weight (--lambda is its old name)")
+    ctx.params["lam"] = value
+    return None
+
+
+def _keep_deprecated_value(ctx: click.Context, param: click.Parameter, value):
+    """``--smooth-weight``, or the value a deprecated ``--lambda`` already set."""
+    if value is not None and ctx.params.get("lam") is not None:
+        raise click.UsageError("--lambda: give only --smooth-weight (--lambda is its old name)")
+    return value if value is not None else ctx.params.get("lam")
+
+
 def instance_options(func):
     """The instance-optimisation options shared by `register` and `evaluate`."""
     options = [
@@ -81,9 +99,13 @@ def instance_options(func):
                      help="Number of pyramid levels of the deformable stage, ending at the "
                           "preset's finest level (accurate: 2 levels, half and full resolution; "
                           "fast: 1 level, half resolution)."),
-        click.option("--lambda", "lam", type=click.FloatRange(min=0),
+        click.option("--smooth-weight", "lam", type=click.FloatRange(min=0),
+                     callback=_keep_deprecated_value,
                      help="Weight of the smoothness penalty mean|grad v|^2 on the velocity "
                           "(larger = smoother, default: from the preset)."),
+        click.option("--lambda", type=click.FloatRange(min=0), expose_value=False,
+                     hidden=True, callback=_deprecated_lambda,
+                     help="Deprecated name of --smooth-weight."),
         click.option("--lr", "learning_rate", metavar="LR[,LR...]",
                      help="Adam step size per level, in voxels of velocity (default: preset)."),
         click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi"]),
@@ -162,9 +184,10 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
                    "beside affine.mat; transformlist=[itk_warp, affine] reproduces warped.nii.gz "
                    "from the original MOVING (3D).")
 @click.option("--cascades", "recursions", type=click.IntRange(min=1), default=None,
-              help="With --model of a cascade method: run K recursion steps (shared weights: "
-                   "any K; n distinct cascades: K a multiple of n, each cascade K/n times in "
-                   "order); report.json and the summary show the similarity after each step.")
+              help="With --model of a recursive method (one whose plugin takes this option, "
+                   "e.g. a shared-weight cascade): run K recursions (K may exceed the trained "
+                   "count); the method's report (e.g. the similarity after each recursion) goes "
+                   "into report.json and the summary.")
 @instance_options
 @click.option("--method", "reg_method", type=click.Choice(["instance", "lddmm"]),
               default="instance", show_default=True,
@@ -200,7 +223,7 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
         raise ConfigError("--finetune: needs --model or --init (instance optimisation without a "
                           "model is the default; use --iterations to change its steps)")
     if recursions is not None and not model:
-        raise ConfigError("--cascades: needs --model (a trained cascade model)")
+        raise ConfigError("--cascades: needs --model (a trained recursive model)")
     check_inputs(fixed, moving, moving_labels, fixed_labels, fixed_keypoints, moving_keypoints,
                  init, init_affine)
     check_input_dirs(model)
@@ -276,11 +299,7 @@ def summary_text(report: dict, written: dict) -> str:
     if ic and ic.get("mean") is not None:
         lines.append(f"inverse consistency |phi(phi^-1(y)) - y|: mean {ic['mean']:.4f} mm, "
                      f"max {ic['max']:.4f} mm ({report['inverse_method']})")
-    if report.get("recursions"):
-        lines.append("recursions  global r   local NCC")
-        for row in report["recursions"]:
-            label = f"{row['recursions']}" + (" (trained)" if row["trained"] else "")
-            lines.append(f"{label:<12}{row['global_r']:<11.4f}{row['local_ncc']:.4f}")
+    lines.extend(report.get("method_summary") or [])  # the method's register report hook
     for name, path in written.items():
         lines.append(f"{name + ':':<15}{Path(path)}")
     lines.extend(report.get("warnings") or [])

@@ -46,8 +46,14 @@ def _resolve_config(loaded, config_file: str | None, run_config: Path | None, se
         overrides.pop(key, None)
         overrides[key] = value
         overrides.sources[key] = f"{_option_name(key)} {value}"
-    return resolve(method_defaults(loaded.method), file_cfg, overrides,
-                   file_source=str(source) if source else "config")
+    notes: list[str] = []
+    config = resolve(method_defaults(loaded.method), file_cfg, overrides,
+                     file_source=str(source) if source else "config",
+                     renamed=loaded.method.renamed, notes=notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    loaded.method.check_config(config, str(source) if source else "config")
+    return config
 
 
 def _devices(devices: str | None, gpus: str | None) -> list[str] | None:
@@ -64,8 +70,9 @@ def _devices(devices: str | None, gpus: str | None) -> list[str] | None:
 @click.command("train", short_help="Train a registration method (or resume a run).")
 @click.argument("method", required=False)
 @click.option("--data", "data", type=click.Path(dir_okay=False),
-              help="Data spec YAML (images, labels, pairing, shape...). Optional with --resume: "
-                   "the run's data spec is used.")
+              help="The training data: tfreg's data spec YAML (images, labels, pairing, "
+                   "shape...) or the method's own format (see 'tfreg methods'). Optional with "
+                   "--resume: the run's data is used.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML config merged over the method's defaults (unknown keys are errors).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -103,10 +110,14 @@ def _devices(devices: str | None, gpus: str | None) -> list[str] | None:
 @click.option("--gpus", type=str, metavar="all|LIST",
               help="Train on all GPUs ('all') or the listed indices (0,1); same as --devices "
                    "gpu:0,gpu:1,...")
+@click.option("--fast-dev-run", "fast_dev_run", type=click.IntRange(min=1), metavar="N",
+              help="Smoke run: N steps of every stage (staged or not), validation once, no "
+                   "periodic checkpoints; the run directory is complete and exportable.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def train(method, data, config_file, sets, out, resume, steps, epochs, batch_size, seed,
-          learning_rate, precision, deterministic, xla, devices, gpus, quiet) -> None:
+          learning_rate, precision, deterministic, xla, devices, gpus, fast_dev_run,
+          quiet) -> None:
     """Train METHOD on the pairs of the data spec given by --data.
 
     The config is the method's defaults, then --config, then --set, then the shortcut options;
@@ -124,6 +135,7 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
     \b
     Examples:
       tfreg train voxelmorph --data oasis.yaml --steps 2000 --out runs/vxm
+      tfreg train lapirn --data tiny.yaml --fast-dev-run 2 --out runs/smoke
       tfreg train voxelmorph --data oasis.yaml --devices cpu:0,cpu:1 --batch-size 2
       tfreg train --resume runs/vxm --steps 4000
     """
@@ -147,7 +159,7 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
     elif method is None:
         raise click.UsageError("missing METHOD (or give --resume RUN_DIR)")
     elif data is None:
-        raise click.UsageError("missing option '--data' (the data spec YAML)")
+        raise click.UsageError("missing option '--data' (the training data)")
     check_inputs(data, config_file)
     if out:  # a user's folder is never overwritten: only a new, empty or tfreg run folder
         check_empty_or_owned(out, RUN_MARKERS, "--out", "run directory")
@@ -173,7 +185,9 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
         option = "--steps" if steps is not None else "--epochs"
         raise ConfigError(f"{option}: method '{method}' trains in stages with step counts of "
                           "their own; set them in its config with --set (see "
-                          f"'configs/{method}.yaml')")
+                          f"'{loaded.method.default_config}')")
+    if fast_dev_run is not None and resume:
+        raise ConfigError("--fast-dev-run: cannot be combined with --resume")
     config = _resolve_config(loaded, config_file, run_config, sets, shortcuts)
     data_path = Path(data).resolve()
     config["data"] = str(data_path)
@@ -183,13 +197,14 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
     from tfreg.engine import make_strategy
 
     strategy = make_strategy(names)  # before other TensorFlow work (multi-worker needs this)
-    spec = _load_spec(data_path, loaded.method.needs_divisible_by)
+    data_obj = _open_data(loaded.method, data_path, config)
 
     from tfreg.engine import TrainingInterrupted, train as run_training
 
     try:
-        result = run_training(loaded, config, spec, run_dir, resume=bool(resume),
-                              strategy=strategy, verbose=0 if quiet else 1)
+        result = run_training(loaded, config, data_obj, run_dir, resume=bool(resume),
+                              strategy=strategy, verbose=0 if quiet else 1,
+                              fast_dev_run=fast_dev_run)
     except TrainingInterrupted as err:
         if sys.stdout.isatty() or sys.stderr.isatty():  # the progress bar holds the line
             click.echo("")
@@ -200,13 +215,11 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
     click.echo(f"  export:      tfreg export {result.run_dir} -o MODEL_DIR")
 
 
-def _load_spec(path: Path, divisible_by: int):
-    """Load and deeply validate the data spec (files readable, shapes agree) before training."""
-    from tfreg.data import open_data
-
-    spec = open_data(path)
-    spec.check_divisible(divisible_by)
-    spec.validate(deep=True)
-    for note in getattr(spec, "notes", []):
+def _open_data(method, path: Path, config: dict):
+    """Open and fully validate ``--data`` with the method's data source, after checking the
+    divisibility rule of the resolved config (so a wrong shape is refused before the data is
+    read)."""
+    data = method.data_source.open(path, config, method.divisor(config))
+    for note in getattr(data, "notes", None) or []:
         click.echo(f"note: {note}")
-    return spec
+    return data

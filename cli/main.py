@@ -1,5 +1,9 @@
 """Entry point of the ``tfreg`` command. Subcommands are imported lazily, so ``tfreg --help`` and
-the light commands stay fast and one broken command module cannot take the others down."""
+the light commands stay fast and one broken command module cannot take the others down.
+
+Besides tfreg's own commands, every installed distribution may add top-level commands through
+the ``tfreg.commands`` entry-point group (``name = module:click_command``), read from packaging
+metadata without importing the plugin; tfreg's own names win a clash."""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ import sys
 import click
 
 import tfreg
+from tfreg_cli.common import user_errors
+
+#: Entry-point group of commands added by plugins (`tfreg.registry.COMMANDS_GROUP`; not imported
+#: from there to keep ``tfreg --help`` light).
+COMMANDS_GROUP = "tfreg.commands"
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS = {
@@ -22,33 +31,76 @@ COMMANDS = {
     "convert": "tfreg_cli.cmd_convert:convert",
     "evaluate": "tfreg_cli.cmd_evaluate:evaluate",
     "show": "tfreg_cli.cmd_show:show",
-    "import-voxelmorph": "tfreg_cli.cmd_import:import_voxelmorph",
 }
+
+
+def plugin_commands() -> dict[str, str]:
+    """Command name -> ``module:attribute`` of the ``tfreg.commands`` entry points (tfreg's own
+    command names excluded)."""
+    from importlib.metadata import entry_points
+
+    return {name: value for name, (value, _) in _plugin_entry_points().items()}
+
+
+def _plugin_entry_points() -> dict[str, tuple[str, str]]:
+    """Command name -> (``module:attribute``, distribution name) of the plugin commands."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, tuple[str, str]] = {}
+    for ep in entry_points(group=COMMANDS_GROUP):
+        if ep.name not in COMMANDS:
+            dist = getattr(getattr(ep, "dist", None), "name", None) or "a plugin"
+            found.setdefault(ep.name, (ep.value, dist))
+    return found
 
 
 class LazyGroup(click.Group):
     """A click group that imports each command module only when the command is used."""
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``tfreg --help``; plugin commands are described from their
+        packaging metadata, without importing the plugin (which may load TensorFlow)."""
+        plugins = _plugin_entry_points()
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in plugins:
+                rows.append((name, f"(from {plugins[name][1]}; see 'tfreg {name} --help')"))
+                continue
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted({**plugin_commands(), **COMMANDS})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
+        from_plugin = name not in COMMANDS
+        target = COMMANDS.get(name) or plugin_commands().get(name)
         if target is None:
             return None
-        module_name, attr = target.split(":")
+        module_name, _, attr = target.partition(":")
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
+            module = importlib.import_module(module_name.strip())
+            command = getattr(module, attr.strip())
+        except Exception as err:  # noqa: BLE001 - one broken command must not break the others
+            if not from_plugin and not (isinstance(err, ModuleNotFoundError)
+                                        and err.name == module_name):
                 raise
+            why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
-            @click.command(name, help="(not available in this build)")
+            @click.command(name, help=f"(not available: {why})")
             def unavailable() -> None:
-                raise click.ClickException(f"'tfreg {name}' is not available in this build")
+                raise click.ClickException(f"'tfreg {name}' is not available ({why})")
 
             return unavailable
-        return getattr(module, attr)
+        if from_plugin and command.callback is not None \
+                and not getattr(command.callback, "_tfreg_user_errors", False):
+            command.callback = user_errors(command.callback)
+            command.callback._tfreg_user_errors = True
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

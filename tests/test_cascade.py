@@ -19,7 +19,7 @@ def small_config(**model) -> dict:
                 vtn_channels=4, vtn_levels=3, unet_enc_features=[4, 8, 8], unet_dec_features=[8, 8, 8, 8, 4],
                 fill_value=None)
     base.update(model)
-    return {"model": base, "loss": {"similarity": "gncc", "ncc_window": 9, "reg_weight": 1.0,
+    return {"model": base, "loss": {"similarity": "gncc", "ncc_window": 9, "smooth_weight": 1.0,
                                     "det_weight": 0.1, "ortho_weight": 0.1}}
 
 
@@ -261,7 +261,7 @@ def test_loss_terms_and_weights():
     outputs = {"warped": 3 * fixed + 1, "flow_1": flow1, "flow_2": flow2,
                "affine": np.tile(np.eye(2, 3, dtype="float32"), (2, 1, 1))}
     cfg = small_config()
-    cfg["loss"]["reg_weight"] = 2.0
+    cfg["loss"]["smooth_weight"] = 2.0
     terms = losses.build(cfg)({"fixed": fixed, "moving": fixed}, outputs, None)
     assert set(terms) == {"sim", "smooth", "det", "ortho"}
     assert float(terms["sim"]) == pytest.approx(0.0, abs=1e-4)  # 1 - r with r = 1 (eps 1e-6 on var ~1/12)

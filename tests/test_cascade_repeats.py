@@ -57,13 +57,14 @@ def test_register_cascades_k_on_distinct_cascades(tmp_path):
 
     from click.testing import CliRunner
 
-    from tfreg.register import recursion_overrides
+    from tfreg_plugins.cascade.report import recursion_overrides
     from tfreg.synthetic import write_collection
     from tfreg_cli.main import cli
 
-    assert recursion_overrides({"model": {"cascades": 2}}, 6) == {"model.repeats": 3}
-    assert recursion_overrides({"model": {"cascades": 2, "shared_weights": True}}, 5) == {
-        "model.cascades": 5}
+    assert recursion_overrides({"model": {"cascades": 2}}, {"recursions": 6}) == {
+        "model.repeats": 3}
+    assert recursion_overrides({"model": {"cascades": 2, "shared_weights": True}},
+                               {"recursions": 5}) == {"model.cascades": 5}
     spec = write_collection(tmp_path / "data", n=2, shape=(32, 32, 32), seed=1)
     args = ["train", "cascade", "--data", str(spec), "--steps", "1", "-q", "--out",
             str(tmp_path / "run")]

@@ -4,10 +4,10 @@ missing command module would otherwise only show up when a user runs it)."""
 import pytest
 from click.testing import CliRunner
 
-from tfreg_cli.main import COMMANDS, cli
+from tfreg_cli.main import COMMANDS, cli, plugin_commands
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+@pytest.mark.parametrize("name", sorted({**COMMANDS, **plugin_commands()}))
 def test_every_command_has_help(name):
     result = CliRunner().invoke(cli, [name, "--help"], prog_name="tfreg")
     assert result.exit_code == 0, result.output

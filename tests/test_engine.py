@@ -319,7 +319,7 @@ def test_validation_dice_at_checkpoints(tmp_path):
         scores.append(mean_dice(dice(batch["fixed_labels"].numpy()[0, ..., 0],
                                      warped.astype(np.int32))))
     assert len(scores) == len(spec.pairs("val")) >= 2
-    assert result.validation[-1][1] == pytest.approx(np.mean(scores), abs=1e-3)
+    assert result.validation[-1][1]["dice"] == pytest.approx(np.mean(scores), abs=1e-3)
     logged = read_events(tmp_path / "run" / "logs")["val/dice"]
     assert sorted(logged) == [1, 2]
-    assert float(logged[2]) == pytest.approx(result.validation[-1][1], rel=1e-6)
+    assert float(logged[2]) == pytest.approx(result.validation[-1][1]["dice"], rel=1e-6)

@@ -20,7 +20,7 @@ import tensorflow as tf
 from tfreg.config import TRAIN_DEFAULTS
 from tfreg.layers import SpatialTransformer
 from tfreg.losses import MSE, Grad
-from tfreg.registry import LoadedMethod, Method, Stage
+from tfreg.registry import DataSource, LoadedMethod, Method, ModelIO, Stage
 
 TOY_YAML = "toy.yaml"  # never read: configs are built by toy_config()
 
@@ -62,6 +62,13 @@ def toy_pipeline(spec: ToySpec, split: str = "train", batch_size: int = 1, seed:
     return ds.batch(batch_size, drop_remainder=True).prefetch(2)
 
 
+#: The toy's data source: `data` is a `ToySpec` (no file is read).
+TOY_DATA = DataSource(
+    open=lambda path, config, divisor: ToySpec(),
+    dataset=lambda data, config, **kwargs: toy_pipeline(data, **kwargs),
+)
+
+
 def build_toy_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
     ndims = len(inshape)
     conv = keras.layers.Conv3D if ndims == 3 else keras.layers.Conv2D
@@ -71,9 +78,10 @@ def build_toy_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
     # explicit seeds: the initial weights do not depend on the global random state
     x = conv(4, 3, padding="same", activation="relu", name="enc",
              kernel_initializer=keras.initializers.GlorotUniform(seed=1))(x)
-    disp = conv(ndims, 3, padding="same", name="flow",
+    # field heads compute in float32 under mixed precision (the engine refuses anything else)
+    disp = conv(ndims, 3, padding="same", name="flow", dtype="float32",
                 kernel_initializer=keras.initializers.RandomNormal(stddev=1e-2, seed=2))(x)
-    disp_aux = conv(ndims, 3, padding="same", name="aux",
+    disp_aux = conv(ndims, 3, padding="same", name="aux", dtype="float32",
                     kernel_initializer=keras.initializers.RandomNormal(stddev=1e-2, seed=3))(x)
     disp = keras.layers.Activation("linear", dtype="float32", name="disp")(disp)
     disp_aux = keras.layers.Activation("linear", dtype="float32", name="disp_aux")(disp_aux)
@@ -85,7 +93,7 @@ def build_toy_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
 def build_toy_loss(config: dict):
     mse, grad = MSE(), Grad("l2")
 
-    def loss_fn(batch: dict, outputs: dict, stage) -> dict:
+    def loss_fn(batch: dict, outputs: dict, ctx) -> dict:
         terms = {}
         if "warped" in outputs:
             terms["sim"] = mse(batch["fixed"], outputs["warped"])
@@ -108,7 +116,8 @@ def toy_method(staged: bool = False) -> LoadedMethod:
     """The toy as a discovered method (distribution 'tfreg-tests')."""
     method = Method(name="toy", summary="Tiny test network.", default_config=str(TOY_YAML),
                     build_model=build_toy_model, build_loss=build_toy_loss,
-                    stages=toy_stages if staged else None, data_pipeline=toy_pipeline)
+                    stages=toy_stages if staged else None, data=TOY_DATA,
+                    io=ModelIO(fields=("disp", "disp_aux")))
     return LoadedMethod(method, "tfreg-tests", "0")
 
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from tfreg.config import method_defaults, parse_set, resolve
 from tfreg.errors import ConfigError, InputError
-from tfreg.registry import Stage, discover
+from tfreg.registry import DataSource, LossContext, Stage, discover
 from tfreg_plugins.lapirn import losses, network, schedule
 
 #: the method as discovered through its entry point (default_config resolved to the shipped YAML)
@@ -128,7 +128,7 @@ def test_zero_head_gives_identity_at_every_level(shape):
     # perfect alignment: each level's NCC pyramid is at its optimum, -sum(weights); no smoothness
     loss_fn = METHOD.build_loss(_config())
     for level, optimum in ((1, -1.0), (2, -1.5), (3, -1.75)):
-        terms = loss_fn(pair, out, Stage(f"level{level}", 1))
+        terms = loss_fn(pair, out, LossContext(Stage(f"level{level}", 1), 0, 0))
         assert set(terms) == {"ncc", "smooth"}
         assert float(terms["smooth"]) == 0.0
         assert abs(float(terms["ncc"]) - optimum) < 1e-3
@@ -156,7 +156,7 @@ def test_recomputed_integration_matches_scaling_and_squaring(shape):
 
 
 def test_input_shape_must_divide_by_8():
-    assert METHOD.needs_divisible_by == 8
+    assert METHOD.divisor({}) == 8
     with pytest.raises(InputError, match=r"^lapirn: input shape \(32, 20\): every size must be a "
                                          r"positive multiple of 8"):
         network.build_model(_config(), (32, 20))
@@ -196,7 +196,7 @@ def test_negative_jacobian_of_known_fields(ndims):
 def test_loss_weights_and_antifold_term():
     assert losses.loss_options(_config()).smooth == 3.5
     assert losses.loss_options(_config(model={"variant": "displacement"})).smooth == 1.0
-    assert losses.loss_options(_config(loss={"smooth": 2})).smooth == 2.0
+    assert losses.loss_options(_config(loss={"smooth_weight": 2})).smooth == 2.0
     with pytest.raises(ConfigError,
                        match=r"^loss.antifold: expected a number >= 0, got -1.0$"):
         losses.build_loss(_config(loss={"antifold": -1}))
@@ -207,12 +207,12 @@ def test_loss_weights_and_antifold_term():
     pair = _pair(shape)
     outputs = {"warped_l3": pair["fixed"], "disp_l3": field, "velocity_l3": field}
     loss_fn = losses.build_loss(_config(loss={"antifold": 10.0}))
-    terms = loss_fn(pair, outputs, Stage("level3", 1))
+    terms = loss_fn(pair, outputs, LossContext(Stage("level3", 1), 0, 0))
     assert set(terms) == {"ncc", "smooth", "antifold"}
     assert float(terms["smooth"]) == pytest.approx(3.5 * 4 * 0.01 / 4, rel=1e-5)
     assert float(terms["antifold"]) == 0.0
     with pytest.raises(ValueError, match="level1, level2 or level3"):
-        loss_fn(pair, outputs, Stage("train", 1))
+        loss_fn(pair, outputs, LossContext(Stage("train", 1), 0, 0))
 
 
 # ------------------------------------------------------------------------------ config/stages
@@ -224,7 +224,7 @@ def test_entry_point_and_defaults_follow_the_original():
     assert cfg["train"]["learning_rate"] == 1e-4 and cfg["train"]["batch_size"] == 1
     assert cfg["model"] == {"variant": "diffeomorphic", "features": 28, "res_blocks": 5,
                             "range_flow": 0.4, "int_steps": 7, "units": "normalised"}
-    assert cfg["loss"] == {"smooth": None, "antifold": 0.0}
+    assert cfg["loss"] == {"smooth_weight": None, "antifold": 0.0}
     stages = METHOD.resolve_stages(cfg)
     assert [(s.name, s.steps, s.frozen, s.freeze_steps) for s in stages] == [
         ("level1", 30000, (), 0),
@@ -255,9 +255,9 @@ def test_set_shrinks_the_schedule_and_stage_outputs_select_levels():
 
 
 # ------------------------------------------------------------------- engine: freezing, resume
-def _images_pipeline(images: np.ndarray, limit: int | None = None):
-    """Data pipeline over in-memory images: random ordered pairs; `limit` ends it early."""
-    def pipeline(spec, split="train", batch_size=1, seed=0, shuffle=True, repeat=True,
+def _images_pipeline(images: np.ndarray, limit: int | None = None) -> DataSource:
+    """Data source over in-memory images: random ordered pairs; `limit` ends it early."""
+    def pipeline(data, config, split="train", batch_size=1, seed=0, shuffle=True, repeat=True,
                  input_context=None):
         n = len(images)
         pairs = np.array([(i, j) for i in range(n) for j in range(n) if i != j], np.int32)
@@ -267,7 +267,9 @@ def _images_pipeline(images: np.ndarray, limit: int | None = None):
             ds = ds.take(limit)
         ds = ds.map(lambda p: {"fixed": tf.gather(data, p[0]), "moving": tf.gather(data, p[1])})
         return ds.batch(batch_size, drop_remainder=True)
-    return pipeline
+    # the phantoms lie in [0, 1]: min-max normalisation is the inference record that reproduces them
+    return DataSource(open=lambda path, config, divisor: None, dataset=pipeline,
+                      preprocessing=lambda data: {"normalize": "minmax"})
 
 
 def _level_weights(model: keras.Model) -> dict[int, list[np.ndarray]]:
@@ -311,7 +313,7 @@ def tiny_images() -> np.ndarray:
 def staged_run(tmp_path_factory, tiny_images):
     from tfreg.engine import train
 
-    method = dataclasses.replace(METHOD, data_pipeline=_images_pipeline(tiny_images))
+    method = dataclasses.replace(METHOD, data=_images_pipeline(tiny_images))
     run_dir = tmp_path_factory.mktemp("lapirn_staged")
     result = train(method, _engine_config(), None, run_dir, verbose=0)
     return result, _checkpoint_weights(run_dir, _engine_config(), SHAPE_TINY)
@@ -333,12 +335,12 @@ def test_engine_resumes_mid_level_inside_the_freeze_window(tmp_path, tiny_images
     from tfreg.engine import train
 
     run_dir = tmp_path / "run"
-    crashing = dataclasses.replace(METHOD, data_pipeline=_images_pipeline(tiny_images, limit=3))
+    crashing = dataclasses.replace(METHOD, data=_images_pipeline(tiny_images, limit=3))
     with pytest.raises((StopIteration, tf.errors.OutOfRangeError)):
         train(crashing, _engine_config(), None, run_dir, verbose=0)
     state = json.loads((run_dir / "state.json").read_text())
     assert (state["step"], state["stage_name"], state["stage_step"]) == (3, "level2", 1)
-    method = dataclasses.replace(METHOD, data_pipeline=_images_pipeline(tiny_images))
+    method = dataclasses.replace(METHOD, data=_images_pipeline(tiny_images))
     result = train(method, _engine_config(), None, run_dir, resume=True, verbose=0)
     assert result.step == 7 and json.loads((run_dir / "state.json").read_text())["finished"]
     ckpt = _checkpoint_weights(run_dir, _engine_config(), SHAPE_TINY)
@@ -370,12 +372,12 @@ def learned(tmp_path_factory):
                 for i in range(N_TRAIN + N_VAL)]
     images = np.stack([s[0] for s in subjects])
     labels = np.stack([s[1] for s in subjects])
-    cfg = _config(model={"features": 16}, loss={"smooth": 0.5},
+    cfg = _config(model={"features": 16}, loss={"smooth_weight": 0.5},
                   schedule={"level1_steps": 200, "level2_steps": 200, "level3_steps": 200,
                             "freeze_steps": 20},
                   train={"learning_rate": 1e-3, "checkpoint_every": 10000, "log_every": 10000,
                          "image_every": 10000})
-    method = dataclasses.replace(METHOD, data_pipeline=_images_pipeline(images[:N_TRAIN]))
+    method = dataclasses.replace(METHOD, data=_images_pipeline(images[:N_TRAIN]))
     run_dir = tmp_path_factory.mktemp("lapirn_learn") / "run"
     result = train(method, cfg, None, run_dir, verbose=0)
     val = [(i, j) for i in range(N_TRAIN, N_TRAIN + N_VAL)

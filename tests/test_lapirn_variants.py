@@ -3,6 +3,8 @@ shipped configs that reproduce the original scripts, and the resized-OASIS data 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -13,13 +15,18 @@ from tfreg.errors import ConfigError
 from tfreg.io import Volume
 from tfreg.registry import discover
 from tfreg_configs import config_path
+import tfreg_plugins.lapirn
 from tfreg_plugins.lapirn import losses, network
+
+#: the method's shipped variant configs live beside its code
+PLUGIN_DIR = Path(tfreg_plugins.lapirn.__file__).parent
+
 
 METHOD = discover().get("lapirn").method
 
 
 def _config(name: str | None = None, **sections) -> dict:
-    file_cfg = load_yaml(config_path(name)) if name else {}
+    file_cfg = load_yaml(PLUGIN_DIR / name) if name else {}
     for key, value in sections.items():
         file_cfg.setdefault(key, {}).update(value)
     return resolve(method_defaults(METHOD), file_cfg, None)

@@ -71,7 +71,7 @@ def test_cascades_needs_a_model(tiny_collection, tmp_path):
     result = CliRunner().invoke(cli, ["register", str(images[0]), str(images[1]),
                                       "--cascades", "3", "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert result.output.strip() == "Error: --cascades: needs --model (a trained cascade model)"
+    assert result.output.strip() == "Error: --cascades: needs --model (a trained recursive model)"
 
 
 def test_recursion_rows_match_independently_applied_recursions(cascade_model, collection32,

@@ -138,19 +138,34 @@ def test_multiline_import_error_becomes_one_line(monkeypatch):
 
 @pytest.mark.parametrize("case, reason", [
     ("not_a_method", "fake_p:METHOD is a dict, expected a tfreg.registry.Method"),
-    ("api_version", "api_version 2 is not supported (this tfreg supports 1)"),
+    ("api_version", "api_version 1 is not supported (this tfreg supports 2)"),
     ("name_mismatch", "entry point 'p' points to a method named 'q'"),
-    ("missing_config", "default config 'nowhere.yaml' not found"),
+    ("missing_config", "default config 'nowhere.yaml' not found (ship it with the plugin as "
+                       "package data)"),
 ])
 def test_plugin_not_meeting_the_spec_is_a_failure(monkeypatch, yaml_file, case, reason):
     obj = {
         "not_a_method": {"name": "p"},
-        "api_version": make_method("p", yaml_file, api_version=2),
+        "api_version": make_method("p", yaml_file, api_version=1),
         "name_mismatch": make_method("q", yaml_file),
         "missing_config": make_method("p", "nowhere.yaml"),
     }[case]
     use_entry_points(monkeypatch, FakeEntryPoint("p", obj))
     assert discover(refresh=True).failures == {"p": reason}
+
+
+def test_plugin_without_its_yaml_fails_instead_of_loading_a_builtins(monkeypatch, tmp_path):
+    """A third-party plugin naming 'voxelmorph.yaml' without shipping it must not get the
+    built-in's defaults: discovery fails with one line naming where it looked."""
+    module = types.ModuleType("fake_forgetful_pkg")
+    module.__file__ = str(tmp_path / "__init__.py")
+    monkeypatch.setitem(sys.modules, "fake_forgetful_pkg", module)
+    method = make_method("mine", "voxelmorph.yaml")
+    use_entry_points(monkeypatch, FakeEntryPoint("mine", method, value="fake_forgetful_pkg:METHOD"))
+    reg = discover(refresh=True)
+    assert reg.names() == []
+    assert reg.failures == {"mine": f"default config 'voxelmorph.yaml' not found beside {tmp_path} "
+                                    "(ship it with the plugin as package data)"}
 
 
 def test_plugin_with_unknown_train_key_in_yaml_is_a_failure(monkeypatch, tmp_path):

@@ -32,15 +32,18 @@ SMALL = {"model.enc_features": [4, 8, 8, 8], "model.dec_features": [8, 8, 8, 8, 
 # --------------------------------------------------------------------------------- registry
 def test_discovered_with_voxelmorph_defaults():
     loaded = discover().get("voxelmorph")
-    assert loaded.method is not None and loaded.method.needs_divisible_by == 16
     cfg = config()
+    # 2**4 for the default 4-level U-Net; 2**5 once a fifth level is configured (from the config)
+    assert loaded.method.divisor(cfg) == 16
+    assert loaded.method.divisor(config(**{"model.enc_features": [4, 4, 4, 4, 4],
+                                           "model.dec_features": [4] * 8})) == 32
     assert cfg["model"]["enc_features"] == [16, 32, 32, 32]
     assert cfg["model"]["dec_features"] == [32, 32, 32, 32, 32, 16, 16]
     assert (cfg["model"]["int_steps"], cfg["model"]["int_resolution"]) == (7, 2)
     assert cfg["train"]["learning_rate"] == 1e-4 and cfg["train"]["batch_size"] == 1
-    assert losses.grad_weight({"image": "ncc", "lambda": None}) == 1.0
-    assert losses.grad_weight({"image": "mse", "lambda": None}) == 0.01
-    assert losses.grad_weight({"image": "mse", "lambda": 0.5}) == 0.5
+    assert losses.grad_weight({"image": "ncc", "smooth_weight": None}) == 1.0
+    assert losses.grad_weight({"image": "mse", "smooth_weight": None}) == 0.01
+    assert losses.grad_weight({"image": "mse", "smooth_weight": 0.5}) == 0.5
 
 
 # ------------------------------------------------------------------------------ architecture
@@ -186,7 +189,7 @@ def test_ncc_bidir_and_weights():
     shape = (12, 12)
     fixed, moving = rng.random((2, 1, *shape, 1)).astype("float32")
     cfg = config(**{"loss.image": "ncc", "loss.ncc_window": 5, "model.bidir": True,
-                    "loss.lambda": 0.5})
+                    "loss.smooth_weight": 0.5})
     fn = METHOD.build_loss(cfg)
     # warped == fixed and warped_fixed == 2 * moving: squared local correlation 1 everywhere
     # (zero padding keeps the linear relation at the borders; no flat windows in random images)
@@ -245,7 +248,7 @@ def test_labels_null_reads_label_values_from_the_data(tmp_path):
 @pytest.mark.parametrize("options,message", [
     ({"loss.image": "ssd"}, "loss.image: expected one of ncc, mse, mind, nmi, none, got 'ssd'"),
     ({"loss.image": "ncc", "loss.ncc_window": 4}, "loss.ncc_window: expected an odd integer >= 1, got 4"),
-    ({"loss.lambda": -1.0}, "loss.lambda: expected a number >= 0, got -1.0"),
+    ({"loss.smooth_weight": -1.0}, "loss.smooth_weight: expected a number >= 0, got -1.0"),
     ({"loss.grad_penalty": "l3"}, "loss.grad_penalty: expected l1 or l2, got 'l3'"),
     ({"loss.labels": [1, 1]}, "loss.labels: has duplicates: [1, 1]"),
 ])

@@ -15,13 +15,16 @@ from tfreg.errors import ConfigError
 from tfreg.layers import GaussianSample
 from tfreg.losses import KL, degree_map
 from tfreg.registry import discover
-from tfreg_configs import config_path
+import tfreg_plugins.voxelmorph
 from tfreg_plugins.voxelmorph import METHOD, losses
+
+#: the method's shipped variant configs live beside its code
+PLUGIN_DIR = Path(tfreg_plugins.voxelmorph.__file__).parent
 
 
 def _config(name: str | None = None, **dotted):
     defaults = method_defaults(discover().get("voxelmorph").method)
-    file_cfg = load_yaml(config_path(name)) if name else None
+    file_cfg = load_yaml(PLUGIN_DIR / name) if name else None
     return resolve(defaults, file_cfg, dotted)
 
 
@@ -172,7 +175,7 @@ def test_miccai2018_trains_exports_and_registers_with_the_mean(tmp_path):
     spec = write_collection(tmp_path / "data", n=3, shape=(16, 16, 16), seed=0)
     spec.write_text(spec.read_text() + "sampling: replacement\n")
     run = CliRunner().invoke(cli, [str(a) for a in [
-        "train", "voxelmorph", "--config", config_path("voxelmorph-miccai2018.yaml"),
+        "train", "voxelmorph", "--config", str(PLUGIN_DIR / "voxelmorph-miccai2018.yaml"),
         "--data", spec, "--steps", "2", "--out", tmp_path / "run", "--quiet",
         "--set", "model.enc_features=[4, 4, 4, 4]", "--set", "model.dec_features=[4, 4, 4, 4, 4]"]])
     assert run.exit_code == 0, run.output

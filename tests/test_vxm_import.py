@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tfreg.errors import InputError
-from tfreg.vxm_h5 import build_model, read_h5, vxm_to_config
+from tfreg_plugins.voxelmorph.vxm_h5 import build_model, read_h5, vxm_to_config
 
 from tfreg_cli.main import cli
 

@@ -381,7 +381,9 @@ def _merge_checked(default: Any, current: Any, value: Any, dotted: str, source: 
 
 def resolve(defaults: Mapping[str, Any], file_cfg: Mapping[str, Any] | None,
             overrides: Mapping[str, Any] | None = None, *, file_source: str | Path = "config",
-            override_sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+            override_sources: Mapping[str, str] | None = None,
+            renamed: Mapping[str, str] | None = None,
+            notes: list[str] | None = None) -> dict[str, Any]:
     """Merge ``defaults < file_cfg < overrides`` with validation against the defaults tree.
 
     Args:
@@ -393,6 +395,9 @@ def resolve(defaults: Mapping[str, Any], file_cfg: Mapping[str, Any] | None,
         file_source: name of the file in messages.
         override_sources: dotted key -> text naming the override in messages; defaults to
             ``overrides.sources`` for `parse_set` results, else ``"overrides"``.
+        renamed: deprecated dotted keys -> their new names (a method's ``renamed``); the old
+            names are accepted in `file_cfg` and `overrides`.
+        notes: receives a one-line deprecation hint per old name used.
 
     Returns:
         A new nested dict. An int given where the default is a float is stored as a float.
@@ -401,8 +406,20 @@ def resolve(defaults: Mapping[str, Any], file_cfg: Mapping[str, Any] | None,
         ConfigError: ``"<source>: <dotted.key>: unknown key (did you mean 'x'?)"`` or
             ``"<source>: <dotted.key>: expected <type>, got <value>"``.
     """
+    from tfreg.validation import rename_keys
+
     defaults = dict(defaults)
     merged: dict[str, Any] = copy.deepcopy(defaults)
+    if renamed:
+        file_cfg = rename_keys(file_cfg, renamed, str(file_source), notes)
+        if overrides and override_sources is not None and not hasattr(overrides, "sources"):
+            tagged = Overrides()
+            tagged.update(overrides)
+            tagged.sources.update(override_sources)
+            overrides = tagged
+        overrides = rename_keys(overrides, renamed, "overrides", notes)
+        if override_sources is not None and hasattr(overrides, "sources"):
+            override_sources = dict(overrides.sources)
     if file_cfg is not None:
         merged = _merge_checked(defaults, merged, file_cfg, "", str(file_source), defaults)
     if overrides:
@@ -427,9 +444,13 @@ def method_defaults(method: "Method") -> dict[str, Any]:
         ConfigError: the YAML is invalid, sets ``method:`` to another name, or has an unknown or
             mistyped ``train:`` key (the message names the YAML file).
     """
+    from tfreg.validation import section_defaults
+
     path = Path(method.default_config)
     own = load_yaml(path)
     base: dict[str, Any] = {"method": method.name, "data": None, **copy.deepcopy(TRAIN_DEFAULTS)}
+    for name, schema in dict(getattr(method, "sections", None) or {}).items():
+        base[name] = section_defaults(schema)   # the declaration's defaults; the YAML may change them
     for key, value in own.items():
         if key == "method":
             if value != method.name:
@@ -437,6 +458,8 @@ def method_defaults(method: "Method") -> dict[str, Any]:
         elif key in TRAIN_DEFAULTS:
             base[key] = _merge_checked(TRAIN_DEFAULTS[key], base[key], value, key, str(path),
                                        TRAIN_DEFAULTS)
+        elif key in base and isinstance(value, Mapping):
+            base[key].update(copy.deepcopy(dict(value)))  # checked by Method.check_config
         else:
             base[key] = copy.deepcopy(value)
     return base

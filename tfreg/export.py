@@ -1,6 +1,10 @@
-"""Export a trained run as a self-contained model directory, and load it back.
+"""Export a model as a self-contained model directory, and load it back.
 
-Model directory (`export`)::
+`export_model(model, config, model_dir, ...)` writes the directory from a Keras model and its
+resolved config; `export(run_dir, model_dir)` rebuilds a training run's model and calls it;
+importers of foreign models call it directly.
+
+Model directory::
 
     saved_model/        TF SavedModel, loadable with plain `tf.saved_model.load` (no tfreg):
                           register(fixed, moving) -> {"warped", "displacement"
@@ -21,11 +25,13 @@ Model directory (`export`)::
     tfreg_model.json    {method, inshape, ndims, preprocessing, tfreg_version, ...}
 
 Inputs must already be preprocessed the way `preprocessing` says (shape, intensity
-normalisation); ``tfreg register`` does that for files.
+normalisation); ``tfreg register`` does that for files. The ``register`` signature computes every
+model input from ``(fixed, moving)`` through the method's `ModelIO.inference_inputs`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -38,18 +44,29 @@ import tfreg
 from tfreg.errors import ConfigError, InputError, reason
 from tfreg.io import atomic_path
 
-__all__ = ["export", "load_model", "RegistrationModel", "MODEL_INFO", "build_from_run"]
+__all__ = ["export", "export_model", "load_model", "read_model_info", "restore_checkpoint",
+           "RegistrationModel", "MODEL_INFO", "build_from_run"]
 
 #: Name of the JSON description inside a model directory.
 MODEL_INFO = "tfreg_model.json"
 
 
+class _Holder:
+    """The method's `ModelIO` and the config, kept out of TensorFlow's object tracking."""
+
+    def __init__(self, io: Any, config: dict):
+        self.io = io
+        self.config = config
+
+
 class _Exported(tf.Module):
     """The SavedModel's root: the Keras model and two signature functions."""
 
-    def __init__(self, model: keras.Model, inshape: tuple[int, ...]):
+    def __init__(self, model: keras.Model, inshape: tuple[int, ...], io: Any, config: dict):
         super().__init__(name="tfreg_model")
         self.model = model
+        # plain holders: tf.Module would wrap (and alter) a dict attribute for tracking
+        self._settings = _Holder(io, copy.deepcopy(config))
         ndims = len(inshape)
         image = tf.TensorSpec((None, *inshape, 1), tf.float32)
         self.register = tf.function(
@@ -59,7 +76,7 @@ class _Exported(tf.Module):
                                          tf.TensorSpec((None, *inshape, ndims), tf.float32)])
 
     def _register(self, fixed: tf.Tensor, moving: tf.Tensor) -> dict[str, tf.Tensor]:
-        return _signature_outputs(self.model({"fixed": fixed, "moving": moving}, training=False))
+        return _predict(self.model, self._settings.io, self._settings.config, fixed, moving)
 
     def _warp(self, image: tf.Tensor, displacement: tf.Tensor) -> dict[str, tf.Tensor]:
         from tfreg.layers import warp
@@ -67,11 +84,13 @@ class _Exported(tf.Module):
         return {"warped": warp(image, displacement, interp="nearest")}
 
 
-def _signature_outputs(outputs: dict) -> dict[str, tf.Tensor]:
-    """The `register` signature's outputs from a model's: `warped`, `displacement` and, when the
-    model outputs `inverse_disp`, `inverse_displacement` (all float32)."""
-    out = {"warped": tf.cast(outputs["warped"], tf.float32),
-           "displacement": tf.cast(outputs["disp"], tf.float32)}
+def _predict(model: keras.Model, io: Any, config: dict, fixed: tf.Tensor, moving: tf.Tensor
+             ) -> dict[str, tf.Tensor]:
+    """The `register` signature's outputs for a preprocessed pair: ``warped``, ``displacement``
+    and, when the model outputs ``inverse_disp``, ``inverse_displacement`` (all float32)."""
+    outputs = model(io.model_inputs(config, fixed, moving), training=False)
+    out = {"warped": tf.cast(outputs[io.warped], tf.float32),
+           "displacement": tf.cast(outputs[io.disp], tf.float32)}
     if "inverse_disp" in outputs:
         out["inverse_displacement"] = tf.cast(outputs["inverse_disp"], tf.float32)
     return out
@@ -109,8 +128,9 @@ def _load_spec(run_dir: Path, config: dict) -> Any:
 
 
 def _preprocessing(run_dir: Path, state: Any, config: dict) -> dict | None:
-    """Preprocessing settings recorded by the engine, else read from the data spec."""
-    if state is not None and state.preprocessing is not None:
+    """The inference preprocessing record the engine stored in state.json (None when the
+    method's data source declares none); for a run without state.json, the data spec's."""
+    if state is not None:
         return state.preprocessing
     try:
         prep = getattr(_load_spec(run_dir, config), "preprocessing", None)
@@ -125,6 +145,27 @@ def _load_weights(model: keras.Model, path: Path) -> None:
         model.load_weights(str(path))
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot load these weights into the model "
+                         f"({reason(err)})") from None
+
+
+def restore_checkpoint(model: keras.Model, prefix: str) -> None:
+    """Restore every weight of `model` from a training checkpoint (optimizer state and counters
+    in it are ignored).
+
+    Raises:
+        InputError: the checkpoint lacks a weight of the model (a half-restored model is never
+            returned), or cannot be read.
+    """
+    try:
+        status = tf.train.Checkpoint(model=model).restore(prefix)
+        status.assert_existing_objects_matched()
+        status.expect_partial()
+    except AssertionError as err:
+        missing = str(err).strip().splitlines()[0] if str(err).strip() else "some weights"
+        raise InputError(f"{prefix}: the checkpoint does not hold every weight of the model "
+                         f"({missing[:160]})") from None
+    except (ValueError, tf.errors.OpError) as err:
+        raise InputError(f"{prefix}: cannot restore this checkpoint into the model "
                          f"({reason(err)})") from None
 
 
@@ -153,7 +194,7 @@ def build_from_run(run_dir: str | Path, checkpoint: str | None = None
     config, state = _read_run(run_dir)
     loaded = discover().get(config.get("method"))
     config = resolve(method_defaults(loaded.method), config, None,
-                     file_source=run_dir / "config.yaml")
+                     file_source=run_dir / "config.yaml", renamed=loaded.method.renamed)
     inshape = _run_inshape(run_dir, config, state)
     with dtype_policy("float32"):
         model = loaded.method.build_model(config, inshape)
@@ -167,48 +208,51 @@ def build_from_run(run_dir: str | Path, checkpoint: str | None = None
                               "checkpoint)")
         if not tf.io.gfile.exists(f"{prefix}.index"):
             raise ConfigError(f"--checkpoint {prefix}: no such checkpoint")
-        try:
-            tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-        except (ValueError, tf.errors.OpError) as err:
-            raise InputError(f"{prefix}: cannot restore this checkpoint into the model "
-                             f"({reason(err)})") from None
+        restore_checkpoint(model, prefix)
     state = state or RunState()
     state.inshape = list(inshape)
     return loaded, model, config, state
 
 
-def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None = None,
-           extra_info: dict | None = None) -> Path:
+def export_model(model: keras.Model, config: dict, model_dir: str | Path, *, method: Any,
+                 inshape: tuple[int, ...], preprocessing: dict | None,
+                 extra_info: dict | None = None) -> Path:
     """Write the model directory described in the module docstring, atomically.
 
     Args:
-        run_dir: a training run directory.
+        model: a float32 Keras model of `method` (built by its ``build_model``), with weights.
+        config: its resolved config (saved as ``config.yaml``).
         model_dir: output folder; replaced if it is an earlier export, refused if it is another
             non-empty folder.
-        checkpoint: export this checkpoint prefix instead of the final weights.
-        extra_info: more entries for ``tfreg_model.json`` (e.g. where an imported model came
-            from).
+        method: the `tfreg.registry.LoadedMethod` (or `Method`) the model belongs to.
+        inshape: the model's spatial input shape.
+        preprocessing: the inference preprocessing record (`tfreg.data.Preprocessing` dict) that
+            ``tfreg register`` applies; None when the method's data source declares none.
+        extra_info: more entries for ``tfreg_model.json`` (training step, where an imported model
+            came from...).
 
     Returns:
         `model_dir`.
     """
     from tfreg.config import dump_yaml
+    from tfreg.engine import check_model
 
-    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    model_dir = Path(model_dir)
     if model_dir.exists() and (not model_dir.is_dir() or (
             any(model_dir.iterdir()) and not (model_dir / MODEL_INFO).is_file())):
         raise ConfigError(f"{model_dir}: exists and is not an exported tfreg model; choose "
                           "another output folder")
-    loaded, model, config, state = build_from_run(run_dir, checkpoint)
-    inshape = tuple(state.inshape)
+    spec = getattr(method, "method", method)
+    check_model(model, spec, "float32")
+    inshape = tuple(int(s) for s in inshape)
     info = {
-        "method": loaded.method.name,
+        "method": spec.name,
         "inshape": list(inshape),
         "ndims": len(inshape),
-        "preprocessing": _preprocessing(run_dir, state, config),
+        "preprocessing": preprocessing,
         "tfreg_version": tfreg.__version__,
-        "plugin": {"distribution": loaded.dist_name, "version": loaded.dist_version},
-        "step": state.step,
+        "plugin": {"distribution": getattr(method, "dist_name", "unknown"),
+                   "version": getattr(method, "dist_version", "unknown")},
         "signatures": {
             "register": "(fixed, moving) float32 (B, *S, 1) -> {warped (B, *S, 1), "
                         "displacement (B, *S, N) voxels, pull"
@@ -219,7 +263,7 @@ def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None
         **(extra_info or {}),
     }
     with atomic_path(model_dir, directory=True) as tmp:
-        module = _Exported(model, inshape)
+        module = _Exported(model, inshape, spec.io, config)
         tf.saved_model.save(module, str(tmp / "saved_model"),
                             signatures={"register": module.register, "warp": module.warp})
         model.save_weights(str(tmp / "model.weights.h5"))
@@ -227,6 +271,34 @@ def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None
         dump_yaml(config, tmp / "config.yaml")
         (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return model_dir
+
+
+def export(run_dir: str | Path, model_dir: str | Path, *, checkpoint: str | None = None,
+           extra_info: dict | None = None) -> Path:
+    """Export a training run: rebuild its model with the trained weights (`build_from_run`) and
+    write it with `export_model`, recording the run's preprocessing and step.
+
+    Args:
+        run_dir: a training run directory.
+        model_dir: output folder (see `export_model`).
+        checkpoint: export this checkpoint prefix instead of the final weights.
+        extra_info: more entries for ``tfreg_model.json``.
+
+    Returns:
+        `model_dir`.
+    """
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    if model_dir.exists() and (not model_dir.is_dir() or (
+            any(model_dir.iterdir()) and not (model_dir / MODEL_INFO).is_file())):
+        raise ConfigError(f"{model_dir}: exists and is not an exported tfreg model; choose "
+                          "another output folder")
+    from tfreg.engine import RunState
+
+    loaded, model, config, state = build_from_run(run_dir, checkpoint)
+    recorded = RunState.load(run_dir)  # None for a run without state.json
+    return export_model(model, config, model_dir, method=loaded, inshape=tuple(state.inshape),
+                        preprocessing=_preprocessing(run_dir, recorded, config),
+                        extra_info={"step": state.step, **(extra_info or {})})
 
 
 class RegistrationModel:
@@ -313,22 +385,14 @@ def _apply_overrides(config: dict, method: Any, overrides: dict, source: Path) -
 
     sources = {key: f"overrides {key}={value!r}" for key, value in overrides.items()}
     return resolve(method_defaults(method), config, dict(overrides), file_source=source,
-                   override_sources=sources)
+                   override_sources=sources, renamed=method.renamed)
 
 
-def load_model(model_dir: str | Path, overrides: dict | None = None) -> RegistrationModel:
-    """Load an exported model directory.
-
-    Args:
-        model_dir: written by `export`.
-        overrides: dotted config keys to change (e.g. ``{"model.cascades": 5}``). None: the
-            SavedModel is used (the method's plugin is not needed). Otherwise the Keras model is
-            rebuilt through the method's ``build_model`` with the changed config and the saved
-            weights are loaded.
+def read_model_info(model_dir: str | Path) -> tuple[dict, dict]:
+    """``(tfreg_model.json, config.yaml)`` of a model directory.
 
     Raises:
-        ConfigError: not a model directory (or a damaged one), or an invalid override.
-        InputError: the saved model or weights cannot be loaded.
+        ConfigError: not a model directory, or a damaged one.
     """
     from tfreg.config import load_yaml
 
@@ -340,8 +404,31 @@ def load_model(model_dir: str | Path, overrides: dict | None = None) -> Registra
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{info_path}: not valid JSON ({err})") from None
-    config = load_yaml(model_dir / "config.yaml")
-    if not overrides:
+    if not isinstance(info, dict):
+        raise ConfigError(f"{info_path}: not a tfreg model description (expected a JSON object)")
+    return info, load_yaml(model_dir / "config.yaml")
+
+
+def load_model(model_dir: str | Path, overrides: dict | None = None, *,
+               rebuild: bool = False) -> RegistrationModel:
+    """Load an exported model directory.
+
+    Args:
+        model_dir: written by `export_model`.
+        overrides: dotted config keys to change (e.g. ``{"model.cascades": 5}``); implies
+            `rebuild`.
+        rebuild: rebuild the Keras model through the method's ``build_model`` (with the
+            overrides) and load the saved weights; needs the method's plugin. Otherwise the
+            SavedModel is used (the plugin is not needed).
+
+    Raises:
+        ConfigError: not a model directory (or a damaged one), or an invalid override.
+        InputError: the saved model or weights cannot be loaded.
+        MethodError: `rebuild` and the method is not installed.
+    """
+    model_dir = Path(model_dir)
+    info, config = read_model_info(model_dir)
+    if not overrides and not rebuild:
         try:
             saved = tf.saved_model.load(str(model_dir / "saved_model"))
         except (OSError, ValueError, tf.errors.OpError) as err:
@@ -355,7 +442,7 @@ def load_model(model_dir: str | Path, overrides: dict | None = None) -> Registra
     from tfreg.registry import discover
 
     loaded = discover().get(info["method"])
-    config = _apply_overrides(config, loaded.method, overrides, model_dir / "config.yaml")
+    config = _apply_overrides(config, loaded.method, overrides or {}, model_dir / "config.yaml")
     inshape = tuple(info["inshape"])
     with dtype_policy("float32"):
         model = loaded.method.build_model(config, inshape)
@@ -363,7 +450,7 @@ def load_model(model_dir: str | Path, overrides: dict | None = None) -> Registra
 
     @tf.function
     def register_fn(fixed, moving):
-        return _signature_outputs(model({"fixed": fixed, "moving": moving}, training=False))
+        return _predict(model, loaded.method.io, config, fixed, moving)
 
     @tf.function
     def warp_fn(image, displacement):

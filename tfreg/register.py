@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,9 @@ from tfreg.io import Volume, atomic_path, check_label_grid, load_volume, save_vo
 __all__ = ["RegisterResult", "register_volumes", "register_files", "load_pair", "same_grid",
            "score", "load_keypoints",
            "resolve_device", "device_name", "warp_file"]
+
+#: Method-dependent register options (`tfreg.registry.RegisterHook`): name -> command-line flag.
+METHOD_OPTIONS = {"recursions": "--cascades"}
 
 #: output file names inside the output folder.
 OUTPUTS = {"warped": "warped.nii.gz", "disp": "disp.nii.gz",
@@ -277,9 +279,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             `tfreg.ops.lddmm.LddmmConfig` for optimisation-based LDDMM (no model).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
-        recursions: with a shared-weight cascade `model`: run it with this many recursions of
-            its cascade (may exceed the trained count); the report gets a `recursions` table of
-            the similarity after each recursion.
+        recursions: with a recursive `model` (its method's `RegisterHook` takes the
+            ``recursions`` option): run it with this many recursions; what the report gets is
+            the method's (e.g. a table of the similarity after each recursion).
         device: "cpu", "gpu", "gpu:N" or None (TensorFlow's choice).
         progress: `progress(stage, step, total, loss)` callback.
         keypoints: optional `(fixed_points, moving_points)`, `(K, N)` voxel coordinates of
@@ -305,7 +307,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         the histogram distance) and `warnings` (one-line messages the command line prints);
         `resampled` (whether the moving grid differed), `stage_seconds`, `affine`, `config`;
         for instance optimisation with an affine stage `initialisation` (the world-space start,
-        `tfreg.initialise`: chosen candidate, coverage, NMI of each candidate).
+        `tfreg.initialise`: chosen candidate, coverage, NMI of each candidate); with a model
+        whose method has a register report hook, its entries and `method_summary` (lines).
     """
     import tensorflow as tf
 
@@ -352,13 +355,16 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             if model is not None:
                 disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
                                                                 None, moving.path), progress,
-                                            recursions=recursions)
+                                            options={"recursions": recursions})
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
                 if inverse and finetune == 0 and model_info["inverse"] is not None:
                     inverse_warp = model_info["inverse"]   # the network's own inverse
-                if recursions is not None:
-                    report["recursions"] = model_info["recursions"]
+                extra = model_info.get("report")
+                if extra is not None:
+                    report.update(extra.entries)
+                    if extra.lines:
+                        report["method_summary"] = list(extra.lines)
             else:
                 disp = np.asarray(init_disp, np.float32)
                 if disp.shape != (*fixed.shape, fixed.ndims):
@@ -667,23 +673,57 @@ def _config_dict(cfg) -> dict:
 
 
 def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
-             progress: Callable | None, recursions: int | None = None
+             progress: Callable | None, options: dict | None = None
              ) -> tuple[np.ndarray, dict]:
     """Network displacement on the original fixed grid (fixed voxels), and the model info.
 
-    With `recursions`, the model is rebuilt with that many cascades (`model.cascades`) and the
-    info gets `recursions`: the similarity after each recursion (see `recursion_table`)."""
+    The inputs are prepared by the preprocessing record the model was exported with. When the
+    model's method is installed and has a `RegisterHook`, the model is rebuilt through it: with
+    the overrides its hook derives from `options` (method-dependent options, e.g.
+    ``{"recursions": K}``; None values = not given), and its report hook adds to the info
+    (``info["report"]``, a `RegisterReport`)."""
     from tfreg.data import Preprocessing, field_to_source
+    from tfreg.errors import TfregError
+    from tfreg.export import load_model, read_model_info
+    from tfreg.registry import discover
 
-    if recursions is None:
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    info_json, saved_config = read_model_info(model_dir)
+    name = info_json.get("method")
+    loaded = discover().methods.get(name)
+    hook = loaded.method.register_hook if loaded is not None else None
+    for key in given:
+        flag = METHOD_OPTIONS.get(key, key)
+        if loaded is None:
+            raise ConfigError(f"{flag}: needs the plugin of method '{name}' installed "
+                              f"(model {model_dir})")
+        if hook is None or hook.overrides is None:
+            raise ConfigError(f"{flag}: method '{name}' of model {model_dir} takes no such "
+                              "option")
+    rebuild = hook is not None and (hook.report is not None or bool(given))
+    overrides = None
+    if rebuild:
+        flags = ", ".join(METHOD_OPTIONS.get(k, k) for k in given) or "--model"
+        try:
+            overrides = dict(hook.overrides(saved_config, given)) \
+                if given and hook.overrides is not None else {}
+        except TfregError as err:
+            raise ConfigError(f"{flags}: {reason(err)}") from None
+        try:
+            model = load_model(model_dir, overrides=overrides, rebuild=True)
+        except TfregError as err:
+            raise ConfigError(f"{flags}: model {model_dir}: {reason(err)}") from None
+    else:
         model = _load_model_once(str(Path(model_dir).resolve()),
                                  _mtime(Path(model_dir) / "tfreg_model.json"))
-    else:
-        model = _load_recursive(model_dir, recursions)
     if model.ndims != fixed.ndims:
         raise InputError(f"{fixed.path}: is {fixed.ndims}D but the model {model_dir} expects "
                          f"{model.ndims}D inputs of shape {model.inshape}")
-    settings = dict(model.preprocessing or {})
+    if model.preprocessing is None:
+        raise ConfigError(f"{model_dir}: the model records no inference preprocessing (its "
+                          "method's data source declares none), so tfreg register cannot "
+                          "prepare NIfTI inputs for it")
+    settings = dict(model.preprocessing)
     settings["shape"] = list(model.inshape)
     prep = Preprocessing.from_dict(settings, source=f"{model_dir}/tfreg_model.json",
                                    prefix="preprocessing.")
@@ -697,14 +737,14 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
     info = {"method": model.method, "inshape": model.inshape,
             # the network's inverse lives on the moving image's preprocessed grid
             "inverse": None if inverse is None else field_to_source(inverse, rec_m, rec_f)}
-    if recursions is not None:
-        from tfreg.config import load_yaml
+    if rebuild and hook.report is not None:
+        import tensorflow as tf
 
-        trained_model = load_yaml(Path(model_dir) / "config.yaml").get("model", {})
-        trained = trained_model.get("cascades")
-        if not trained_model.get("shared_weights", False) and recursions != trained:
-            trained = None  # cascades repeated in place: no step is the trained model
-        info["recursions"] = recursion_table(model.keras_model, f_in, m_in, trained)
+        inputs = loaded.method.io.model_inputs(
+            model.config, tf.constant(f_in[None, ..., None], tf.float32),
+            tf.constant(m_in[None, ..., None], tf.float32))
+        inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        info["report"] = hook.report(model.keras_model, saved_config, inputs, given)
     return field_to_source(disp, rec_f, rec_m), info
 
 
@@ -722,72 +762,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def recursion_overrides(config: dict, recursions: int) -> dict:
-    """Config overrides that run a cascade model with `recursions` steps.
-
-    Shared weights: ``{"model.cascades": K}`` (any K). Distinct cascades (n of them): each runs
-    ``K / n`` times in order, ``{"model.repeats": K // n}`` (the original's test-time recursion).
-
-    Raises:
-        ConfigError: K < 1, or K not a multiple of the n distinct cascades.
-    """
-    model = config.get("model") or {}
-    if recursions < 1:
-        raise ConfigError(f"--cascades: must be at least 1, got {recursions}")
-    if model.get("shared_weights", False):
-        return {"model.cascades": int(recursions)}
-    n = int(model.get("cascades") or 0)
-    if n < 1 or recursions % n:
-        raise ConfigError(f"--cascades: {recursions} is not a multiple of the {n} distinct "
-                          f"cascades of this model (each cascade runs K/{n} times; use K = "
-                          f"{n}, {2 * n}, {3 * n}, ...)")
-    return {"model.repeats": int(recursions) // n}
-
-
-def _load_recursive(model_dir: str | Path, recursions: int):
-    """Load a cascade model rebuilt to run `recursions` steps (`recursion_overrides`)."""
-    from tfreg.config import load_yaml
-    from tfreg.errors import TfregError
-    from tfreg.export import load_model
-
-    overrides = recursion_overrides(load_yaml(Path(model_dir) / "config.yaml"), int(recursions))
-    try:
-        return load_model(model_dir, overrides=overrides)
-    except TfregError as err:
-        raise ConfigError(f"--cascades: model {model_dir} cannot be run with {recursions} "
-                          f"recursions; it needs a cascade model ({reason(err)})") from None
-
-
-def recursion_table(keras_model, fixed: np.ndarray, moving: np.ndarray,
-                    trained: int | None = None) -> list[dict]:
-    """Similarity to the fixed image after each recursion of a cascade model.
-
-    Args:
-        keras_model: a model whose outputs include `warped_k` (k = 0..K; 0 = affine stem only).
-        fixed, moving: preprocessed network inputs `(*S)`.
-        trained: the number of cascades the model was trained with (marked in the table).
-
-    Returns:
-        One row per k: `{"recursions": k, "global_r": Pearson r, "local_ncc": signed local NCC
-        (tfreg.instance.local_ncc), "trained": k == trained}`, computed in one forward pass.
-    """
-    from tfreg import instance
-
-    batch = {"moving": moving[None, ..., None].astype(np.float32),
-             "fixed": fixed[None, ..., None].astype(np.float32)}
-    outputs = keras_model(batch, training=False)
-    steps = sorted(int(m.group(1)) for name in outputs
-                   if (m := re.fullmatch(r"warped_(\d+)", name)))
-    rows = []
-    for k in steps:
-        warped = np.asarray(outputs[f"warped_{k}"])[0, ..., 0]
-        r = np.corrcoef(fixed.ravel(), warped.ravel())[0, 1]
-        rows.append({"recursions": k, "global_r": _round(r),
-                     "local_ncc": _round(instance.local_ncc(fixed, warped)),
-                     "trained": trained is not None and k == trained})
-    return rows
 
 
 def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, steps: int,

@@ -10,10 +10,10 @@ Guide: ``docs/avsm.md``.
 """
 from __future__ import annotations
 
-from tfreg.registry import Method
+from tfreg.registry import Method, ModelIO, adam
 
 from . import affine, losses, model, schedule, vsvf
-from .data import symmetric_pipeline
+from .data import SYMMETRIC_DATA
 
 __all__ = ["METHOD", "AFFINE", "affine", "losses", "model", "schedule", "vsvf"]
 
@@ -24,7 +24,9 @@ AFFINE = Method(
     build_model=model.build_affine_model,
     build_loss=losses.build_loss,
     stages=schedule.affine_stages,
-    data_pipeline=symmetric_pipeline,
+    data=SYMMETRIC_DATA,
+    io=ModelIO(fields=("disp", "affine")),
+    optimizer=adam,
 )
 
 METHOD = Method(
@@ -35,6 +37,8 @@ METHOD = Method(
     build_model=model.build_avsm_model,
     build_loss=losses.build_loss,
     stages=schedule.avsm_stages,
-    data_pipeline=symmetric_pipeline,
-    needs_divisible_by=vsvf.DIVISOR,
+    data=SYMMETRIC_DATA,
+    io=ModelIO(fields=("disp", "affine", "vsvf_disp_*")),
+    optimizer=adam,
+    divisible_by=vsvf.DIVISOR,
 )

@@ -2,11 +2,13 @@
 ``loss.symmetric`` is set (the symmetry and inverse-consistency losses compare the halves)."""
 from __future__ import annotations
 
-from tfreg.data import make_dataset
+import dataclasses
+
+from tfreg.data import SPEC_DATA, make_dataset
 
 from .losses import symmetric_batch
 
-__all__ = ["symmetric_pipeline"]
+__all__ = ["symmetric_pipeline", "SYMMETRIC_DATA"]
 
 
 def symmetric_pipeline(spec, *, split="train", batch_size=1, seed=0, shuffle=True, repeat=True,
@@ -15,3 +17,16 @@ def symmetric_pipeline(spec, *, split="train", batch_size=1, seed=0, shuffle=Tru
     dataset = make_dataset(spec, split=split, batch_size=batch_size, seed=seed, shuffle=shuffle,
                            repeat=repeat, input_context=input_context)
     return dataset.map(symmetric_batch) if symmetric else dataset
+
+
+def _dataset(spec, config: dict, *, split: str, batch_size: int, seed: int, shuffle: bool,
+             repeat: bool, input_context=None):
+    """`symmetric_pipeline`, doubled when the config's ``loss.symmetric`` is true."""
+    symmetric = bool((config.get("loss") or {}).get("symmetric", True))
+    return symmetric_pipeline(spec, split=split, batch_size=batch_size, seed=seed,
+                              shuffle=shuffle, repeat=repeat, input_context=input_context,
+                              symmetric=symmetric)
+
+
+#: tfreg's data spec source (validation, checks, preprocessing record) with symmetric batches.
+SYMMETRIC_DATA = dataclasses.replace(SPEC_DATA, dataset=_dataset)

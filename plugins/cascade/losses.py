@@ -7,7 +7,7 @@ mean over the batch (the original sums over the batch; with Adam this only resca
   ``1 - r`` with ``r`` the global Pearson correlation (``loss.similarity: gncc``, default, eps 1e-6 on
   each variance), or ``1 + NCC(win=ncc_window)`` with voxelmorph's squared local NCC
   (``loss.similarity: ncc``). Both are 0 for a perfect match.
-- ``"smooth"``: ``reg_weight * sum_k R(f_k)`` over every deformable cascade's **own** flow ``f_k``
+- ``"smooth"``: ``smooth_weight * sum_k R(f_k)`` over every deformable cascade's **own** flow ``f_k``
   (not the composed field), with the original's
   ``R(f) = sum_d 0.5 * sum((f[x + e_d] - f[x])^2) / (prod(S) * N)`` (forward differences, all
   channels, per sample).
@@ -108,7 +108,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
         config: resolved config; reads ``loss:`` and ``model.{cascades, affine_stem}``.
 
     Returns:
-        ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "det", "ortho"]}``. ``outputs``
+        ``loss_fn(batch, outputs, ctx) -> {"sim", "smooth"[, "det", "ortho"]}``. ``outputs``
         are the model's (``"warped"``, ``"flow_1"``.. ``"flow_n"``, ``"affine"``).
 
     Raises:
@@ -117,13 +117,13 @@ def build(config: Mapping[str, Any]) -> LossFn:
     loss = config.get("loss") or {}
     model = config.get("model") or {}
     similarity = similarity_fn(loss)
-    reg_weight = _weight(loss, "reg_weight", 1.0)
+    reg_weight = _weight(loss, "smooth_weight", 1.0)
     det_weight = _weight(loss, "det_weight", 0.1)
     ortho_weight = _weight(loss, "ortho_weight", 0.1)
     stem = bool(model.get("affine_stem", True))
 
     def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
-                stage: Any = None) -> dict[str, tf.Tensor]:
+                ctx: Any = None) -> dict[str, tf.Tensor]:
         terms = {"sim": similarity(batch["fixed"], outputs["warped"])}
         flows = sorted((k for k in outputs if k.startswith("flow_")), key=lambda k: int(k[5:]))
         if flows:

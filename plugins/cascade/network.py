@@ -308,9 +308,10 @@ def vtn(inshape: Sequence[int], arch: Architecture, name: str) -> keras.Model:
         if level > 1:
             pred = conv(ndims, 3, padding="same", kernel_initializer=init, name=f"pred{level}")(features)
     # small initial flow (start near the identity); the original initialises this layer like the others
+    # the flow head computes in float32 under mixed precision (a field; 1e-5 weights)
     flow = deconv(ndims, 4, strides=2, padding="same", use_bias=False,
                   kernel_initializer=keras.initializers.RandomNormal(stddev=1e-5),
-                  name="upsamp1to0")(features)
+                  name="upsamp1to0", dtype="float32")(features)
     flow = FlowScale(VTN_FLOW_GAIN * arch.flow_multiplier, name="flow_scale")(flow)
     return keras.Model([fixed, moving], flow, name=name)
 
@@ -348,7 +349,7 @@ def unet(inshape: Sequence[int], arch: Architecture, name: str) -> keras.Model:
     x = keras.layers.Concatenate(name=f"dec{levels}_concat")([x, inputs])
     for i in range(levels + 1, len(dec)):
         x = _conv_act(x, dec[i], 1, f"dec{i}", ndims)
-    flow = _conv(ndims)(ndims, 3, padding="same", name="flow",
+    flow = _conv(ndims)(ndims, 3, padding="same", name="flow", dtype="float32",
                         kernel_initializer=keras.initializers.RandomNormal(stddev=1e-5))(x)
     flow = FlowScale(arch.flow_multiplier, name="flow_scale")(flow)
     return keras.Model([fixed, moving], flow, name=name)
@@ -371,8 +372,11 @@ def affine_stem(inshape: Sequence[int], arch: Architecture, name: str = "affine_
     x = keras.layers.Concatenate(name="concat_input")([fixed, moving])
     x = _vtn_encoder(x, arch.vtn_channels, arch.vtn_levels, ndims)[-1]
     x = keras.layers.Flatten(name="flatten")(x)
-    w = keras.layers.Dense(ndims * ndims, use_bias=False, kernel_initializer="zeros", name="head_W")(x)
-    b = keras.layers.Dense(ndims, use_bias=False, kernel_initializer="zeros", name="head_b")(x)
+    # the heads compute the transform: float32 also under mixed precision
+    w = keras.layers.Dense(ndims * ndims, use_bias=False, kernel_initializer="zeros", name="head_W",
+                           dtype="float32")(x)
+    b = keras.layers.Dense(ndims, use_bias=False, kernel_initializer="zeros", name="head_b",
+                           dtype="float32")(x)
     affine = AffineMatrix(ndims, name="affine")([w, b])
     return keras.Model([fixed, moving], affine, name=name)
 

@@ -89,7 +89,8 @@ def _number(value, key: str, allow_none: bool = False) -> float | None:
 
 
 def loss_options(config: dict) -> LossOptions:
-    """Read ``model.variant``, ``loss.smooth`` (null: the variant's default) and ``loss.antifold``.
+    """Read ``model.variant``, ``loss.smooth_weight`` (null: the variant's default) and
+    ``loss.antifold``.
 
     Raises:
         ConfigError: ``"loss.<key>: <problem>"`` (or ``"model.<key>: ..."``).
@@ -97,7 +98,7 @@ def loss_options(config: dict) -> LossOptions:
     model = model_options(config)
     variant = model.variant
     section = config.get("loss") or {}
-    smooth = _number(section.get("smooth"), "smooth", allow_none=True)
+    smooth = _number(section.get("smooth_weight"), "smooth_weight", allow_none=True)
     antifold = _number(section.get("antifold", 0.0), "antifold")
     return LossOptions(variant=variant,
                        smooth=DEFAULT_SMOOTH[variant] if smooth is None else smooth,
@@ -147,7 +148,7 @@ def negative_jacobian(disp: tf.Tensor) -> tf.Tensor:
 def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tensor]]:
     """The `LossFn` of a resolved config.
 
-    The returned ``loss_fn(batch, outputs, stage)`` reads the level from ``stage.name``
+    The returned ``loss_fn(batch, outputs, ctx)`` reads the level from ``ctx.stage.name``
     (``"level1"``...) and returns weighted scalar terms ``{"ncc", "smooth"}`` plus ``"antifold"``
     when ``loss.antifold > 0``. It needs ``batch["fixed"]`` `(B, *S, 1)` and the outputs of
     `network.level_outputs(level, variant)`.
@@ -158,8 +159,8 @@ def build_loss(config: dict) -> Callable[[dict, dict, object], dict[str, tf.Tens
                   for level in range(1, LEVELS + 1)}
     field_key = "velocity" if opts.variant == "diffeomorphic" else "disp"
 
-    def loss_fn(batch: dict, outputs: dict, stage) -> dict[str, tf.Tensor]:
-        level = stage_level(stage.name)
+    def loss_fn(batch: dict, outputs: dict, ctx) -> dict[str, tf.Tensor]:
+        level = stage_level(ctx.stage.name)
         fixed = tf.cast(batch["fixed"], "float32")
         for _ in range(LEVELS - level):
             fixed = pool_half(fixed)

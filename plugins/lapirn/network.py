@@ -307,9 +307,9 @@ def _crn(x, prev_embedding, level: int, bound: list[float], opts: ModelOptions):
     prefix = f"lapirn_l{level}_"
     feats = opts.features
 
-    def conv(filters: int, name: str, strides: int = 1):
+    def conv(filters: int, name: str, strides: int = 1, **kwargs):
         return conv_cls(filters, 3, strides=strides, padding="same", use_bias=False,
-                        kernel_initializer=_initializer(), name=prefix + name)
+                        kernel_initializer=_initializer(), name=prefix + name, **kwargs)
 
     def lrelu(name: str):
         return keras.layers.LeakyReLU(negative_slope=0.2, name=prefix + name)
@@ -333,7 +333,7 @@ def _crn(x, prev_embedding, level: int, bound: list[float], opts: ModelOptions):
     head = keras.layers.Concatenate(name=prefix + "skip_concat")([embedding, fea])
     head = conv(feats, "head_conv1")(head)
     head = lrelu("head_act1")(head)
-    head = conv(ndims, "head_conv2")(head)
+    head = conv(ndims, "head_conv2", dtype="float32")(head)  # the field head: float32
     head = keras.layers.Activation("softsign", dtype="float32", name=prefix + "softsign")(head)
     field = ChannelScale(bound, name=prefix + "to_voxels")(head)
     return field, embedding
@@ -411,14 +411,15 @@ def build_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
         increment, prev_embedding = _crn(x, prev_embedding, level, bound, opts)
 
         if opts.variant == "diffeomorphic":
+            # the summed velocity is a field: float32 also under mixed precision
             velocity = increment if level == 1 else keras.layers.Add(
-                name=prefix + "velocity")([increment, up_field])
+                name=prefix + "velocity", dtype="float32")([increment, up_field])
             disp = RecomputedVecInt(opts.int_steps, name=prefix + "integrate")(velocity)
             outputs[f"velocity_l{level}"] = velocity
             prev_field = velocity
         else:
             disp = increment if level == 1 else keras.layers.Add(
-                name=prefix + "disp")([increment, up_disp])
+                name=prefix + "disp", dtype="float32")([increment, up_disp])
             prev_field = disp
         warped = SpatialTransformer(name=prefix + "warp")([movings[level], disp])
         outputs[f"disp_l{level}"] = disp

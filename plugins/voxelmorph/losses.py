@@ -55,12 +55,13 @@ def _number(loss: Mapping[str, Any], key: str, *, positive: bool = False) -> flo
 
 
 def grad_weight(loss: Mapping[str, Any], probabilistic: bool = False) -> float:
-    """The regulariser weight lambda: ``loss.lambda``, or when it is null the voxelmorph default
-    for the image loss (Grad), or 1 for the KL term of the probabilistic model."""
+    """The smoothness weight (voxelmorph's lambda): ``loss.smooth_weight``, or when it is null
+    the voxelmorph default for the image loss (Grad), or 1 for the KL term of the probabilistic
+    model."""
     image = loss.get("image", "mse")
-    if loss.get("lambda") is None:
+    if loss.get("smooth_weight") is None:
         return 1.0 if probabilistic else DEFAULT_LAMBDA[image]
-    return _number(loss, "lambda")
+    return _number(loss, "smooth_weight")
 
 
 def label_values(loss: Mapping[str, Any]) -> list[int] | None:
@@ -116,7 +117,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
             ``model.{bidir, int_resolution, probabilistic}``.
 
     Returns:
-        ``loss_fn(batch, outputs, stage) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
+        ``loss_fn(batch, outputs, ctx) -> {"sim", "smooth"[, "dice"]}`` of scalar float32
         tensors. ``batch`` holds ``"fixed"``, ``"moving"`` `(B, *S, 1)` and optionally
         ``"fixed_labels"``, ``"moving_labels"`` `(B, *S, 1)` int32; ``outputs`` are the model's
         (``"warped"``, ``"disp"``, ``"preint_flow"``, with bidir ``"warped_fixed"``, with
@@ -163,7 +164,7 @@ def build(config: Mapping[str, Any]) -> LossFn:
                           "train on data with label maps)")
 
     def loss_fn(batch: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
-                stage: Any = None) -> dict[str, tf.Tensor]:
+                ctx: Any = None) -> dict[str, tf.Tensor]:
         fixed, moving = batch["fixed"], batch["moving"]
         terms = {}
         if similarity is not None and bidir:

@@ -320,7 +320,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
     outputs.update(warped=warped, disp=pos, preint_flow=preint_flow)
 
     if arch.bidir:
-        neg = keras.layers.Rescaling(-1.0, name="neg_flow")(flow)
+        neg = keras.layers.Rescaling(-1.0, name="neg_flow", dtype="float32")(flow)
         if arch.int_steps > 0:
             neg = VecInt(arch.int_steps, name="neg_flow_int")(neg)
         neg = _resize_to(neg, shape[0], "neg_diffflow")

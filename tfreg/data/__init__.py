@@ -10,6 +10,7 @@ Public API::
     record = spec.plan(volume); x = spec.preprocess(volume, record=record)
     record.restore(array); field_to_source(disp, fixed_record, moving_record)
 
+``SPEC_DATA`` is the `tfreg.registry.DataSource` of methods trained on data specs.
 The spec format is documented in ``configs/data/README.md``; TensorFlow is imported only by
 `make_dataset` and the augmentation.
 """
@@ -33,6 +34,7 @@ def open_data(path):
     if is_label_map_spec(load_yaml(path)):
         return LabelMapSource.from_yaml(path)
     return DataSpec.from_yaml(Path(path))
+from tfreg.data.spec_data import SPEC_DATA
 
 __all__ = [
     "DataSpec",
@@ -48,4 +50,5 @@ __all__ = [
     "Augmentation",
     "VolumeCache",
     "default_cache_dir",
+    "SPEC_DATA",
 ]

@@ -14,8 +14,8 @@ Run directory written by `train`::
 
 from .checkpoint import Checkpointer, RunState
 from .logging import versions, write_versions
-from .loop import (LR_SCHEDULES, PRECISIONS, TrainingInterrupted, TrainResult, dtype_policy,
-                   learning_rate_at, train)
+from .loop import (LR_SCHEDULES, PRECISIONS, TrainingInterrupted, TrainResult, check_model,
+                   dtype_policy, learning_rate_at, train)
 from .strategy import (check_global_batch, configure_devices, is_chief, make_strategy,
                        multi_worker_config, parse_devices, parse_gpus)
 
@@ -23,5 +23,5 @@ __all__ = [
     "train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "LR_SCHEDULES", "PRECISIONS",
     "make_strategy", "configure_devices", "parse_devices", "parse_gpus", "is_chief",
     "multi_worker_config", "check_global_batch", "Checkpointer", "RunState", "dtype_policy",
-    "versions", "write_versions",
+    "check_model", "versions", "write_versions",
 ]

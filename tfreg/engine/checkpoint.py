@@ -1,8 +1,8 @@
 """The training state (``state.json``) and the checkpoint manager.
 
-A checkpoint (`tf.train.Checkpoint`) holds the model, the optimizer (with its slot variables and
-loss scale), and three counters: the global step, the index of the current stage and the steps
-done inside it. `state.json` mirrors the counters for people and tools; the checkpoint is the
+A checkpoint (`tf.train.Checkpoint`) holds the model, the optimizer of the stage in progress (with
+its slot variables and loss scale; every stage may have its own), and three counters: the global
+step, the index of the current stage and the steps done inside it. `state.json` mirrors the counters for people and tools; the checkpoint is the
 source of truth on resume. TensorFlow writes checkpoint data to a temporary name and renames it,
 and updates the `checkpoint` index file atomically, so an interrupted save leaves the previous
 checkpoint usable.
@@ -85,7 +85,8 @@ class Checkpointer:
     Args:
         run_dir: the run directory.
         model: the Keras model.
-        optimizer: the (built) Keras optimizer.
+        optimizer: the (built) Keras optimizer of the current stage, or None until
+            `set_optimizer` is called.
         keep: number of checkpoints kept.
         chief: whether this process writes the run directory.
     """
@@ -93,23 +94,47 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, model, optimizer, keep: int, chief: bool = True):
         self.run_dir = Path(run_dir)
         self.chief = chief
+        self.model = model
+        self.keep = max(1, int(keep))
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.stage = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage")
         self.stage_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage_step")
-        self.checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, step=self.step, stage=self.stage,
-            stage_step=self.stage_step,
-        )
         if chief:
             self.directory = self.run_dir / "checkpoints"
             self._temp = None
         else:
             self._temp = tempfile.mkdtemp(prefix="tfreg-worker-ckpt-")
             self.directory = Path(self._temp)
+        self.set_optimizer(optimizer)
+
+    def set_optimizer(self, optimizer) -> None:
+        """Checkpoint `optimizer` (the current stage's) from now on, with the model and counters."""
+        self.optimizer = optimizer
+        objects = dict(model=self.model, step=self.step, stage=self.stage,
+                       stage_step=self.stage_step)
+        if optimizer is not None:
+            objects["optimizer"] = optimizer
+        self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(self.directory), max_to_keep=max(1, int(keep)),
-            checkpoint_name="ckpt",
+            self.checkpoint, str(self.directory), max_to_keep=self.keep, checkpoint_name="ckpt",
         )
+
+    def counters(self) -> tuple[int, int, int] | None:
+        """`(step, stage, stage_step)` of the newest checkpoint (nothing else is restored), or
+        None without one; tells which stage's optimizer the checkpoint holds."""
+        latest = self.latest
+        if latest is None:
+            return None
+        counters = tf.train.Checkpoint(step=tf.Variable(0, dtype=tf.int64),
+                                       stage=tf.Variable(0, dtype=tf.int64),
+                                       stage_step=tf.Variable(0, dtype=tf.int64))
+        try:
+            counters.restore(latest).expect_partial()
+        except (ValueError, tf.errors.OpError) as err:
+            raise ConfigError(f"{latest}: not a readable tfreg checkpoint "
+                              f"({reason(err)})") from None
+        return (int(counters.step.numpy()), int(counters.stage.numpy()),
+                int(counters.stage_step.numpy()))
 
     @property
     def latest(self) -> str | None:

@@ -2,16 +2,20 @@
 
 One training step, per replica (`strategy.run`):
 
-1. the stage's sub-model maps the batch's ``{"fixed", "moving"}`` to its outputs (cast to
-   float32, also under ``mixed_float16``);
-2. the method's `LossFn` returns named, already weighted terms; their sum, divided by the number
-   of replicas, is the replica's share of the global-batch loss;
+1. the stage's sub-model maps the batch's model inputs (`ModelIO.inputs`) to its outputs (cast
+   to float32, also under ``mixed_float16``);
+2. the method's `LossFn` returns named, already weighted terms, given a `LossContext` with the
+   global and in-stage step; their sum, divided by the number of replicas, is the replica's share
+   of the global-batch loss;
 3. gradients of the trainable, non-frozen variables are summed over replicas, clipped by their
-   global norm if asked, and applied by one Adam optimizer (wrapped in a `LossScaleOptimizer`
-   under ``mixed_float16``).
+   global norm if asked, and applied by the stage's optimizer (wrapped in a
+   `LossScaleOptimizer` under ``mixed_float16``).
 
-The learning rate is set from Python before each step from the stage's base rate and the
-schedule, so one optimizer (one checkpointed state) serves every stage.
+Every stage gets a fresh optimizer from the method's factory (`Method.optimizer`), so parameters
+that start training in a later stage take the first steps of a fresh optimizer (Adam's bias
+correction counts from the stage's first step); a stage with ``keep_optimizer`` continues the
+previous one. The learning rate is set from Python before each step from the stage's base rate
+and the schedule.
 """
 
 from __future__ import annotations
@@ -30,17 +34,17 @@ import keras
 import tensorflow as tf
 
 from tfreg.config import dump_yaml
-from tfreg.errors import ConfigError, TfregError
+from tfreg.errors import ConfigError, MethodError, TfregError
 from tfreg.io import atomic_path
+from tfreg.registry import LossContext
 
 from .checkpoint import Checkpointer, RunState
 from .logging import (TrainLogger, describe_distribution, distribution, record_distribution,
                       write_versions)
 from .strategy import check_global_batch, is_chief, make_strategy
-from .validation import ValDice
 
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "dtype_policy",
-           "LR_SCHEDULES", "PRECISIONS"]
+           "check_model", "LR_SCHEDULES", "PRECISIONS"]
 
 #: ``train.lr_schedule`` values.
 LR_SCHEDULES = ("constant", "cosine", "exponential")
@@ -67,7 +71,8 @@ class TrainResult:
         losses: loss terms and ``total`` of the last step.
         history: per step ``{"step", "stage", "total", <terms>..., "lr", "time"}`` for the steps
             run by this call (``time``: seconds since the call started, at the end of the step).
-        validation: ``(step, mean val Dice)`` at each checkpoint (empty without validation).
+        validation: ``(step, {metric: value})`` at each checkpoint (empty without a validator;
+            tfreg's data spec source gives ``{"dice": mean val Dice}``).
         model: the trained Keras model (all outputs).
         strategy: the `tf.distribute.Strategy` used.
     """
@@ -77,7 +82,7 @@ class TrainResult:
     finished: bool
     losses: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
-    validation: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     model: keras.Model | None = None
     strategy: Any = None
 
@@ -195,16 +200,20 @@ def _to_float32(outputs: dict) -> dict:
 
 def _make_step(strategy: tf.distribute.Strategy, model: keras.Model, variables: list,
                loss_fn: Callable, stage: Any, optimizer: keras.optimizers.Optimizer,
-               clip_norm: float | None, mixed: bool, jit_compile: bool) -> Callable:
-    """A `tf.function` running one distributed training step on a distributed batch and
-    returning the loss terms (with ``"total"``) of the global batch."""
+               clip_norm: float | None, mixed: bool, jit_compile: bool,
+               input_names: tuple[str, ...]) -> Callable:
+    """A `tf.function` ``step(dist_batch, global_step, stage_step)`` running one distributed
+    training step and returning the loss terms (with ``"total"``) of the global batch; the two
+    steps are int64 scalars handed to the loss in its `LossContext`."""
     replicas = strategy.num_replicas_in_sync
 
-    def forward_backward(batch: dict) -> tuple[dict, list]:
-        inputs = {"fixed": batch["fixed"], "moving": batch["moving"]}
+    def forward_backward(batch: dict, global_step: tf.Tensor, stage_step: tf.Tensor
+                         ) -> tuple[dict, list]:
+        inputs = {name: batch[name] for name in input_names}
+        ctx = LossContext(stage=stage, step=global_step, stage_step=stage_step)
         with tf.GradientTape() as tape:
             outputs = _to_float32(model(inputs, training=True))
-            terms = {k: tf.cast(v, tf.float32) for k, v in loss_fn(batch, outputs, stage).items()}
+            terms = {k: tf.cast(v, tf.float32) for k, v in loss_fn(batch, outputs, ctx).items()}
             total = tf.add_n(list(terms.values())) if terms else tf.constant(0.0)
             share = total / replicas
             scaled = optimizer.scale_loss(share) if mixed else share
@@ -216,8 +225,8 @@ def _make_step(strategy: tf.distribute.Strategy, model: keras.Model, variables: 
     if jit_compile:
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(batch: dict) -> dict:
-        terms, grads = forward_backward(batch)
+    def replica_step(batch: dict, global_step: tf.Tensor, stage_step: tf.Tensor) -> dict:
+        terms, grads = forward_backward(batch, global_step, stage_step)
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
         grads = [g for g, _ in pairs]
         used = [v for _, v in pairs]
@@ -235,49 +244,109 @@ def _make_step(strategy: tf.distribute.Strategy, model: keras.Model, variables: 
         return terms
 
     @tf.function
-    def step(dist_batch: Any) -> dict:
-        per_replica = strategy.run(replica_step, args=(dist_batch,))
+    def step(dist_batch: Any, global_step: tf.Tensor, stage_step: tf.Tensor) -> dict:
+        per_replica = strategy.run(replica_step, args=(dist_batch, global_step, stage_step))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for k, v in per_replica.items()}
 
     return step
 
 
-def _inshape(dataset_fn: Callable, spec: Any) -> tuple[int, ...]:
-    """Spatial input shape: from the pipeline's element spec, else ``spec.shape``."""
+def _field_layers(tensor: Any) -> list:
+    """The layers that compute a symbolic Keras tensor back to (and including) the nearest
+    layers with trainable weights on every path (the field's heads), looking inside nested
+    functional models: the layers whose precision the field's values depend on directly."""
+    found, seen = [], set()
+    stack = [tensor]
+    while stack:
+        history = getattr(stack.pop(), "_keras_history", None)
+        if not history:
+            continue
+        operation, node_index, tensor_index = history
+        if isinstance(operation, keras.Model):  # nested functional model: its output's producer
+            outputs = tf.nest.flatten(operation.output)
+            stack.append(outputs[tensor_index] if tensor_index < len(outputs) else outputs[0])
+            continue
+        if id(operation) in seen or isinstance(operation, keras.layers.InputLayer):
+            continue
+        seen.add(id(operation))
+        found.append(operation)
+        if getattr(operation, "trainable_weights", None):
+            continue  # a head: what comes before it is features, not the field
+        nodes = getattr(operation, "_inbound_nodes", [])
+        if node_index < len(nodes):
+            stack.extend(tf.nest.flatten(nodes[node_index].input_tensors))
+    return found
+
+
+def check_model(model: keras.Model, method: Any, precision: str) -> None:
+    """Refuse a model that does not match its method's `ModelIO` (one-line `MethodError`).
+
+    Checks: the model's inputs are `io.inputs`; its outputs include `io.warped` and `io.disp`;
+    every output declared a field (`io.fields`) is float32, and so is every layer computing it
+    from its heads (the nearest layers with trainable weights) on, under ``mixed_float16`` and
+    ``mixed_bfloat16`` too: a 20-voxel displacement in bfloat16 is quantised to 1/8 voxel.
+    """
+    io = method.io
+    inputs = model.input if isinstance(model.input, dict) else None
+    if inputs is None or set(inputs) != set(io.inputs):
+        got = sorted(inputs) if inputs is not None else "unnamed inputs"
+        raise MethodError(f"method '{method.name}': the model's inputs are {got}, its ModelIO "
+                          f"declares {sorted(io.inputs)} (build a model with dict inputs)")
+    outputs = model.output if isinstance(model.output, dict) else None
+    if outputs is None:
+        raise MethodError(f"method '{method.name}': the model has no named outputs (return a "
+                          "dict of outputs)")
+    for name in (io.warped, io.disp):
+        if name not in outputs:
+            raise MethodError(f"method '{method.name}': the model has no output '{name}' "
+                              f"(outputs: {', '.join(outputs)})")
+    for name, tensor in outputs.items():
+        if not io.is_field(name):
+            continue
+        dtype = str(getattr(tensor.dtype, "name", tensor.dtype))
+        low = [layer for layer in _field_layers(tensor)
+               if getattr(layer, "compute_dtype", "float32") != "float32"]
+        if dtype != "float32" or low:
+            what = dtype if dtype != "float32" else \
+                f"{low[0].compute_dtype} by layer '{low[0].name}'"
+            raise MethodError(f"method '{method.name}': output '{name}' is a field but is "
+                              f"computed in {what} under train.precision {precision}; fields "
+                              "must stay float32 (give that layer dtype='float32')")
+
+
+def _inshape(dataset_fn: Callable, source: Any, data: Any, io: Any) -> tuple[int, ...]:
+    """Spatial input shape: the data source's, else the first model input's in the element spec.
+
+    Raises:
+        MethodError: the batches lack a model input.
+        ConfigError: the shape cannot be told.
+    """
     element = dataset_fn(None).element_spec
-    shape = tuple(element["fixed"].shape[1:-1])
+    missing = [name for name in io.inputs if name not in element]
+    if missing:
+        raise MethodError(f"the data batches lack the model input '{missing[0]}' (batch keys: "
+                          f"{', '.join(element)})")
+    if source.inshape is not None:
+        return tuple(int(s) for s in source.inshape(data))
+    shape = tuple(element[io.inputs[0]].shape[1:-1])
     if all(isinstance(s, int) for s in shape) and shape:
         return shape
-    fallback = getattr(spec, "shape", None)
-    if fallback is None:
-        raise ConfigError("data: the pipeline does not give a fixed spatial shape; set 'shape' "
-                          "in the data spec")
-    return tuple(int(s) for s in fallback)
+    raise ConfigError("data: the pipeline does not give a fixed spatial shape")
 
 
-def _dataset_function(method: Any, spec: Any, global_batch: int, seed: int) -> Callable:
-    """``input_context -> tf.data.Dataset`` of per-replica batches (the method's pipeline or
-    `tfreg.data.make_dataset`)."""
-    pipeline = method.data_pipeline
-    if pipeline is None:
-        from tfreg.data import make_dataset as pipeline
+def _dataset_function(source: Any, data: Any, config: dict, global_batch: int,
+                      seed: int) -> Callable:
+    """``input_context -> tf.data.Dataset`` of per-replica training batches from the method's
+    data source."""
 
     def dataset_fn(input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
         batch = (input_context.get_per_replica_batch_size(global_batch)
                  if input_context is not None else global_batch)
-        return pipeline(spec, split="train", batch_size=batch, seed=seed, shuffle=True,
-                        repeat=True, input_context=input_context)
+        return source.dataset(data, config, split="train", batch_size=batch, seed=seed,
+                              shuffle=True, repeat=True, input_context=input_context)
 
     return dataset_fn
-
-
-def _preprocessing(spec: Any) -> dict | None:
-    """The data spec's preprocessing settings as a plain dict (None if it has none)."""
-    prep = getattr(spec, "preprocessing", None)
-    if hasattr(prep, "to_dict"):
-        return prep.to_dict()
-    return dict(prep) if isinstance(prep, dict) else None
 
 
 def _first_replica(value: Any, strategy: tf.distribute.Strategy) -> Any:
@@ -297,21 +366,26 @@ def _save_final_model(model: keras.Model, run_dir: Path, log: TrainLogger) -> No
                     "model.weights.h5 holds the trained weights")
 
 
-def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
+def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
           devices: list[str] | None = None, resume: bool = False,
-          strategy: tf.distribute.Strategy | None = None, verbose: int = 1) -> TrainResult:
-    """Train `method` on `spec` with a resolved `config`, writing everything into `run_dir`.
+          strategy: tf.distribute.Strategy | None = None, verbose: int = 1,
+          fast_dev_run: int | None = None) -> TrainResult:
+    """Train `method` on `data` with a resolved `config`, writing everything into `run_dir`.
 
     Args:
         method: a `tfreg.registry.LoadedMethod` (or `Method`).
         config: resolved config (``train:`` section as `tfreg.config.TRAIN_DEFAULTS`).
-        spec: the data spec handed to the data pipeline (`tfreg.data.DataSpec`).
+        data: what the method's data source opened from ``--data``
+            (``method.data_source.open``), e.g. a `tfreg.data.DataSpec`.
         run_dir: run directory; created if needed.
         devices: ``["cpu:0", "cpu:1"]``, ``["gpu:0", ...]`` or None (one device); ignored when
             `strategy` is given. With ``TF_CONFIG`` set, multi-worker training.
         resume: continue from the newest checkpoint of `run_dir`.
         strategy: an existing `tf.distribute.Strategy` to use instead of `devices`.
         verbose: 1 shows a progress bar, 0 nothing.
+        fast_dev_run: a smoke run: `fast_dev_run` steps of every stage (whatever its configured
+            steps), validation once at the end, no periodic checkpoints; the run directory is
+            complete (exportable).
 
     Returns:
         `TrainResult`.
@@ -319,18 +393,31 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     Raises:
         ConfigError: invalid ``train:`` values, batch not divisible by the replicas, or a run
             directory that already has checkpoints without `resume`.
+        MethodError: a model that does not match the method's `ModelIO` (inputs, outputs,
+            float32 fields).
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
     """
     loaded = method
     method = getattr(loaded, "method", loaded)
+    source = method.data_source
+    io = method.io
     run_dir = Path(run_dir).resolve()
     tcfg = config["train"]
     _check_train_config(tcfg)
+    method.check_config(config)
+    if fast_dev_run is not None and (isinstance(fast_dev_run, bool) or fast_dev_run < 1):
+        raise ConfigError(f"--fast-dev-run: expected an integer >= 1, got {fast_dev_run!r}")
     strategy = strategy or make_strategy(devices)
     chief = is_chief(strategy)
     global_batch = int(tcfg["batch_size"])
     check_global_batch(global_batch, strategy)
     stages = method.resolve_stages(config)
+    if fast_dev_run is not None:
+        import dataclasses
+
+        stages = [dataclasses.replace(s, steps=int(fast_dev_run),
+                                      freeze_steps=min(s.freeze_steps, int(fast_dev_run)))
+                  for s in stages]
 
     state = RunState.load(run_dir) if resume else None
     if not resume and (run_dir / "checkpoints" / "checkpoint").exists():
@@ -345,25 +432,44 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     mixed = precision == "mixed_float16"  # float16 needs loss scaling; bfloat16 does not
     # a resumed run sees other data than the first attempt: shift the pipeline seed
     data_seed = seed + (state.step if state else 0)
-    dataset_fn = _dataset_function(method, spec, global_batch, data_seed)
-    inshape = _inshape(dataset_fn, spec)
+    dataset_fn = _dataset_function(source, data, config, global_batch, data_seed)
+    inshape = _inshape(dataset_fn, source, data, io)
 
     with strategy.scope():
         with dtype_policy(precision):
             model = method.build_model(config, inshape)
-        optimizer = keras.optimizers.Adam(learning_rate=float(tcfg["learning_rate"]))
-        if mixed:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
         loss_fn = method.build_loss(config)
+    check_model(model, method, precision)
+
+    def make_optimizer(index: int) -> keras.optimizers.Optimizer:
+        """A fresh optimizer for stage `index` (from the first stage of its keep_optimizer run)."""
+        root = index
+        while root > 0 and stages[root].keep_optimizer:
+            root -= 1
+        with strategy.scope():
+            optimizer = method.optimizer(config, stages[root])
+            if not isinstance(optimizer, keras.optimizers.Optimizer):
+                raise MethodError(f"method '{method.name}': optimizer() returned "
+                                  f"{type(optimizer).__name__}, expected a "
+                                  "keras.optimizers.Optimizer")
+            if mixed:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+        return optimizer
+
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and loss could be built
-    ckpt = Checkpointer(run_dir, model, optimizer, keep=tcfg["keep_checkpoints"], chief=chief)
+    ckpt = Checkpointer(run_dir, model, None, keep=tcfg["keep_checkpoints"], chief=chief)
 
     step, stage_index, stage_step = 0, 0, 0
+    optimizer = None
     if resume:
-        restored = ckpt.restore()
-        if restored is not None:
-            step, stage_index, stage_step = restored
+        counters = ckpt.counters()
+        if counters is not None:
+            step, stage_index, stage_step = counters
+            if stage_index < len(stages):  # the checkpoint holds this stage's optimizer
+                optimizer = make_optimizer(stage_index)
+                ckpt.set_optimizer(optimizer)
+            ckpt.restore()
 
     if chief:
         dump_yaml(config, run_dir / "config.yaml")
@@ -374,11 +480,12 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
         record_distribution(run_dir, placement, step)
     log.message(describe_distribution(placement))
     names = [s.name for s in stages]
+    preprocessing = source.preprocessing(data) if source.preprocessing is not None else None
     run_state = RunState(step=step, stage=stage_index, stage_step=stage_step,
                          stages=names, inshape=list(inshape),
                          stage_name=names[stage_index] if stage_index < len(stages) else "",
                          checkpoint=state.checkpoint if state else None,
-                         preprocessing=_preprocessing(spec))
+                         preprocessing=preprocessing)
     remaining = sum(max(s.steps - (stage_step if i == stage_index else 0), 0)
                     for i, s in enumerate(stages) if i >= stage_index)
     if resume and remaining == 0:
@@ -388,8 +495,16 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
     history: list[dict[str, float]] = []
     last_terms: dict[str, float] = {}
 
-    validator = ValDice.create(method, spec, int(tcfg["val_pairs"])) if chief else None
-    validation: list[tuple[int, float]] = []
+    validator = None
+    if chief and source.validation is not None:
+        validator = source.validation(data, config, io)
+    validation: list[tuple[int, dict[str, float]]] = []
+
+    def run_validation() -> None:
+        metrics = {k: float(v) for k, v in validator(model).items()}
+        validation.append((step, metrics))
+        for key, value in metrics.items():
+            log.value(f"val/{key}", value, step)
 
     def save(stage_i: int, stage_s: int, validate: bool = True) -> None:
         nonlocal last_saved
@@ -402,11 +517,10 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
             run_state.stage_name = names[stage_i] if stage_i < len(names) else ""
             run_state.checkpoint = path
             run_state.save(run_dir)
-        if validator is not None and validate:
-            score = validator(model)
-            validation.append((step, score))
-            log.value("val/dice", score, step)
+        if validator is not None and validate and fast_dev_run is None:
+            run_validation()
 
+    checkpoint_every = tcfg["checkpoint_every"] if fast_dev_run is None else 2**62
     iterator = None
     started = time.perf_counter()
     try:
@@ -417,6 +531,11 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                 start = stage_step if index == stage_index else 0
                 if start >= stage.steps:
                     continue
+                if optimizer is None or index != stage_index or start == 0:
+                    if not (stage.keep_optimizer and optimizer is not None):
+                        optimizer = make_optimizer(index)
+                    ckpt.set_optimizer(optimizer)
+                stage_index = index
                 if iterator is None:
                     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
                 sub = _submodel(model, stage.outputs)
@@ -430,11 +549,12 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                         variables = _trainable(sub, stage.frozen if frozen else ())
                         steps_fns[frozen] = _make_step(
                             strategy, sub, variables, loss_fn, stage, optimizer,
-                            tcfg["clip_norm"], mixed, bool(tcfg.get("jit_compile", False)))
+                            tcfg["clip_norm"], mixed, bool(tcfg.get("jit_compile", False)),
+                            io.inputs)
                     lr = learning_rate_at(tcfg, base_lr, s, stage.steps)
                     optimizer.learning_rate = lr
                     batch = next(iterator)
-                    terms = _run_step(steps_fns[frozen], batch, precision)
+                    terms = _run_step(steps_fns[frozen], batch, step, s, precision)
                     step += 1
                     stage_step = s + 1
                     last_terms = terms
@@ -445,8 +565,8 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                     if step % tcfg["log_every"] == 0 or stage_step == stage.steps:
                         log.scalars(step, shown, terms["total"], lr)
                     if chief and step % tcfg["image_every"] == 0:
-                        _log_images(log, model, _first_replica(batch, strategy), step)
-                    if step % tcfg["checkpoint_every"] == 0:
+                        _log_images(log, model, _first_replica(batch, strategy), step, io)
+                    if step % checkpoint_every == 0:
                         save(index, stage_step)
                     if stop.signum is not None:
                         save(index, stage_step, validate=False)
@@ -464,6 +584,8 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
         if not chief:
             ckpt.close()
 
+    if validator is not None and fast_dev_run is not None:
+        run_validation()
     if chief:
         _save_final_model(model, run_dir, log)
         run_state.step, run_state.finished = step, True
@@ -475,10 +597,12 @@ def train(method: Any, config: dict, spec: Any, run_dir: str | Path, *,
                        strategy=strategy)
 
 
-def _run_step(step_fn: Callable, batch: Any, precision: str) -> dict[str, float]:
+def _run_step(step_fn: Callable, batch: Any, step: int, stage_step: int, precision: str
+              ) -> dict[str, float]:
     """One step; a missing reduced-precision kernel becomes a one-line `ConfigError`."""
     try:
-        return {k: float(v) for k, v in step_fn(batch).items()}
+        terms = step_fn(batch, tf.constant(step, tf.int64), tf.constant(stage_step, tf.int64))
+        return {k: float(v) for k, v in terms.items()}
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as err:
         text = str(err)
         if precision == "float32" or "No OpKernel was registered" not in text:
@@ -498,11 +622,14 @@ def _interrupted(signum: int, run_dir: Path, step: int) -> TrainingInterrupted:
         f"tfreg train --resume {run_dir}", signum)
 
 
-def _log_images(log: TrainLogger, model: keras.Model, batch: dict, step: int) -> None:
-    """Mid slices of fixed, moving and warped of the first sample of `batch`."""
-    inputs = {"fixed": batch["fixed"][:1], "moving": batch["moving"][:1]}
+def _log_images(log: TrainLogger, model: keras.Model, batch: dict, step: int, io: Any) -> None:
+    """Mid slices of fixed, moving and warped of the first sample of `batch` (when the batch
+    holds ``fixed`` and ``moving`` images)."""
+    if "fixed" not in batch or "moving" not in batch:
+        return
+    inputs = {name: batch[name][:1] for name in io.inputs}
     outputs = model(inputs, training=False)
-    images = {"fixed": inputs["fixed"].numpy(), "moving": inputs["moving"].numpy()}
-    if "warped" in outputs:
-        images["warped"] = tf.cast(outputs["warped"], tf.float32).numpy()
+    images = {"fixed": batch["fixed"][:1].numpy(), "moving": batch["moving"][:1].numpy()}
+    if io.warped in outputs:
+        images["warped"] = tf.cast(outputs[io.warped], tf.float32).numpy()
     log.images(step, images)

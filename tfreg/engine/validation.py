@@ -1,8 +1,9 @@
-"""Validation Dice during training: the first ``train.val_pairs`` pairs of the data spec's ``val``
-split, scored at every checkpoint (chief only) and logged to TensorBoard as ``val/dice``.
+"""Validation Dice during training, for tfreg's data spec source (`tfreg.data.SPEC_DATA`): the
+first ``train.val_pairs`` pairs of the spec's ``val`` split, scored at every checkpoint (chief
+only) and logged to TensorBoard as ``val/dice``.
 
-Runs only with tfreg's own data pipeline, a spec with label maps and a non-empty ``val`` split;
-otherwise `ValDice.create` returns None and training is unchanged.
+Applies to specs with label maps and a non-empty ``val`` split; otherwise `ValDice.create` returns
+None and training is unchanged. Methods with their own data source bring their own validator.
 """
 
 from __future__ import annotations
@@ -20,13 +21,24 @@ class ValDice:
     """Mean Dice (labels of the fixed map, background excluded) of the moving labels warped
     (nearest) by the model's displacement, averaged over a fixed set of validation pairs."""
 
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
+    def __init__(self, batches: list[dict[str, np.ndarray]], io: Any = None,
+                 config: dict | None = None):
         self.batches = batches
+        self.io = io
+        self.config = config or {}
 
     @classmethod
-    def create(cls, method: Any, spec: Any, count: int) -> "ValDice | None":
-        """Load the validation pairs once; None when validation does not apply."""
-        if count <= 0 or method.data_pipeline is not None or not getattr(spec, "has_labels", False):
+    def create(cls, spec: Any, count: int, io: Any = None, config: dict | None = None
+               ) -> "ValDice | None":
+        """Load the validation pairs once; None when validation does not apply.
+
+        Args:
+            spec: a `tfreg.data.DataSpec`.
+            count: number of pairs (``train.val_pairs``); 0 = off.
+            io: the method's `tfreg.registry.ModelIO` (input and displacement names).
+            config: the resolved config (for `ModelIO.inference_inputs`).
+        """
+        if count <= 0 or not getattr(spec, "has_labels", False):
             return None
         try:
             if not spec.pair_indices("val"):
@@ -37,17 +49,23 @@ class ValDice:
 
         dataset = make_dataset(spec, split="val", batch_size=1, shuffle=False, repeat=False)
         batches = [{k: v.numpy() for k, v in batch.items()} for batch in dataset.take(count)]
-        return cls(batches) if batches else None
+        return cls(batches, io, config) if batches else None
 
-    def __call__(self, model: keras.Model) -> float:
-        """Mean Dice over the pairs (NaN labels ignored)."""
+    def __call__(self, model: keras.Model) -> dict[str, float]:
+        """``{"dice": mean Dice over the pairs}`` (NaN labels ignored)."""
         from tfreg.layers import warp
         from tfreg.metrics import dice, mean_dice
 
+        disp_name = self.io.disp if self.io is not None else "disp"
         scores = []
         for batch in self.batches:
-            outputs = model({"fixed": batch["fixed"], "moving": batch["moving"]}, training=False)
-            disp = tf.cast(outputs["disp"], tf.float32)
+            if self.io is not None:
+                inputs = self.io.model_inputs(self.config, tf.constant(batch["fixed"]),
+                                              tf.constant(batch["moving"]))
+            else:
+                inputs = {"fixed": batch["fixed"], "moving": batch["moving"]}
+            outputs = model(inputs, training=False)
+            disp = tf.cast(outputs[disp_name], tf.float32)
             warped = warp(batch["moving_labels"], disp, interp="nearest").numpy()
             scores.append(mean_dice(dice(batch["fixed_labels"][0, ..., 0], warped[0, ..., 0])))
-        return float(np.nanmean(scores)) if scores else float("nan")
+        return {"dice": float(np.nanmean(scores)) if scores else float("nan")}

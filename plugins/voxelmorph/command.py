@@ -1,10 +1,14 @@
-"""``tfreg import-voxelmorph``: convert a voxelmorph TensorFlow ``.h5`` model (VxmDense)."""
+"""``tfreg import-voxelmorph``: convert a voxelmorph TensorFlow ``.h5`` model (VxmDense).
+
+A top-level command provided by this plugin through the ``tfreg.commands`` entry-point group;
+tfreg's command line turns its `tfreg.errors.TfregError` into one line and exit status 1.
+"""
 
 from __future__ import annotations
 
 import click
 
-from tfreg_cli.common import check_output_dir, user_errors
+from tfreg_cli.common import check_empty_or_owned, check_output_dir, user_errors
 
 NORMALIZE = ("minmax", "zscore", "percentile", "none")
 
@@ -40,7 +44,6 @@ def _parse_args(items: tuple[str, ...]) -> dict:
 @click.option("--normalize", type=click.Choice(NORMALIZE), default="minmax", show_default=True,
               help="Intensity normalisation 'tfreg register' applies to inputs (voxelmorph "
                    "models expect intensities in [0, 1]).")
-@user_errors
 def import_voxelmorph(h5_file: str, model_dir: str, args: tuple[str, ...], normalize: str) -> None:
     """Convert H5_FILE, a VxmDense model saved by voxelmorph's TensorFlow code (Keras 2 HDF5),
     into a tfreg model directory. voxelmorph is not needed: the file is read with h5py.
@@ -53,7 +56,7 @@ def import_voxelmorph(h5_file: str, model_dir: str, args: tuple[str, ...], norma
     src_feats/trg_feats other than 1, and classes other than VxmDense.
     """
     check_output_dir(model_dir, "-o")
-    from tfreg.vxm_h5 import import_voxelmorph as run_import
+    from .vxm_h5 import import_voxelmorph as run_import
 
     written = run_import(h5_file, model_dir, _parse_args(args), normalize=normalize)
     click.echo(f"wrote {written}")

@@ -1,8 +1,10 @@
 """Import voxelmorph TensorFlow ``VxmDense`` models saved as Keras 2 HDF5 (``.h5``) files.
 
 voxelmorph's TF models load only under legacy Keras 2. This module reads such a file with h5py
-alone (voxelmorph is never imported), rebuilds the same network as a tfreg ``voxelmorph`` model,
-copies the weights, and writes a tfreg model directory for ``tfreg register --model``.
+alone (voxelmorph is never imported), rebuilds the same network with this plugin's
+``build_model``, copies the weights, and writes a tfreg model directory for
+``tfreg register --model`` (`tfreg.export.export_model`). The plugin provides the
+``tfreg import-voxelmorph`` command (`command`).
 
 File layout read here (what ``model.save("x.h5")`` writes under Keras 2):
 
@@ -21,7 +23,6 @@ does not have the structure its arguments describe is refused with a message nam
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -297,17 +298,26 @@ def build_model(path: str | Path, overrides: Mapping[str, Any] | None = None
 def _build(vxm: VxmFile, overrides: Mapping[str, Any] | None
            ) -> tuple[Any, dict[str, Any], tuple[int, ...]]:
     from tfreg.config import method_defaults, resolve
-    from tfreg.registry import discover
 
+    method = _this_method().method
     mapped, inshape = vxm_to_config(vxm, overrides)
-    loaded = discover().get("voxelmorph")
     try:
-        config = resolve(method_defaults(loaded.method), mapped, file_source=str(vxm.path))
-        model = loaded.method.build_model(config, inshape)
+        config = resolve(method_defaults(method), mapped, file_source=str(vxm.path))
+        model = method.build_model(config, inshape)
     except ConfigError as err:
         raise InputError(f"{vxm.path}: cannot build the equivalent network: {err}") from None
     load_weights_by_role(model, vxm)
     return model, config, inshape
+
+
+def _this_method() -> Any:
+    """This plugin's method as discovered (`tfreg.registry.LoadedMethod`: resolved default YAML,
+    distribution and version)."""
+    from tfreg.registry import discover
+
+    from . import METHOD
+
+    return discover().get(METHOD.name)
 
 
 def import_voxelmorph(path: str | Path, model_dir: str | Path,
@@ -333,10 +343,8 @@ def import_voxelmorph(path: str | Path, model_dir: str | Path,
         InputError: unreadable file, unsupported class or option, weights that do not match.
         ConfigError: invalid `normalize`, or `model_dir` is another non-empty folder.
     """
-    from tfreg.config import dump_yaml
     from tfreg.data.preprocess import Preprocessing
-    from tfreg.engine import RunState
-    from tfreg.export import export
+    from tfreg.export import export_model
 
     vxm = read_h5(path)
     model, config, inshape = _build(vxm, overrides)
@@ -344,9 +352,6 @@ def import_voxelmorph(path: str | Path, model_dir: str | Path,
                                             source="--normalize").to_dict()
     imported_from = {"format": "voxelmorph-h5", "file": str(Path(path).resolve()),
                      "keras_version": vxm.keras_version}
-    with tempfile.TemporaryDirectory(prefix="tfreg-vxm-import-") as work:
-        run_dir = Path(work)
-        dump_yaml(config, run_dir / "config.yaml")
-        model.save_weights(str(run_dir / "model.weights.h5"))
-        RunState(finished=True, inshape=list(inshape), preprocessing=preprocessing).save(run_dir)
-        return export(run_dir, model_dir, extra_info={"imported_from": imported_from})
+    return export_model(model, config, model_dir, method=_this_method(), inshape=inshape,
+                        preprocessing=preprocessing,
+                        extra_info={"step": None, "imported_from": imported_from})
