@@ -145,10 +145,9 @@ def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
 
 def _fixed_to_moving(fixed: Volume, moving: Volume) -> np.ndarray:
     """`(N+1, N+1)` voxel map from the fixed grid to the moving grid (through world space)."""
-    n = fixed.ndims
-    full = np.linalg.inv(moving.affine) @ fixed.affine
-    keep = list(range(n)) + [3]
-    return full[np.ix_(keep, keep)]
+    from tfreg.initialise import fixed_to_moving
+
+    return fixed_to_moving(fixed, moving)
 
 
 def _sample_moving(moving: np.ndarray, disp: np.ndarray, to_moving: np.ndarray | None,
@@ -310,8 +309,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         `resampled` (whether the moving grid differed), `stage_seconds`, `affine` (centred voxel
         affine of the fixed grid: the affine stage, or a model's affine part), `affine_world`
         (3D: the same as a `(4, 4)` map of RAS mm points, fixed -> original moving), `config`;
-        with a model whose method has a register report hook, its entries and `method_summary`
-        (lines).
+        for instance optimisation with an affine stage `initialisation` (the world-space start,
+        `tfreg.initialise`: chosen candidate, coverage, NMI of each candidate); with a model whose
+        method has a register report hook, its entries and `method_summary` (lines).
     """
     import tensorflow as tf
 
@@ -342,13 +342,14 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                                                                cfg, progress, report)
             affine_warped, used = None, "ncc"
         elif model is None and init_disp is None:
-            result = instance.register_arrays(fixed_n, moving_n, cfg, progress=progress)
+            result, _ = _instance(fixed, moving, fixed_n, moving_n, cfg, progress, report)
             disp, affine = result.disp, np.asarray(result.affine, np.float64)
             report.update(method="instance optimisation", config=_config_dict(result.config),
                           affine=np.asarray(result.affine).tolist(),
                           stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
-            sim_after, sim_before = result.similarity, result.initial_similarity
-            affine_warped = _affine_warp(moving_n, result.affine) if result.config.affine \
+            sim_after = result.similarity
+            sim_before = instance.local_ncc(fixed_n, moving_n)
+            affine_warped = _affine_warp(moving, fixed, affine) if result.config.affine \
                 else None
             used = result.config.similarity
             if inverse:
@@ -384,7 +385,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                               stage_seconds=stage)
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
-            affine_warped = None if affine is None else _affine_warp(moving_n, affine)
+            affine_warped = None if affine is None else _affine_warp(moving, fixed, affine)
             used = cfg.similarity if finetune > 0 else "model"
         inverse_disp = None
         if inverse:
@@ -415,7 +416,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     # not part of the runtime: the checks of tfreg.contrast (worse than its start? contrasts?)
     checks = contrast.check(fixed_n, moving_n, _sample_moving(moving_n, disp, None, "linear"),
                             affine_warped, used)
-    report.update(contrast=checks.to_dict(), warnings=list(checks.warnings))
+    report.update(contrast=checks.to_dict(),
+                  warnings=report.pop("init_warnings", []) + list(checks.warnings))
     unregistered = None
     if fixed_labels is not None and moving_labels is not None:
         unregistered = _sample_moving(moving_labels.data, np.zeros_like(disp), to_moving,
@@ -432,15 +434,87 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                           affine=affine, inverse=inverse_disp, inverse_warp=inverse_warp)
 
 
-def _affine_warp(moving_n: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The moving image after the affine stage alone (centred `(N, N+1)` affine)."""
+def _affine_warp(moving: Volume, fixed: Volume, affine: np.ndarray) -> np.ndarray:
+    """The moving image (normalised on its own grid) after the affine stage alone (centred
+    `(N, N+1)` affine on the fixed grid), sampled once from its own grid."""
     import tensorflow as tf
 
-    from tfreg import layers
+    from tfreg import initialise, layers
 
     disp = layers.affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
-                                 moving_n.shape)
-    return _sample_moving(moving_n, np.asarray(disp)[0], None, "linear")
+                                 fixed.shape)
+    to_moving = None if same_grid(fixed, moving) else _fixed_to_moving(fixed, moving)
+    return _sample_moving(initialise.normalise(moving.data), np.asarray(disp)[0], to_moving,
+                          "linear")
+
+
+def _instance(fixed: Volume, moving: Volume, fixed_n: np.ndarray, moving_n: np.ndarray, cfg,
+              progress: Callable | None, report: dict):
+    """Instance optimisation of a loaded pair, initialised in world space.
+
+    With an affine stage, `tfreg.initialise.initial_alignment` measures both images on their
+    own grids first and picks the headers, the centres of the foregrounds or one of their
+    right-angle rotations: the start ``G`` (fixed voxels -> the moving image resampled by the
+    headers, `moving_n`). The moving image is then resampled onto the fixed grid once, from its
+    own grid, through ``G0``: ``G`` itself, or, when the fixed->moving voxel map through ``G`` is
+    a signed axis permutation up to rounding, that map with its entries rounded (an exact copy of
+    voxels, no interpolation). `tfreg.instance.register_arrays` starts from the rest,
+    ``R = G0^-1 G`` (analytic), and the result is composed back: ``disp(x) = G0(x + disp_rel(x))
+    - x`` relative to `moving_n`, the affine ``G0 o A_rel``. Resampling the headers alone could
+    leave most of the head outside the fixed grid; resampling through a sub-voxel ``G`` blurs
+    (it cost 0.07 Dice on a 48x40 test pair). With rounding, headers that differ by right
+    angles and whole voxels give the same optimisation problem.
+
+    The report gets `initialisation` (and a warning line when the moving image covers less than
+    `initialise.COVERAGE_WARN` of the fixed foreground).
+
+    Raises:
+        InputError: it covers less than `initialise.COVERAGE_REFUSE` of the fixed foreground
+            even after the initial alignment.
+    """
+    from tfreg import initialise, instance
+    from tfreg.io import resample_to_grid
+
+    if not cfg.affine:
+        return instance.register_arrays(fixed_n, moving_n, cfg, progress=progress), None
+    start = initialise.initial_alignment(fixed, moving)
+    report["initialisation"] = start.to_dict()
+    warning = initialise.coverage_warning(start, str(fixed.path), str(moving.path))
+    if warning:
+        report.setdefault("init_warnings", []).append(warning)
+    n = fixed.ndims
+    to_moving = _fixed_to_moving(fixed, moving)
+    direct = to_moving @ start.voxel_map  # fixed voxels -> moving voxels
+    rounded = np.round(direct)
+    exact = np.allclose(direct[:n, :n], rounded[:n, :n], atol=1e-4)
+    sampled = rounded if exact else direct
+    g4 = np.eye(4)
+    keep = list(range(n)) + [3]
+    g4[np.ix_(keep, keep)] = sampled
+    moving_start = resample_to_grid(moving, moving.affine @ g4, fixed.shape, order=1,
+                                    fill_value=float(moving.data.min()))
+    g0 = np.linalg.inv(to_moving) @ sampled  # fixed voxels -> fixed voxels
+    rest = initialise.Initialisation(np.linalg.inv(g0) @ start.voxel_map, start.method,
+                                     start.coverage)
+    result = instance.register_arrays(fixed_n, _normalise_like(moving_start, moving.data), cfg,
+                                      progress=progress, init_affine=rest.centred(fixed.shape))
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in fixed.shape],
+                                indexing="ij"), axis=-1)
+    result.disp = ((grid + result.disp) @ g0[:n, :n].T + g0[:n, n] - grid).astype(np.float32)
+    outer = initialise.Initialisation(g0, start.method, start.coverage).centred(fixed.shape)
+    rel = np.asarray(result.affine, np.float64)
+    result.affine = np.concatenate([outer[:, :n] @ rel[:, :n],
+                                    (outer[:, :n] @ rel[:, n] + outer[:, n])[:, None]], axis=1)
+    return result, start
+
+
+def _normalise_like(data: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`data` mapped to [0, 1] by the 0th and 99.9th percentiles of `reference` (the image on
+    its own grid, so resampling fill does not shift the window)."""
+    from tfreg.ops.intensity import fit_intensity_map
+
+    out = fit_intensity_map(reference, "percentile", (0.0, 99.9)).apply(data)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _lddmm(fixed_n: np.ndarray, moving_n: np.ndarray, spacing, cfg,
