@@ -14,6 +14,8 @@ Usage:
     python benchmarks/bench_layers.py                      # 160x192x224, writes results JSON
     python benchmarks/bench_layers.py --shape 64,64,64     # quicker
     python benchmarks/bench_layers.py --cases warp_xla_fwd,scipy_fwd
+    python benchmarks/bench_layers.py --rounds 3 \
+        --cases scipy_fwd,warp_default_fwd,warp_layer_fwd,vecint_default_fwd,vecint_layer_fwd
 
 Data: one image channel (uniform noise) and a smooth 3-channel field of std ~1.5 voxels (random
 noise on a 1/8 grid, cubic zoom to full size, rescaled). VecInt integrates the same field as a
@@ -39,11 +41,19 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_layers.json"
 #: case -> (op, mode, backward). op "scipy" is map_coordinates(order=1).
 #: mode "xla": the whole timed function is tf.function(jit_compile=True); "jit": a plain
 #: tf.function calling the op with jit=True (only the op runs under XLA, as in an uncompiled
-#: training step); "tf": a plain tf.function, no XLA.
+#: training step); "tf": a plain tf.function, jit=False (no XLA); "default": the functional op
+#: called eagerly with its default arguments (jit="auto"); "layer": the Keras layer
+#: (SpatialTransformer() / VecInt(7)) built with its defaults and called eagerly.
 #: backward: False, "field" (gradient w.r.t. the displacement/velocity only; for warp this is
 #: training with a fixed moving image) or "both" (warp: also w.r.t. the image, a scatter-add).
 CASES = {
     "scipy_fwd": ("scipy", None, False),
+    "warp_default_fwd": ("warp", "default", False),
+    "warp_layer_fwd": ("warp", "layer", False),
+    "warp_default_fwdbwd": ("warp", "default", "field"),
+    "vecint_default_fwd": ("vecint", "default", False),
+    "vecint_layer_fwd": ("vecint", "layer", False),
+    "vecint_default_fwdbwd": ("vecint", "default", "field"),
     "warp_xla_fwd": ("warp", "xla", False),
     "warp_jit_fwd": ("warp", "jit", False),
     "warp_tf_fwd": ("warp", "tf", False),
@@ -123,7 +133,15 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
         field_t = tf.constant(field[None])
 
         jit = mode == "jit"
-        if op == "warp":
+        if mode == "layer":
+            layer = layers.SpatialTransformer() if op == "warp" else layers.VecInt(7)
+
+            def forward(img, disp):
+                return layer([img, disp]) if op == "warp" else layer(disp)
+        elif mode == "default":
+            def forward(img, disp):
+                return layers.warp(img, disp) if op == "warp" else layers.integrate_svf(disp, 7)
+        elif op == "warp":
             def forward(img, disp):
                 return layers.warp(img, disp, jit=jit)
         else:
@@ -139,7 +157,7 @@ def _worker(case: str, shape: tuple[int, ...], repeats: int, std: float) -> dict
                 return [loss, *grads]
         else:
             step = forward
-        fn = tf.function(step, jit_compile=mode == "xla")
+        fn = step if mode in ("default", "layer") else tf.function(step, jit_compile=mode == "xla")
 
         def run():
             return tf.nest.map_structure(lambda t: t.numpy(), fn(img_t, field_t))
@@ -240,19 +258,36 @@ def _table(results: list[dict]) -> str:
 
 
 def _ratios(results: list[dict], shape: tuple[int, ...]) -> dict:
-    by = {r["case"]: r for r in results if "error" not in r}
+    """Speed ratios from each case's best run over all rounds, plus, for SciPy against the
+    default-argument cases, the ratio within each round (cases run back to back, A/B)."""
+    by: dict[str, dict] = {}
+    for r in results:
+        if "error" not in r and (r["case"] not in by
+                                 or r["wall_min_s"] < by[r["case"]]["wall_min_s"]):
+            by[r["case"]] = r
     out = {}
     full = shape == (160, 192, 224)  # the voxelmorph anchors were measured at this shape only
+    warps = ("warp_default_fwd", "warp_layer_fwd", "warp_xla_fwd", "warp_jit_fwd", "warp_tf_fwd")
     if "scipy_fwd" in by:
         ref = by["scipy_fwd"]["wall_min_s"]
-        for case in ("warp_xla_fwd", "warp_jit_fwd", "warp_tf_fwd"):
+        for case in warps:
             if case in by:
                 out[f"scipy_fwd / {case}"] = ref / by[case]["wall_min_s"]
-    for case in ("warp_xla_fwd", "warp_jit_fwd", "warp_tf_fwd"):
+        for case in ("warp_default_fwd", "warp_layer_fwd"):
+            per_round = []
+            for rnd in sorted({r.get("round", 0) for r in results}):
+                pair = {r["case"]: r for r in results
+                        if r.get("round", 0) == rnd and "error" not in r}
+                if "scipy_fwd" in pair and case in pair:
+                    per_round.append(pair["scipy_fwd"]["wall_min_s"] / pair[case]["wall_min_s"])
+            if per_round:
+                out[f"scipy_fwd / {case}, per round"] = per_round
+    for case in warps:
         if case in by and full:
             out[f"voxelmorph warp {VXM_ANCHORS['warp_fwd']} s / {case}"] = (
                 VXM_ANCHORS["warp_fwd"] / by[case]["wall_min_s"])
-    for case in ("vecint_xla_fwd", "vecint_jit_fwd", "vecint_tf_fwd"):
+    for case in ("vecint_default_fwd", "vecint_layer_fwd", "vecint_xla_fwd", "vecint_jit_fwd",
+                 "vecint_tf_fwd"):
         if case in by and full:
             out[f"voxelmorph VecInt(7) {VXM_ANCHORS['vecint_fwd']} s / {case}"] = (
                 VXM_ANCHORS["vecint_fwd"] / by[case]["wall_min_s"])
@@ -265,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case")
     parser.add_argument("--std", type=float, default=1.5, help="field std in voxels")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the case list this many times, cases alternating")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -276,20 +313,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--cases: unknown {unknown}; choose from {list(CASES)}")
     results = []
-    for case in args.cases.split(","):
-        results.append(_run_case(case, args))
-        print(_table(results[-1:]).splitlines()[-1], flush=True)
+    for rnd in range(args.rounds):
+        for case in args.cases.split(","):
+            results.append({**_run_case(case, args), "round": rnd})
+            print(_table(results[-1:]).splitlines()[-1], flush=True)
     ratios = _ratios(results, shape)
     print()
     print(_table(results))
     for name, value in ratios.items():
-        print(f"{name}: {value:.2f}x")
+        shown = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.2f}"
+        print(f"{name}: {shown}x")
     from importlib.metadata import version
 
     _write_json(args.out, {
         "shape": list(shape),
         "field_std_voxels": args.std,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "processor": platform.processor()},
         "tensorflow": version("tensorflow"),

@@ -557,7 +557,7 @@ def test_jit_layers_save_and_export(tmp_path):
                                atol=1e-5)
 
 
-def test_jit_must_be_bool():
+def test_jit_must_be_bool_or_auto():
     with pytest.raises(ValueError) as info:
         L.VecInt(jit="yes")
-    assert str(info.value) == "`jit` must be True or False. Received: jit='yes'"
+    assert str(info.value) == "`jit` must be True, False or 'auto'. Received: jit='yes'"

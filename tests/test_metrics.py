@@ -123,6 +123,23 @@ def test_hd95_matches_brute_force_on_blobs(shape, spacing):
         assert got[lab] == pytest.approx(_brute_force_hd(a == lab, b == lab, spacing), rel=1e-9)
 
 
+def test_hd95_small_labels_far_apart_match_brute_force():
+    """Small structures in a large grid, one on the array border, one whose two masks lie far
+    apart: hd95 measures each label inside its bounding box, which must not change a distance."""
+    shape, spacing = (30, 26, 22), (1.1, 0.9, 1.7)
+    a, b = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    a[0:4, 5:9, 3:6] = 1            # on the border (border voxels are surface voxels)
+    b[1:5, 6:9, 3:7] = 1
+    a[10:13, 10:14, 8:12] = 2       # the two masks 14 voxels apart
+    b[24:28, 12:15, 15:19] = 2
+    ball = np.sum((np.indices(shape) - np.array([15, 18, 5])[:, None, None, None]) ** 2, 0)
+    a[ball <= 9], b[ball <= 6] = 3, 3
+    got = metrics.hd95(a, b, spacing)
+    for lab in (1, 2, 3):
+        assert got[lab] == pytest.approx(_brute_force_hd(a == lab, b == lab, spacing), rel=1e-9)
+    assert got[2] > 14.0
+
+
 def test_hd95_missing_label_is_nan_and_bad_spacing():
     a = np.zeros((8, 8), np.int32)
     a[2:4, 2:4] = 1

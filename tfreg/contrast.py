@@ -114,11 +114,29 @@ def nmi(fixed: np.ndarray, moving: np.ndarray, bins: int = 32) -> float:
 
 def mind_l1(fixed: np.ndarray, moving: np.ndarray) -> float:
     """Mean L1 distance of the MIND-SSC descriptors of two images (`(*S,)` arrays)."""
+    return mind_l1_many(fixed, [moving])[0]
+
+
+def _mind_l1_many(fixed, *others):
+    import tensorflow as tf
+
     from tfreg.ops.mind import mind_distance, mind_ssc
 
-    a = mind_ssc(np.asarray(fixed, np.float32)[None, ..., None])
-    b = mind_ssc(np.asarray(moving, np.float32)[None, ..., None])
-    return float(np.mean(mind_distance(a, b, "l1")))
+    descriptor = mind_ssc(fixed)
+    return [tf.reduce_mean(mind_distance(descriptor, mind_ssc(o), "l1")) for o in others]
+
+
+def mind_l1_many(fixed: np.ndarray, others: list[np.ndarray]) -> list[float]:
+    """`mind_l1` of `fixed` and each of `others` (`(*S,)` arrays): one descriptor of `fixed`, one
+    compiled function per shape from `compile_cache.AUTO_MIN_VOXELS` voxels (eager below)."""
+    from tfreg.ops import compile_cache
+
+    def batch(x):
+        return np.asarray(x, np.float32)[None, ..., None]
+
+    jit = compile_cache.use_jit("auto", int(np.prod(np.shape(fixed))))
+    fn = compile_cache.compiled(("contrast.mind_l1_many", len(others)), _mind_l1_many, jit=jit)
+    return [float(v) for v in fn(batch(fixed), *[batch(o) for o in others])]
 
 
 def check(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
@@ -134,8 +152,9 @@ def check(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
     """
     before, after = nmi(fixed, moving), nmi(fixed, warped)
     affine = None if affine_warped is None else nmi(fixed, affine_warped)
-    m_before, m_after = mind_l1(fixed, moving), mind_l1(fixed, warped)
-    m_affine = None if affine_warped is None else mind_l1(fixed, affine_warped)
+    m_before, m_after, *m_affine = mind_l1_many(
+        fixed, [moving, warped] + ([] if affine_warped is None else [affine_warped]))
+    m_affine = m_affine[0] if m_affine else None
     starts = {"the unregistered images": (before, m_before)}
     if affine is not None:
         starts["the affine stage"] = (affine, m_affine)

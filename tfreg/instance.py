@@ -426,7 +426,7 @@ class _Optimiser:
         self.optimizer = keras.optimizers.Adam(learning_rate=0.0, epsilon=1e-9)
         self.optimizer.build([self.param])
         self.loss_fn = loss_fn
-        self.step = tf.function(self._step, jit_compile=jit, autograph=False)
+        self.step = compile_cache.jit_function(self._step, jit)
 
     def _step(self, lr, fixed, moving, affine):
         self.optimizer.learning_rate = lr

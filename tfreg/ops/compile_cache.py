@@ -5,6 +5,12 @@ its compiled executables, so tfreg keeps them in one least-recently-used cache o
 `MAX_ENTRIES` entries (environment variable ``TFREG_COMPILE_CACHE``, default 64): a long process
 that sees many shapes evicts the oldest instead of growing without bound. Thread-safe (instance
 optimisation compiles later pyramid levels in background threads).
+
+It also decides what ``jit="auto"`` (the default of the warping and integration ops and layers)
+means: compile an op as its own XLA function when its output has at least `AUTO_MIN_VOXELS`
+voxels and it is not being traced into a function built here (`jit_function`, `compiled`), whose
+own `jit` decides (XLA compiles such a function whole). Below that size the plain TensorFlow graph
+takes milliseconds and a compilation (0.3-1 s per shape) would not pay.
 """
 from __future__ import annotations
 
@@ -14,14 +20,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-__all__ = ["MAX_ENTRIES", "cached", "compiled", "clear", "size"]
+__all__ = ["MAX_ENTRIES", "AUTO_MIN_VOXELS", "cached", "compiled", "jit_function", "check_jit",
+           "use_jit", "clear", "size"]
 
 MAX_ENTRIES = max(1, int(os.environ.get("TFREG_COMPILE_CACHE", "64")))
 
+#: ``jit="auto"`` compiles ops whose output has at least this many voxels (e.g. 41^3 and up)
+AUTO_MIN_VOXELS = 2**16
+
 _ENTRIES: OrderedDict[Hashable, Any] = OrderedDict()
 _LOCK = threading.Lock()
+_TRACING = threading.local()  # depth of compiled functions being traced in this thread
 
 
 def cached(key: Hashable, build: Callable[[], Any]) -> Any:
@@ -44,14 +56,50 @@ def cached(key: Hashable, build: Callable[[], Any]) -> Any:
         return value
 
 
+def jit_function(fn: Callable, jit: bool = True) -> Callable:
+    """``tf.function(fn, jit_compile=jit, autograph=False)``, not cached.
+
+    Ops called with ``jit="auto"`` while `fn` is traced do not build XLA functions of their own:
+    with ``jit=True`` XLA compiles the whole of `fn`, with False the caller asked for no XLA. Use
+    it for any compiled function that calls tfreg's ops.
+    """
+    def traced(*args, **kwargs):  # runs while tf.function traces
+        _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _TRACING.depth -= 1
+
+    return tf.function(traced, jit_compile=bool(jit), autograph=False)
+
+
 def compiled(key: Hashable, fn: Callable, *, jit: bool = True) -> Callable:
-    """``tf.function(fn, jit_compile=jit, autograph=False)``, one per `key` (and `jit`).
+    """`jit_function` ``(fn, jit)``, one per `key` (and `jit`).
 
     `key` must name everything `fn` closes over that changes what it computes (static options,
     shapes of captured constants); the arguments' shapes are handled by `tf.function` retracing.
     """
-    return cached(("tf.function", key, bool(jit)),
-                  lambda: tf.function(fn, jit_compile=bool(jit), autograph=False))
+    return cached(("tf.function", key, bool(jit)), lambda: jit_function(fn, bool(jit)))
+
+
+def check_jit(jit) -> bool | str:
+    """Validate a `jit` argument: True, False or ``"auto"`` (numpy bools accepted)."""
+    if isinstance(jit, (bool, np.bool_)):
+        return bool(jit)
+    if isinstance(jit, str) and jit == "auto":
+        return jit
+    raise ValueError(f"`jit` must be True, False or 'auto'. Received: jit={jit!r}")
+
+
+def use_jit(jit: bool | str, voxels: int) -> bool:
+    """Whether an op with `voxels` output voxels runs as its own XLA function.
+
+    True and False are obeyed; ``"auto"`` compiles when ``voxels >= AUTO_MIN_VOXELS`` and the op
+    is not being traced into a `jit_function` (whose `jit` then decides).
+    """
+    if jit != "auto":
+        return bool(jit)
+    return voxels >= AUTO_MIN_VOXELS and getattr(_TRACING, "depth", 0) == 0
 
 
 def clear() -> None:

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tfreg.ops import compile_cache
 from tfreg.ops._checks import (as_float, check_align, check_factor, check_steps, common_float,
                                static_spatial)
-from tfreg.ops.sampling import grid, warp
+from tfreg.ops.sampling import _voxels, grid, warp
 
 __all__ = ["is_affine", "centred_grid", "apply_affine", "affine_to_disp", "affine_after_disp",
            "integrate_svf", "compose", "compose_affine", "resize", "rescale_field",
@@ -113,17 +113,19 @@ def affine_after_disp(affine, disp) -> tf.Tensor:
 
 
 def _square(disp: tf.Tensor) -> tf.Tensor:
-    return disp + warp(disp, disp)
+    return disp + warp(disp, disp, jit=False)
 
 
-def integrate_svf(velocity, steps: int = 7, *, jit: bool = False, recompute: bool = False,
+def integrate_svf(velocity, steps: int = 7, *, jit: bool | str = "auto", recompute: bool = False,
                   loop: bool = False) -> tf.Tensor:
     """Scaling and squaring: displacement ``exp(v)`` of a stationary velocity field.
 
     Args:
         velocity: `(B, *S, N)` velocity in voxels.
         steps: int >= 0; ``u = v / 2**steps``, then ``steps`` times ``u = u + warp(u, u)``.
-        jit: run the whole integration as one XLA-compiled function (see `warp`).
+        jit: True: run the whole integration as one XLA-compiled function; False: plain ops;
+            ``"auto"`` (default): compiled from `compile_cache.AUTO_MIN_VOXELS` voxels up (see
+            `warp`).
         recompute: run each squaring under `tf.recompute_grad`: the backward pass keeps only the
             `steps` intermediate fields and recomputes each squaring's interpolation
             intermediates (one extra warp per squaring; at 160x192x144 about 6 GB less per
@@ -137,11 +139,14 @@ def integrate_svf(velocity, steps: int = 7, *, jit: bool = False, recompute: boo
     steps = check_steps(steps)
     if recompute and loop:
         raise ValueError("`recompute` and `loop` cannot be combined.")
-    if jit:
-        fn = compile_cache.compiled(("integrate_svf", steps, bool(recompute), bool(loop)),
-                                    lambda v: integrate_svf(v, steps, recompute=recompute,
-                                                            loop=loop))
-        return fn(velocity)
+    jit = compile_cache.check_jit(jit)
+    if jit is not False:
+        velocity = tf.convert_to_tensor(velocity)
+        if compile_cache.use_jit(jit, _voxels(velocity)):
+            fn = compile_cache.compiled(("integrate_svf", steps, bool(recompute), bool(loop)),
+                                        lambda v: integrate_svf(v, steps, recompute=recompute,
+                                                                loop=loop, jit=False))
+            return fn(velocity)
     disp = as_float(velocity) / float(2**steps)
     if steps == 0:
         return disp
@@ -155,7 +160,7 @@ def integrate_svf(velocity, steps: int = 7, *, jit: bool = False, recompute: boo
     return disp
 
 
-def compose(first, second, interp: str = "linear", *, jit: bool = False) -> tf.Tensor:
+def compose(first, second, interp: str = "linear", *, jit: bool | str = "auto") -> tf.Tensor:
     """Displacement of applying ``first``, then ``second`` to an image.
 
     ``warp(warp(img, first), second) ~ warp(img, compose(first, second))`` with
@@ -164,21 +169,25 @@ def compose(first, second, interp: str = "linear", *, jit: bool = False) -> tf.T
     Args:
         first, second: `(B, *S, N)` displacements on the same grid, voxels, one batch size.
         interp: interpolation of ``first``.
-        jit: run as an XLA-compiled function (see `warp`).
+        jit: True, False or ``"auto"`` (default): run as an XLA-compiled function (see `warp`).
 
     Returns:
         `(B, *S, N)` float32 displacement.
     """
-    if jit:
-        fn = compile_cache.compiled(("compose", interp), lambda a, b: compose(a, b, interp))
-        return fn(first, second)
+    jit = compile_cache.check_jit(jit)
+    if jit is not False:
+        first, second = tf.convert_to_tensor(first), tf.convert_to_tensor(second)
+        if compile_cache.use_jit(jit, _voxels(second)):
+            fn = compile_cache.compiled(("compose", interp),
+                                        lambda a, b: compose(a, b, interp, jit=False))
+            return fn(first, second)
     first, second = common_float(first, second)
     if tuple(first.shape[1:]) != tuple(second.shape[1:]):
         raise ValueError(
             "`first` and `second` must have the same shape (batch, *spatial, ndims). "
             f"Received: first.shape={tuple(first.shape)}, second.shape={tuple(second.shape)}"
         )
-    return second + warp(first, second, interp=interp)
+    return second + warp(first, second, interp=interp, jit=False)
 
 
 def compose_affine(first, second) -> tf.Tensor:

@@ -58,6 +58,14 @@ def check_batch(image: tf.Tensor, disp: tf.Tensor, image_name: str = "image",
 
 
 # --------------------------------------------------------------------------------- internals
+def _voxels(x: tf.Tensor) -> int:
+    """Static number of voxels of a `(batch, *spatial, channels)` tensor (0 when unknown)."""
+    spatial = x.shape[1:-1] if x.shape.rank is not None and x.shape.rank > 2 else None
+    if spatial is None or any(s is None for s in spatial):
+        return 0
+    return int(np.prod(spatial))
+
+
 def _axis_coords(disp: tf.Tensor) -> list[tf.Tensor]:
     """``x_d + disp_d`` per axis, ``(B, *So)`` each; ``x_d`` is broadcast along its axis."""
     out_shape = tuple(disp.shape[1:-1])
@@ -164,7 +172,7 @@ def _sample(image: tf.Tensor, disp: tf.Tensor, interp: str, fill_value: float | 
 
 # --------------------------------------------------------------------------------- public op
 def warp(image, disp, interp: str = "linear", fill_value: float | None = None, *,
-         rounding: str = "half_even", jit: bool = False) -> tf.Tensor:
+         rounding: str = "half_even", jit: bool | str = "auto") -> tf.Tensor:
     """Warp an image by a displacement field (pull, voxels, ij).
 
     ``warped(x) = image(x + disp(x))``. The output lives on the grid of ``disp``; ``image`` may
@@ -179,8 +187,11 @@ def warp(image, disp, interp: str = "linear", fill_value: float | None = None, *
         fill_value: None: clamp to the border (nearest border voxel); a number: constant value
             at points outside ``[0, n-1]`` along any axis.
         rounding: nearest ties: ``"half_even"`` (``tf.round``, voxelmorph's) or ``"half_up"``.
-        jit: run this op as its own XLA-compiled function (compiled once per input shape, kept
-            in `tfreg.ops.compile_cache`), also when the caller is not compiled.
+        jit: True: run this op as its own XLA-compiled function (compiled once per input shape,
+            kept in `tfreg.ops.compile_cache`), also when the caller is not compiled; False: plain
+            TensorFlow ops; ``"auto"`` (default): True for outputs of at least
+            `compile_cache.AUTO_MIN_VOXELS` voxels unless already inside a function compiled by
+            `compile_cache` (see there).
 
     Returns:
         `(B, *So, C)` warped image.
@@ -188,12 +199,15 @@ def warp(image, disp, interp: str = "linear", fill_value: float | None = None, *
     check_interp(interp)
     fill_value = check_fill(fill_value)
     check_rounding(rounding)
-    if jit:
+    jit = compile_cache.check_jit(jit)
+    if jit is not False:
         image, disp = tf.convert_to_tensor(image), tf.convert_to_tensor(disp)
-        check_batch(image, disp)
-        fn = compile_cache.compiled(("warp", interp, fill_value, rounding),
-                                    lambda i, d: warp(i, d, interp, fill_value, rounding=rounding))
-        return fn(image, disp)
+        if compile_cache.use_jit(jit, _voxels(disp)):
+            check_batch(image, disp)
+            fn = compile_cache.compiled(
+                ("warp", interp, fill_value, rounding),
+                lambda i, d: warp(i, d, interp, fill_value, rounding=rounding, jit=False))
+            return fn(image, disp)
     disp = as_float(disp)
     image = tf.convert_to_tensor(image)
     if image.dtype.is_floating or interp == "linear":
