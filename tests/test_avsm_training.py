@@ -120,7 +120,7 @@ def test_each_stage_improves_one_pair(tmp_path_factory):
     err = {name: float(np.mean((warped[0, ..., 0] - image) ** 2))
            for name, warped in (("identity", moving[None, ..., None]),
                                 ("affine", out["affine_warped"]), ("avsm", out["warped"]))}
-    # measured: identity 0.0203, affine 0.0077-0.0086, avsm 0.0036-0.0050
+    # measured with 30-40 steps per stage: identity 0.0203, affine 0.0077-0.0086, avsm 0.0036-0.0050
     assert err["affine"] < 0.6 * err["identity"], err
     assert err["avsm"] < 0.85 * err["affine"], err
 
