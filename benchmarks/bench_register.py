@@ -1,28 +1,41 @@
-"""Pairwise registration benchmark: `tfreg register` (no model) against ANTs SyN, side by side.
+"""Pairwise registration benchmark: `tfreg register` (no model) against ANTs, side by side.
 
-Pairs are built from real anatomy (the SynthSeg training label maps) with a synthetic T1-like
-intensity, following the recipe in `../shared/data/README.md`:
+Every registration is one command in a fresh process, run on NIfTI files, timed twice: the
+registration alone (tfreg's reported `runtime_seconds`; ANTs' `ants.registration` call) and the
+whole command from start to exit (interpreter, imports, file I/O; `/usr/bin/time`, which also
+gives the peak memory). Scores are computed afterwards from the written outputs, the same way for
+every method: Dice and HD95 (mm) over the labels present in both label maps, %folding, SDlogJ and
+NDV of the displacement (for ANTs its deformable warp: the affine part only adds a constant to
+log det J), global NCC of the warped image.
 
-* drop labels >= 500, crop both maps of a pair to the union bounding box of the brain, resample to
-  96x112x96 (nearest neighbour, voxel sizes recorded in the affine, in mm);
-* intensity of each label = mean intensity of that label in the voxelmorph sample subject
-  (FreeSurfer aseg), Gaussian blur sigma 0.7 voxel, Gaussian noise sigma 0.01;
-* Dice over the labels present in both maps, HD95 in mm, %folding of the displacement field.
+Pairs:
 
-Times are registration only: arrays already in memory, no file I/O, no interpreter start, but
-including TensorFlow tracing and XLA compilation. Every registration runs in a fresh process, so
-nothing compiled for an earlier pair is reused. For tfreg the time is the `runtime_seconds` it
-reports (resampling check, normalisation, compilation, optimisation, warping; not the regularity
-metrics computed afterwards); the CPU seconds cover the whole call.
+* ``01-02`` ... (six): inter-subject pairs built from real anatomy (the SynthSeg label maps) with
+  a synthetic T1-like intensity, following the recipe in `../shared/data/README.md`: drop labels
+  >= 500, crop both maps to the union bounding box of the brain, resample to 96x112x96 (nearest
+  neighbour), intensity of each label = its mean in the voxelmorph sample subject, Gaussian blur
+  0.7 voxel, noise 0.01;
+* ``oasis``: the real OASIS pair (A fixed, B moving; 160x192x144, 1 mm; 2 coarse classes);
+* ``vxm-mni`` / ``mni-vxm``: the voxelmorph sample subject (160x192x224, FreeSurfer LIA grid)
+  and the MNI152 2009a symmetric template (197x233x189, RAS), each way round, on their own grids;
+  tissue labels GM = 1, WM = 2: the template's from its GM/WM probability maps (the larger one,
+  where it exceeds 0.5), the subject's from its aseg (cortex, cerebellar cortex and deep grey
+  nuclei -> GM; cerebral and cerebellar white matter and brainstem -> WM).
 
-ANTs (antspyx, a benchmark-only dependency: `pip install antspyx`) is run with its defaults
-(`type_of_transform="SyN"`) and with `reg_iterations=(100, 70, 50)`.
+Methods: tfreg's presets (``accurate``, ``fast``, ``best``) through the `tfreg register` command;
+ANTs through antspyx in its own environment (a benchmark-only dependency:
+``python -m venv /tmp/antsenv && /tmp/antsenv/bin/pip install antspyx nibabel numpy``, see
+``--ants-python``): ``syn`` (antspyx defaults, ``type_of_transform="SyN"``), ``syn100``
+(``reg_iterations=(100, 70, 50)``) and ``syns`` (``"antsRegistrationSyN[s]"``, the
+antsRegistrationSyN.sh recipe: rigid + affine with MI, then symmetric SyN with CC radius 4, four
+levels 8/4/2/1 with 100x70x50x20 iterations). Both tools get the same thread count (``--threads``,
+default 2: ``TF_NUM_INTRAOP_THREADS``/``TF_NUM_INTEROP_THREADS`` for TensorFlow,
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` for ANTs).
 
 Usage::
 
-    python benchmarks/bench_register.py                 # six pairs; tfreg x2, ANTs x2
-    python benchmarks/bench_register.py --pairs 01-02 --methods fast,syn
-    python benchmarks/bench_register.py --oasis         # also the real OASIS pair
+    python benchmarks/bench_register.py --pairs 01-02,03-04 --methods accurate,best,syn,syn100,syns
+    python benchmarks/bench_register.py --pairs oasis,vxm-mni,mni-vxm --methods accurate,best,syn
 
 Results: a table on stdout and `benchmarks/results/bench_register.json`.
 """
@@ -32,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,13 +58,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ["01-02", "03-04", "05-06", "02-03", "04-05", "06-01"]
+REAL_PAIRS = ["oasis", "vxm-mni", "mni-vxm"]
 SHAPE = (96, 112, 96)
-METHODS = {
-    "accurate": "tfreg register, --preset accurate (default)",
+TFREG_METHODS = {
+    "accurate": "tfreg register --preset accurate (default)",
     "fast": "tfreg register --preset fast",
-    "syn": "ANTs SyN, antspyx defaults",
-    "syn100": "ANTs SyN, reg_iterations=(100, 70, 50)",
+    "best": "tfreg register --preset best",
 }
+ANTS_METHODS = {
+    "syn": ("ANTs SyN, antspyx defaults", {"type_of_transform": "SyN"}),
+    "syn100": ("ANTs SyN, reg_iterations=(100, 70, 50)",
+               {"type_of_transform": "SyN", "reg_iterations": (100, 70, 50)}),
+    "syns": ("ANTs antsRegistrationSyN[s] (rigid + affine + SyN, CC 4, 100x70x50x20)",
+             {"type_of_transform": "antsRegistrationSyN[s]"}),
+}
+METHODS = {**TFREG_METHODS, **{k: v[0] for k, v in ANTS_METHODS.items()}}
+#: FreeSurfer aseg labels -> tissue class (1 grey matter, 2 white matter) for the template pairs.
+ASEG_GM = (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58, 28, 60)
+ASEG_WM = (2, 41, 7, 46, 16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,39 +135,64 @@ def build_pair(fixed_id: str, moving_id: str, shape=SHAPE, seed: int = 0) -> dic
 
 
 def load_oasis() -> dict:
-    """The real OASIS pair (A fixed, B moving): images in [0, 1], 2-class label maps, 1 mm RAS."""
+    """The real OASIS pair (A fixed, B moving): images in [0, 1], 2-class label maps, 1 mm RAS
+    (the image header; A's label map has a slightly wrong one)."""
     import nibabel as nib
 
     base = DATA / "oasis_pair"
-    out = {"spacing": (1.0, 1.0, 1.0)}
+    out = {}
     for name, letter in (("fixed", "A"), ("moving", "B")):
-        out[name] = np.asarray(nib.load(base / f"image_{letter}_160x192x144.nii.gz").dataobj,
-                               dtype=np.float32)
+        img = nib.load(base / f"image_{letter}_160x192x144.nii.gz")
+        out[name] = np.asarray(img.dataobj, dtype=np.float32)
+        out[name + "_affine"] = img.affine
         out[name + "_labels"] = np.asarray(
             nib.load(base / f"image_{letter}_160x192x144_seg.nii.gz").dataobj).astype(np.int32)
     return out
 
 
+def load_subject_and_template() -> tuple[dict, dict]:
+    """The voxelmorph subject and the MNI152 2009a template: image, tissue labels, affine each."""
+    import nibabel as nib
+
+    scan = np.load(DATA / "voxelmorph_subject" / "test_scan.npz")
+    seg = scan["seg"].astype(np.int32)
+    tissue = np.zeros(seg.shape, np.int32)
+    tissue[np.isin(seg, ASEG_GM)] = 1
+    tissue[np.isin(seg, ASEG_WM)] = 2
+    # FreeSurfer's conformed LIA grid, 1 mm, centred (array axes: left, inferior, anterior)
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    lia[:3, 3] = -lia[:3, :3] @ ((np.asarray(seg.shape) - 1) / 2.0)
+    subject = {"image": scan["vol"].astype(np.float32), "labels": tissue, "affine": lia}
+    base = DATA / "mni152"
+    t1 = nib.load(base / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    gm = np.asarray(nib.load(base / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").dataobj,
+                    np.float32) / 255.0
+    wm = np.asarray(nib.load(base / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").dataobj,
+                    np.float32) / 255.0
+    labels = np.where((gm > 0.5) & (gm >= wm), 1, np.where(wm > 0.5, 2, 0)).astype(np.int32)
+    template = {"image": np.asarray(t1.dataobj, np.float32), "labels": labels,
+                "affine": t1.affine}
+    return subject, template
+
+
+def load_pair(name: str) -> dict:
+    """Arrays and affines of a named pair: `fixed`, `moving`, `*_labels`, `*_affine`."""
+    if name == "oasis":
+        return load_oasis()
+    if name in ("vxm-mni", "mni-vxm"):
+        subject, template = load_subject_and_template()
+        first, second = (subject, template) if name == "vxm-mni" else (template, subject)
+        return {"fixed": first["image"], "fixed_labels": first["labels"],
+                "fixed_affine": first["affine"], "moving": second["image"],
+                "moving_labels": second["labels"], "moving_affine": second["affine"]}
+    pair = build_pair(*name.split("-"))
+    affine = np.diag(list(pair.pop("spacing")) + [1.0])
+    return {**pair, "fixed_affine": affine, "moving_affine": affine}
+
+
 # ----------------------------------------------------------------------------------------------
-# scoring
+# scoring (tfreg's environment)
 # ----------------------------------------------------------------------------------------------
-def score(pair: dict, warped_labels: np.ndarray, disp: np.ndarray | None) -> dict:
-    """Mean Dice over labels present in both maps, mean HD95 (mm), %folding of `disp`."""
-    from tfreg import metrics
-
-    fixed_l, moving_l = pair["fixed_labels"], pair["moving_labels"]
-    labels = sorted((set(np.unique(fixed_l)) & set(np.unique(moving_l))) - {0})
-    dice = metrics.dice(fixed_l, warped_labels, labels=labels)
-    hd = metrics.hd95(fixed_l, warped_labels, spacing=pair["spacing"], labels=labels)
-    hd_values = [v for v in hd.values() if np.isfinite(v)]
-    result = {"dice": float(np.nanmean(list(dice.values()))),
-              "hd95": float(np.mean(hd_values)) if hd_values else float("nan")}
-    if disp is not None:
-        result["folding"] = float(metrics.folding_percent(disp))
-        result["sdlogj"] = float(metrics.sdlogj(disp))
-    return result
-
-
 def ncc_global(a: np.ndarray, b: np.ndarray) -> float:
     """Global normalised cross-correlation of two images."""
     a = a - a.mean()
@@ -150,85 +200,138 @@ def ncc_global(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-# ----------------------------------------------------------------------------------------------
-# workers (one fresh process per pair and method: nothing compiled or cached is shared)
-# ----------------------------------------------------------------------------------------------
-def _worker_tfreg(pair: dict, preset: str) -> dict:
-    from tfreg import instance
-    from tfreg.io import Volume
-    from tfreg.register import register_volumes
+def score(folder: Path, warped_labels: np.ndarray, warped: np.ndarray | None = None,
+          disp: np.ndarray | None = None) -> dict:
+    """Dice/HD95 over the labels present in both maps; %folding, SDlogJ, NDV of `disp`; NCC."""
+    from tfreg import metrics
+    from tfreg.io import load_volume
 
-    affine = np.diag(list(pair["spacing"]) + [1.0])
-    fixed = Volume(pair["fixed"], affine, path="fixed")
-    moving = Volume(pair["moving"], affine, path="moving")
-    cfg = instance.make_config(preset)
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = register_volumes(fixed, moving, config=cfg)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    # tfreg's reported runtime: resampling check, normalisation, tracing + XLA compilation,
-    # optimisation, warping; not the regularity metrics computed afterwards (`wall` has them)
-    seconds = result.report["runtime_seconds"]
-    from tfreg.synthetic import warp_numpy
-
-    warped_labels = warp_numpy(pair["moving_labels"], result.disp, order=0)
-    out = score(pair, warped_labels, result.disp)
-    out.update(seconds=seconds, cpu_seconds=cpu, wall_with_metrics=wall,
-               ncc_after=ncc_global(pair["fixed"], result.warped),
-               stages=result.report.get("stage_seconds"))
+    fixed = load_volume(folder / "fixed.nii.gz")
+    fixed_l = load_volume(folder / "fixed_labels.nii.gz", label=True).data
+    moving_l = load_volume(folder / "moving_labels.nii.gz", label=True).data
+    labels = sorted((set(np.unique(fixed_l)) & set(np.unique(moving_l))) - {0})
+    dice = metrics.dice(fixed_l, warped_labels, labels=labels)
+    hd = metrics.hd95(fixed_l, warped_labels, spacing=fixed.spacing, labels=labels)
+    hd_values = [v for v in hd.values() if np.isfinite(v)]
+    out = {"dice": float(np.nanmean(list(dice.values()))),
+           "hd95": float(np.mean(hd_values)) if hd_values else float("nan")}
+    if disp is not None:
+        out.update(folding=float(metrics.folding_percent(disp)),
+                   sdlogj=float(metrics.sdlogj(disp)), ndv=float(metrics.ndv_percent(disp)))
+    if warped is not None:
+        out["ncc"] = ncc_global(fixed.data, warped)
     return out
 
 
-def _worker_ants(pair: dict, iterations: tuple[int, ...] | None) -> dict:
+def score_before(folder: Path) -> dict:
+    """Scores of the moving labels and image resampled onto the fixed grid by the headers."""
+    from tfreg.io import load_volume, resample_to_grid
+
+    fixed = load_volume(folder / "fixed.nii.gz")
+    moving = load_volume(folder / "moving.nii.gz")
+    labels = load_volume(folder / "moving_labels.nii.gz", label=True)
+    return score(folder, resample_to_grid(labels, fixed.affine, fixed.shape, order=0),
+                 resample_to_grid(moving, fixed.affine, fixed.shape, order=1))
+
+
+def score_tfreg(folder: Path, out: Path) -> dict:
+    from tfreg.io import load_volume
+
+    report = json.loads((out / "report.json").read_text())
+    res = score(folder, load_volume(out / "warped_labels.nii.gz", label=True).data,
+                load_volume(out / "warped.nii.gz").data,
+                load_volume(out / "disp.nii.gz", allow_vector=True).data)
+    res.update(seconds=report["runtime_seconds"], stages=report.get("stage_seconds"),
+               initialisation=(report.get("initialisation") or {}).get("method"),
+               warnings=report.get("warnings"))
+    return res
+
+
+def score_ants(folder: Path, out: Path) -> dict:
+    from tfreg.io import load_volume
+    from tfreg.transforms_io import read_transform
+
+    fixed = load_volume(folder / "fixed.nii.gz")
+    disp = read_transform(out / "itk_warp.nii.gz", reference=fixed).data
+    res = score(folder, load_volume(out / "warped_labels.nii.gz", label=True).data,
+                load_volume(out / "warped.nii.gz").data, disp)
+    res.update(json.loads((out / "timing.json").read_text()))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# commands (one fresh process each)
+# ----------------------------------------------------------------------------------------------
+def ants_worker(method: str, folder: str, out: str) -> None:
+    """Run in the ANTs environment (no tfreg there): register, write warped image and labels,
+    the deformable warp and `timing.json`."""
     import ants
 
-    spacing = tuple(pair["spacing"])
-    fixed = ants.from_numpy(pair["fixed"], spacing=spacing)
-    moving = ants.from_numpy(pair["moving"], spacing=spacing)
-    kwargs = {} if iterations is None else {"reg_iterations": iterations}
-    t0, c0 = time.perf_counter(), time.process_time()
-    reg = ants.registration(fixed, moving, type_of_transform="SyN", **kwargs)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    labels = ants.from_numpy(pair["moving_labels"].astype(np.float32), spacing=spacing)
+    folder, out = Path(folder), Path(out)
+    fixed = ants.image_read(str(folder / "fixed.nii.gz"))
+    moving = ants.image_read(str(folder / "moving.nii.gz"))
+    t0 = time.perf_counter()
+    reg = ants.registration(fixed, moving, **ANTS_METHODS[method][1])
+    seconds = time.perf_counter() - t0
+    labels = ants.image_read(str(folder / "moving_labels.nii.gz"))
     warped_labels = ants.apply_transforms(fixed, labels, reg["fwdtransforms"],
-                                          interpolator="nearestNeighbor").numpy()
-    out = score(pair, np.rint(warped_labels).astype(np.int32), None)
-    # %folding of ANTs' deformable part (its Jacobian determinant image, physical space)
-    jac = ants.create_jacobian_determinant_image(fixed, reg["fwdtransforms"][0]).numpy()
-    out.update(folding=float(100.0 * np.mean(jac <= 0)), seconds=seconds, cpu_seconds=cpu,
-               ncc_after=ncc_global(pair["fixed"], reg["warpedmovout"].numpy()))
-    return out
+                                          interpolator="nearestNeighbor")
+    out.mkdir(parents=True, exist_ok=True)
+    ants.image_write(reg["warpedmovout"], str(out / "warped.nii.gz"))
+    ants.image_write(warped_labels, str(out / "warped_labels.nii.gz"))
+    warp = [t for t in reg["fwdtransforms"] if t.endswith(".nii.gz")][0]
+    shutil.copy(warp, out / "itk_warp.nii.gz")
+    (out / "timing.json").write_text(json.dumps({"seconds": seconds}))
 
 
-def worker(method: str, pair_file: str, out_file: str) -> None:
-    """Register one pair with one method and write the scores as JSON."""
-    data = np.load(pair_file)
-    pair = {k: data[k] for k in data.files}
-    pair["spacing"] = tuple(float(s) for s in pair["spacing"])
-    if method in ("accurate", "fast"):
-        out = _worker_tfreg(pair, method)
-    elif method == "syn":
-        out = _worker_ants(pair, None)
-    elif method == "syn100":
-        out = _worker_ants(pair, (100, 70, 50))
-    else:
-        raise SystemExit(f"unknown method {method!r}")
-    out["ncc_before"] = ncc_global(pair["fixed"], pair["moving"])
-    Path(out_file).write_text(json.dumps(out))
-
-
-def _run_worker(method: str, pair_file: Path, timeout: float) -> dict:
-    out_file = pair_file.with_suffix(f".{method}.json")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(os.cpu_count() or 1))
-    cmd = [sys.executable, __file__, "--worker", method, str(pair_file), str(out_file)]
+def _timed(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, dict]:
+    """Run `cmd` under /usr/bin/time: (exit code, output tail, {command_seconds (wall),
+    command_cpu_seconds (user + system), peak_mb (peak resident memory)})."""
+    stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"tfreg-bench-time-{os.getpid()}.txt"
+    prefix = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", str(stats)] \
+        if Path("/usr/bin/time").exists() else []
+    t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(prefix + cmd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    if proc.returncode != 0 or not out_file.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": tail[0][:300]}
-    return json.loads(out_file.read_text())
+        return 124, f"timeout after {timeout:.0f} s", {}
+    out = {"command_seconds": time.perf_counter() - t0}
+    if prefix and stats.exists():
+        try:
+            wall, kb, user, system = (float(v) for v in stats.read_text().split()[-4:])
+            out = {"command_seconds": wall, "peak_mb": kb / 1024.0,
+                   "command_cpu_seconds": user + system}
+        except ValueError:
+            pass
+        stats.unlink()
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
+    return proc.returncode, tail[0][:300], out
+
+
+def run_method(method: str, folder: Path, args) -> dict:
+    """One registration command, then the scores of its outputs."""
+    out = folder / f"out_{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    threads = str(args.threads)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS=threads,
+               TF_NUM_INTEROP_THREADS=threads, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=threads,
+               OMP_NUM_THREADS=threads)
+    if method in TFREG_METHODS:
+        tfreg = Path(sys.executable).with_name("tfreg")
+        cmd = [str(tfreg), "register", str(folder / "fixed.nii.gz"),
+               str(folder / "moving.nii.gz"), "-o", str(out), "--preset", method, "-q",
+               "--moving-labels", str(folder / "moving_labels.nii.gz")]
+    else:
+        env["PYTHONPATH"] = ""
+        cmd = [args.ants_python, str(Path(__file__).resolve()), "--ants-worker", method,
+               str(folder), str(out)]
+    code, tail, timing = _timed(cmd, env, args.timeout)
+    if code != 0:
+        return {"error": tail or f"exit {code}"}
+    res = score_tfreg(folder, out) if method in TFREG_METHODS else score_ants(folder, out)
+    res.update(timing)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,37 +345,56 @@ def _cache_dir() -> Path:
     return path
 
 
-def _pair_file(name: str) -> Path:
-    """Build (once) and cache the arrays of a benchmark pair as .npz in the temp folder."""
-    path = _cache_dir() / f"pair_{name}.npz"
-    if not path.exists():
-        if name == "oasis":
-            pair = load_oasis()
-        else:
-            pair = build_pair(*name.split("-"))
-        arrays = {k: v for k, v in pair.items() if k != "spacing"}
-        np.savez_compressed(path, spacing=np.asarray(pair["spacing"]), **arrays)
-    return path
+def pair_folder(name: str) -> Path:
+    """Build (once) a pair's NIfTI files in the temp folder: fixed, moving and their labels."""
+    import nibabel as nib
+
+    folder = _cache_dir() / f"pair_{name}"
+    if not (folder / "moving_labels.nii.gz").exists():
+        pair = load_pair(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for side in ("fixed", "moving"):
+            affine = np.asarray(pair[side + "_affine"], np.float64)
+            nib.save(nib.Nifti1Image(pair[side].astype(np.float32), affine),
+                     str(folder / f"{side}.nii.gz"))
+            nib.save(nib.Nifti1Image(pair[side + "_labels"].astype(np.int16), affine),
+                     str(folder / f"{side}_labels.nii.gz"))
+    return folder
 
 
 def _fmt(value, digits=3) -> str:
-    return "   -  " if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+COLUMNS = (("Dice", "dice", 3), ("HD95", "hd95", 2), ("fold%", "folding", 4),
+           ("SDlogJ", "sdlogj", 3), ("NDV%", "ndv", 4), ("NCC", "ncc", 3),
+           ("reg s", "seconds", 1), ("cmd s", "command_seconds", 1),
+           ("cmd cpu", "command_cpu_seconds", 1), ("peak MB", "peak_mb", 0))
+
+
+def _row(name: str, method: str, res: dict) -> str:
+    cells = "".join(f"{_fmt(res.get(key), d):>9}" for _, key, d in COLUMNS)
+    return f"{name:<9}{method:<10}{cells}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", default=",".join(PAIRS),
-                        help="comma-separated pairs 'fixed-moving' (default: the six pairs)")
-    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated pairs: 'fixed-moving' SynthSeg ids (default: the "
+                             f"six), or {', '.join(REAL_PAIRS)}")
+    parser.add_argument("--methods", default="accurate,fast,best,syn,syn100,syns",
                         help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--oasis", action="store_true", help="also the real OASIS pair")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per registration")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads for each tool (TensorFlow intra/inter-op, ITK)")
+    parser.add_argument("--ants-python", default="/tmp/antsenv/bin/python",
+                        help="Python of the environment with antspyx")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per command")
     parser.add_argument("--out", default=str(RESULTS / "bench_register.json"))
-    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "PAIR", "OUT"),
+    parser.add_argument("--ants-worker", nargs=3, metavar=("METHOD", "PAIR_DIR", "OUT_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
+    if args.ants_worker:
+        ants_worker(*args.ants_worker)
         return 0
     if not (DATA / "synthseg_label_maps").is_dir():
         print(f"skipped: benchmark data not found at {DATA} (needs ../shared/data)")
@@ -281,51 +403,40 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
-    pairs = [p for p in args.pairs.split(",") if p] + (["oasis"] if args.oasis else [])
-    results: dict = {"machine": _machine(), "methods": {m: METHODS[m] for m in methods},
-                     "pairs": {}}
+    pairs = [p for p in args.pairs.split(",") if p]
+    results: dict = {"machine": _machine(), "threads_per_tool": args.threads,
+                     "methods": {m: METHODS[m] for m in methods}, "pairs": {}}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"{'pair':<8}{'method':<10}{'Dice':>7}{'HD95':>8}{'fold%':>8}{'time s':>8}{'cpu s':>8}"
-    print(header)
+    print(f"{'pair':<9}{'method':<10}" + "".join(f"{c:>9}" for c, _, _ in COLUMNS), flush=True)
     for name in pairs:
-        pair_file = _pair_file(name)
-        data = np.load(pair_file)
-        pair = {k: data[k] for k in data.files}
-        pair["spacing"] = tuple(float(s) for s in pair["spacing"])
-        before = score(pair, pair["moving_labels"], None)
-        entry = {"before": {**before, "ncc": ncc_global(pair["fixed"], pair["moving"])}}
-        print(f"{name:<8}{'before':<10}{_fmt(before['dice']):>7}{_fmt(before['hd95'], 2):>8}")
+        folder = pair_folder(name)
+        entry = {"before": score_before(folder)}
+        print(_row(name, "before", entry["before"]), flush=True)
         for method in methods:
-            res = _run_worker(method, pair_file, args.timeout)
+            res = run_method(method, folder, args)
             entry[method] = res
-            if "error" in res:
-                print(f"{name:<8}{method:<10} error: {res['error']}")
-            else:
-                print(f"{name:<8}{method:<10}{_fmt(res['dice']):>7}{_fmt(res['hd95'], 2):>8}"
-                      f"{_fmt(res.get('folding'), 3):>8}{res['seconds']:>8.1f}"
-                      f"{res['cpu_seconds']:>8.1f}", flush=True)
-        results["pairs"][name] = entry
-        results["averages"] = _averages(results["pairs"], methods)
-        out_path.write_text(json.dumps(results, indent=1) + "\n")
-    print("\naverage over the six inter-subject pairs")
-    for method, avg in results["averages"].items():
-        print(f"{method:<10}Dice {_fmt(avg['dice'])}  HD95 {_fmt(avg['hd95'], 2)}  "
-              f"folding {_fmt(avg.get('folding'), 3)}%  time {_fmt(avg.get('seconds'), 1)} s "
-              f"(n={avg['n']})")
+            print(f"{name:<9}{method:<10} error: {res['error']}" if "error" in res
+                  else _row(name, method, res), flush=True)
+            results["pairs"][name] = entry
+            results["averages"] = _averages(results["pairs"], ["before"] + methods)
+            out_path.write_text(json.dumps(results, indent=1) + "\n")
+    print("\nmean over the inter-subject pairs measured (synthetic-intensity pairs only)")
+    for method, avg in results.get("averages", {}).items():
+        print(_row(f"n={avg['n']}", method, avg))
     print(f"\nwrote {out_path}")
     return 0
 
 
 def _averages(pairs: dict, methods: list[str]) -> dict:
     out = {}
-    for method in ["before"] + methods:
+    for method in methods:
         rows = [p[method] for name, p in pairs.items()
-                if name != "oasis" and method in p and "error" not in p[method]]
+                if name not in REAL_PAIRS and method in p and "error" not in p[method]]
         if not rows:
             continue
         avg = {"n": len(rows)}
-        for key in ("dice", "hd95", "folding", "seconds", "cpu_seconds"):
+        for _, key, _ in COLUMNS:
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 avg[key] = float(np.mean(vals))
@@ -342,11 +453,6 @@ def _machine() -> dict:
         info["load_average_at_start"] = os.getloadavg()
     except OSError:
         pass
-    for module in ("tensorflow", "ants", "tfreg"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - optional
-            info[module] = None
     return info
 
 

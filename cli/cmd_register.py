@@ -86,10 +86,12 @@ def _keep_deprecated_value(ctx: click.Context, param: click.Parameter, value):
 def instance_options(func):
     """The instance-optimisation options shared by `register` and `evaluate`."""
     options = [
-        click.option("--preset", type=click.Choice(["accurate", "fast"]), default="accurate",
-                     show_default=True,
+        click.option("--preset", type=click.Choice(["accurate", "fast", "best"]),
+                     default="accurate", show_default=True,
                      help="Instance-optimisation settings: 'accurate' (affine, then half- and "
-                          "full-resolution stages) or 'fast' (affine, then half resolution)."),
+                          "full-resolution stages), 'fast' (affine, then half resolution) or "
+                          "'best' (as accurate, with a full-resolution field and window 9 in "
+                          "the last stage; slower)."),
         click.option("--iterations", metavar="N[,N...]",
                      help="Optimisation steps per level, one number for all levels or one per "
                           "level, coarse to fine (default: from the preset)."),

@@ -267,7 +267,9 @@ def _images_pipeline(images: np.ndarray, limit: int | None = None) -> DataSource
             ds = ds.take(limit)
         ds = ds.map(lambda p: {"fixed": tf.gather(data, p[0]), "moving": tf.gather(data, p[1])})
         return ds.batch(batch_size, drop_remainder=True)
-    return DataSource(open=lambda path, config, divisor: None, dataset=pipeline)
+    # the phantoms lie in [0, 1]: min-max normalisation is the inference record that reproduces them
+    return DataSource(open=lambda path, config, divisor: None, dataset=pipeline,
+                      preprocessing=lambda data: {"normalize": "minmax"})
 
 
 def _level_weights(model: keras.Model) -> dict[int, list[np.ndarray]]:

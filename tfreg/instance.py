@@ -75,6 +75,9 @@ class InstanceConfig:
         ncc_win: local NCC window per level, in level voxels.
         lam: weight of the smoothness penalty ``mean |grad v|^2`` (v in level voxels).
         smooth_sigma: Gaussian sigma (level voxels) of ``v = G * w`` (3 box-filter passes).
+        fine_sigma: the sigma (full-resolution voxels) for a velocity that lives at full
+            resolution (``field_level`` 0); None = `smooth_sigma`. The same value in level voxels
+            smooths half as much in mm at full resolution as at half resolution.
         field_level: finest level the velocity lives on (1 = half resolution).
         int_steps: scaling-and-squaring steps.
         lr_decay: the step size decays linearly within each level to this fraction.
@@ -110,6 +113,7 @@ class InstanceConfig:
     ncc_win: tuple[int, ...] = (5, 7)
     lam: float = 0.5
     smooth_sigma: float = 1.0
+    fine_sigma: float | None = None
     field_level: int = 1
     int_steps: int = 5
     lr_decay: float = 0.2
@@ -142,7 +146,8 @@ class InstanceConfig:
             raise ConfigError(f"{source}: iterations: must be >= 0")
         if any(not lr >= 0 for lr in self.learning_rate) or not self.affine_lr >= 0:
             raise ConfigError(f"{source}: learning rates must be >= 0")
-        if not self.lam >= 0 or not self.smooth_sigma >= 0 or not self.ncc_floor >= 0:
+        if not self.lam >= 0 or not self.smooth_sigma >= 0 or not self.ncc_floor >= 0 \
+                or not (self.fine_sigma is None or self.fine_sigma >= 0):
             raise ConfigError(f"{source}: lambda, smooth_sigma and ncc_floor must be >= 0")
         if self.similarity not in SIMILARITIES:
             raise ConfigError(f"{source}: similarity: expected one of {', '.join(SIMILARITIES)}, "
@@ -162,6 +167,8 @@ PRESETS: dict[str, InstanceConfig] = {
     "accurate": InstanceConfig(),
     "fast": InstanceConfig(levels=(1,), iterations=(90,), learning_rate=(0.25,), ncc_win=(5,),
                            affine_iterations=60),
+    # the velocity lives at full resolution in the last stage, with ANTs' CC window (radius 4)
+    "best": InstanceConfig(iterations=(150, 100), ncc_win=(5, 9), field_level=0),
 }
 
 
@@ -462,6 +469,11 @@ def _affine_loss_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win
     return loss_fn
 
 
+def _sigma(cfg: InstanceConfig, vlevel: int) -> float:
+    """Smoothing sigma (level voxels) of a velocity on pyramid level `vlevel`."""
+    return cfg.fine_sigma if vlevel == 0 and cfg.fine_sigma is not None else cfg.smooth_sigma
+
+
 def _svf_loss_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int, vlevel: int,
                  win: int, centre: tuple[float, ...], floor: float) -> Callable:
     """Loss of the velocity parameters (the affine fixed).
@@ -477,7 +489,7 @@ def _svf_loss_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
     smoothness = losses.Grad("l2")
 
     def loss_fn(w, fixed, moving, affine):
-        v = filters.box_gaussian(w, cfg.smooth_sigma)
+        v = filters.box_gaussian(w, _sigma(cfg, vlevel))
         # exp(v) forward; identity Jacobian backward
         u = tf.stop_gradient(_integrate(v, cfg.int_steps) - v) + v
         u = u * float(2 ** vlevel)  # full-resolution voxels
@@ -652,7 +664,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
     points = _level_grid(shape, 1.0, centre)
     velocity = None
     if w is not None:
-        velocity = filters.box_gaussian(w, cfg.smooth_sigma)
+        velocity = filters.box_gaussian(w, _sigma(cfg, w_level))
         points = points + velocity_displacement(velocity[0], w_level, shape, cfg.int_steps)[None]
     disp = (_apply_affine(points, affine, centre) - _level_grid(shape, 1.0, np.zeros(ndims)))[0]
     disp = disp.numpy()
