@@ -373,7 +373,12 @@ def local_ncc(fixed: np.ndarray, warped: np.ndarray, win: int = REPORT_NCC["win"
     options = {**REPORT_NCC, "win": win, "contrast_floor": floor}
     f = tf.constant(np.asarray(fixed, np.float32)[None, ..., None])
     w = tf.constant(np.asarray(warped, np.float32)[None, ..., None])
-    return float(losses.NCC(**options).similarity(f, w).numpy())
+    # compiled (from compile_cache.AUTO_MIN_VOXELS voxels): the box filters are much faster
+    # under XLA than eager
+    jit = compile_cache.use_jit("auto", int(np.prod(f.shape[1:-1])))
+    fn = compile_cache.compiled(("local_ncc", tuple(sorted(options.items()))),
+                                losses.NCC(**options).similarity, jit=jit)
+    return float(fn(f, w).numpy())
 
 
 def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:

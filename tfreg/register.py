@@ -571,13 +571,9 @@ def score(disp: np.ndarray, spacing, *, fixed_labels: np.ndarray | None = None,
     """
     from tfreg import metrics
 
-    out: dict[str, Any] = {
-        "folding_percent": round(metrics.folding_percent(disp), 5),
-        "sdlogj": round(metrics.sdlogj(disp), 5),
-        "sdlogj_l2r": (round(metrics.sdlogj_l2r(disp), 5)
-                       if all(s >= 5 for s in disp.shape[:-1]) else None),
-        "ndv_percent": round(metrics.ndv_percent(disp), 6),
-    }
+    out: dict[str, Any] = {name: None if value is None else round(value, 5)
+                           for name, value in metrics.jacobian_summary(disp).items()}
+    out["ndv_percent"] = round(metrics.ndv_percent(disp), 6)
     if fixed_labels is not None and warped_labels is not None:
         labels = sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
         dice = metrics.dice(fixed_labels, warped_labels, labels=labels)
