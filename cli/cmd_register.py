@@ -108,12 +108,14 @@ def instance_options(func):
                      help="Deprecated name of --smooth-weight."),
         click.option("--lr", "learning_rate", metavar="LR[,LR...]",
                      help="Adam step size per level, in voxels of velocity (default: preset)."),
-        click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi"]),
+        click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi", "mk_lncc"]),
                      help="Image similarity of the affine and deformable stages: 'ncc' local "
                           "normalised cross-correlation (default; one contrast, robust to "
                           "intensity differences), 'mse' (same contrast and scale), 'mind' "
                           "(MIND-SSC descriptors; different contrasts, e.g. T2 to T1) or 'nmi' "
-                          "(normalised mutual information; different contrasts)."),
+                          "(normalised mutual information; different contrasts) or 'mk_lncc' "
+                          "(multi-kernel local NCC of AVSM, windows from the image size; one "
+                          "contrast)."),
         click.option("--no-affine", is_flag=True, default=False,
                      help="Skip the moments + affine initialisation (inputs already aligned)."),
         click.option("--affine-iterations", type=click.IntRange(min=0),
