@@ -19,6 +19,16 @@ Usage::
 
     python benchmarks/bench_cli.py                    # all, once each
     python benchmarks/bench_cli.py --only error,demo --repeat 3
+    python benchmarks/bench_cli.py --vs-ants          # whole `tfreg register` vs ANTs SyN
+
+`--vs-ants` builds the 96x112x96 benchmark pairs of `bench_register.py`, then alternates, pair by
+pair, a whole `tfreg register F M -o OUT --preset fast` with both label maps (process start to
+exit, a fresh process each time; the XLA cache starts empty, so the first call compiles and the
+later ones load) and ANTs SyN with antspyx defaults in a fresh process of a separate environment
+(`--ants-python`, default `/tmp/antsenv/bin/python`: `python -m venv /tmp/antsenv &&
+/tmp/antsenv/bin/pip install antspyx`), timing its registration call only. Then
+`tfreg register --pairs` registers the same pairs in one process (seconds per pair). Results:
+`benchmarks/results/bench_cli_vs_ants.json`.
 
 Results: a table on stdout and `benchmarks/results/bench_cli.json`.
 """
@@ -65,11 +75,131 @@ def _report_runtime(work: Path, name: str) -> float | None:
     return float(json.loads((folder / "report.json").read_text())["runtime_seconds"])
 
 
+ANTS_WORKER = """
+import json, sys, time
+import ants
+fixed, moving = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2])
+start = time.perf_counter()
+ants.registration(fixed, moving, type_of_transform="SyN")
+print(json.dumps({"registration_s": time.perf_counter() - start}))
+"""
+
+
+def _timed(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float,
+                                                              float]:
+    """Run a command; (process, wall seconds, CPU seconds of the child)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, wall, cpu
+
+
+def vs_ants(pair_ids: list[str], ants_python: str) -> None:
+    """Whole `tfreg register` calls and a `--pairs` batch next to ANTs SyN (module docstring)."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_register import build_pair
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "TFREG_XLA_CACHE": str(work / "xla")}
+        files = {}
+        for pid in pair_ids:
+            pair = build_pair(*pid.split("-"))
+            affine = np.diag(list(pair["spacing"]) + [1.0])
+            files[pid] = {}
+            for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+                path = work / f"{pid}_{key}.nii.gz"
+                nib.save(nib.Nifti1Image(pair[key], affine), str(path))
+                files[pid][key] = str(path)
+        for index, pid in enumerate(pair_ids):
+            f = files[pid]
+            tfreg_cmd = _tfreg("register", f["fixed"], f["moving"], "-o", str(work / pid),
+                               "--preset", "fast", "-q", "--fixed-labels", f["fixed_labels"],
+                               "--moving-labels", f["moving_labels"])
+            ants_cmd = [ants_python, "-c", ANTS_WORKER, f["fixed"], f["moving"]]
+            order = [("tfreg", tfreg_cmd), ("ants", ants_cmd)]
+            for name, cmd in (order if index % 2 == 0 else order[::-1]):
+                load = os.getloadavg()[0]
+                proc, wall, cpu = _timed(cmd, env)
+                row = {"pair": pid, "tool": name, "exit": proc.returncode, "wall_s": round(wall, 2),
+                       "cpu_s": round(cpu, 2), "load_before": round(load, 2)}
+                if name == "tfreg":
+                    report = work / pid / "report.json"
+                    if report.is_file():
+                        data = json.loads(report.read_text())
+                        row.update(runtime_s=data["runtime_seconds"], dice=data.get("mean_dice"),
+                                   cache="cold" if index == 0 else "warm")
+                elif proc.returncode == 0:
+                    row["registration_s"] = round(json.loads(
+                        proc.stdout.strip().splitlines()[-1])["registration_s"], 2)
+                else:
+                    row["error"] = proc.stderr.strip().splitlines()[-1:]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        with open(work / "pairs.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels", "id"])
+            for pid in pair_ids:
+                writer.writerow([files[pid][k] for k in ("fixed", "moving", "fixed_labels",
+                                                         "moving_labels")] + [pid])
+        load = os.getloadavg()[0]
+        batch_cmd = _tfreg("register", "--pairs", str(work / "pairs.csv"), "-o",
+                           str(work / "batch"), "--preset", "fast", "-q")
+        proc, wall, cpu = _timed(batch_cmd, env)
+        rows.append({"pair": "all", "tool": "tfreg --pairs", "exit": proc.returncode,
+                     "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                     "per_pair_s": round(wall / len(pair_ids), 2), "load_before": round(load, 2),
+                     "output": proc.stdout.strip().splitlines()[-2:]})
+        print(json.dumps(rows[-1]), flush=True)
+    summary = {}
+    for tool, key in (("tfreg", "wall_s"), ("ants", "registration_s")):
+        values = [r[key] for r in rows if r["tool"] == tool and key in r]
+        summary[f"{tool} mean {key}"] = round(float(np.mean(values)), 2) if values else None
+    warm = [r["wall_s"] for r in rows if r.get("cache") == "warm"]
+    summary["tfreg warm-cache mean wall_s"] = round(float(np.mean(warm)), 2) if warm else None
+    if summary["ants mean registration_s"] and summary["tfreg mean wall_s"]:
+        summary["ANTs registration / tfreg whole command"] = round(
+            summary["ants mean registration_s"] / summary["tfreg mean wall_s"], 3)
+        if warm:
+            summary["ANTs registration / tfreg whole command, warm cache"] = round(
+                summary["ants mean registration_s"] / summary["tfreg warm-cache mean wall_s"], 3)
+        summary["ANTs registration / tfreg --pairs per pair"] = round(
+            summary["ants mean registration_s"] / rows[-1]["per_pair_s"], 3)
+    for name, value in summary.items():
+        print(f"{name}: {value}")
+    info = {"cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "note": "shared 2-core machine: see load_before; compare within the run",
+            "rows": rows, "summary": summary}
+    from tfreg.io import atomic_path
+
+    with atomic_path(RESULTS / "bench_cli_vs_ants.json") as out:
+        out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma-separated subset of the commands")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--vs-ants", action="store_true",
+                        help="whole tfreg register calls and --pairs next to ANTs SyN")
+    parser.add_argument("--pairs", default="01-02,03-04,05-06", help="with --vs-ants")
+    parser.add_argument("--ants-python", default="/tmp/antsenv/bin/python", help="with --vs-ants")
     args = parser.parse_args()
+    if args.vs_ants:
+        vs_ants(args.pairs.split(","), args.ants_python)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -108,12 +108,14 @@ def instance_options(func):
                      help="Deprecated name of --smooth-weight."),
         click.option("--lr", "learning_rate", metavar="LR[,LR...]",
                      help="Adam step size per level, in voxels of velocity (default: preset)."),
-        click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi"]),
+        click.option("--similarity", type=click.Choice(["ncc", "mse", "mind", "nmi", "mk_lncc"]),
                      help="Image similarity of the affine and deformable stages: 'ncc' local "
                           "normalised cross-correlation (default; one contrast, robust to "
                           "intensity differences), 'mse' (same contrast and scale), 'mind' "
                           "(MIND-SSC descriptors; different contrasts, e.g. T2 to T1) or 'nmi' "
-                          "(normalised mutual information; different contrasts)."),
+                          "(normalised mutual information; different contrasts) or 'mk_lncc' "
+                          "(multi-kernel local NCC of AVSM, windows from the image size; one "
+                          "contrast)."),
         click.option("--no-affine", is_flag=True, default=False,
                      help="Skip the moments + affine initialisation (inputs already aligned)."),
         click.option("--affine-iterations", type=click.IntRange(min=0),
@@ -145,14 +147,24 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
     )
 
 
-@click.command("register", short_help="Register a moving image to a fixed image.")
-@click.argument("fixed", type=click.Path(dir_okay=False))
-@click.argument("moving", type=click.Path(dir_okay=False))
+@click.command("register", short_help="Register a moving image to a fixed image (or many pairs).")
+@click.argument("fixed", type=click.Path(dir_okay=False), required=False)
+@click.argument("moving", type=click.Path(dir_okay=False), required=False)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="tfreg-out",
               show_default=True,
               help="Output folder: warped.nii.gz, disp.nii.gz, warped_labels.nii.gz, "
                    "report.json, affine.mat (ITK/ANTs; 3D). Outputs of an earlier run there are "
-                   "replaced or removed (other files are kept).")
+                   "replaced or removed (other files are kept). With --pairs: one subfolder per "
+                   "pair and summary.csv.")
+@click.option("--pairs", "pairs_csv", type=click.Path(dir_okay=False),
+              help="Register every pair of a CSV in one process instead of FIXED MOVING: a "
+                   "header row with the columns fixed, moving and optionally fixed_labels, "
+                   "moving_labels, fixed_keypoints, moving_keypoints, id (relative paths from "
+                   "the CSV's folder). Compiles once per image shape; pairs whose folder holds "
+                   "a report.json are skipped (rerun to resume); writes OUT/summary.csv.")
+@click.option("--shard", metavar="K/N",
+              help="With --pairs: register only share K of N (every N-th row from row K), so "
+                   "that N processes split the CSV; each rewrites summary.csv when it ends.")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
@@ -204,12 +216,12 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
-def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoints,
-             moving_keypoints, model, finetune, init, init_affine, inverse, itk, recursions,
-             preset,
+def register(fixed, moving, out_dir, pairs_csv, shard, moving_labels, fixed_labels,
+             fixed_keypoints, moving_keypoints, model, finetune, init, init_affine, inverse, itk,
+             recursions, preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
              xla, reg_method, lddmm_optimizer, device, quiet):
-    """Register MOVING to FIXED (NIfTI files, 2D or 3D).
+    """Register MOVING to FIXED (NIfTI files, 2D or 3D), or every pair of a CSV (--pairs).
 
     Without --model the pair is registered by instance optimisation: a moments and affine
     initialisation, then a multi-resolution diffeomorphic (stationary velocity field) stage
@@ -219,6 +231,20 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
     """
     from tfreg.errors import ConfigError
 
+    if pairs_csv is not None or shard is not None:
+        return _register_pairs(pairs_csv, shard, out_dir, fixed=fixed, moving=moving,
+                               per_pair={"--moving-labels": moving_labels,
+                                         "--fixed-labels": fixed_labels,
+                                         "--fixed-keypoints": fixed_keypoints,
+                                         "--moving-keypoints": moving_keypoints,
+                                         "--init": init, "--init-affine": init_affine},
+                               model=model, finetune=finetune, recursions=recursions,
+                               inverse=inverse, itk=itk, device=device, quiet=quiet,
+                               method_args=(reg_method, preset, iterations, levels, lam,
+                                            learning_rate, similarity, no_affine,
+                                            affine_iterations, xla, lddmm_optimizer))
+    if fixed is None or moving is None:
+        raise ConfigError("register: give FIXED and MOVING images, or --pairs pairs.csv")
     if finetune and not (model or init or init_affine):
         raise ConfigError("--finetune: needs --model or --init (instance optimisation without a "
                           "model is the default; use --iterations to change its steps)")
@@ -228,13 +254,8 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
                  init, init_affine)
     check_input_dirs(model)
     check_output_dir(out_dir, "-o")
-    if reg_method == "lddmm":
-        cfg = lddmm_config(model, init, iterations, learning_rate, lddmm_optimizer, xla,
-                           levels=levels, lam=lam, similarity=similarity,
-                           affine_iterations=affine_iterations)
-    else:
-        cfg = build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
-                           affine_iterations, xla)
+    cfg = method_config(model, init, reg_method, preset, iterations, levels, lam, learning_rate,
+                        similarity, no_affine, affine_iterations, xla, lddmm_optimizer)
     from tfreg.register import register_files
 
     progress = StageProgress(enabled=not quiet)
@@ -249,6 +270,80 @@ def register(fixed, moving, out_dir, moving_labels, fixed_labels, fixed_keypoint
     finally:
         progress.close()
     click.echo(summary_text(report, written))
+
+
+def method_config(model, init, reg_method, preset, iterations, levels, lam, learning_rate,
+                  similarity, no_affine, affine_iterations, xla, lddmm_optimizer):
+    """The registration config of the command-line options (instance or LDDMM)."""
+    if reg_method == "lddmm":
+        return lddmm_config(model, init, iterations, learning_rate, lddmm_optimizer, xla,
+                            levels=levels, lam=lam, similarity=similarity,
+                            affine_iterations=affine_iterations)
+    return build_config(preset, iterations, levels, lam, learning_rate, similarity, no_affine,
+                        affine_iterations, xla)
+
+
+def _register_pairs(pairs_csv, shard, out_dir, *, fixed, moving, per_pair, model, finetune,
+                    recursions, inverse, itk, device, quiet, method_args):
+    """``register --pairs``: checks, then `tfreg.batch_register` with one progress bar."""
+    from tfreg import batch_register
+    from tfreg.errors import ConfigError, InputError
+
+    if pairs_csv is None:
+        raise ConfigError("--shard: needs --pairs")
+    if fixed is not None or moving is not None:
+        raise ConfigError("--pairs: give either FIXED MOVING or --pairs, not both")
+    given = [name for name, value in per_pair.items() if value is not None]
+    if given:
+        raise ConfigError(f"{given[0]}: not used with --pairs (labels and keypoints are columns "
+                          "of the CSV)")
+    if finetune and not model:
+        raise ConfigError("--finetune: needs --model")
+    if recursions is not None and not model:
+        raise ConfigError("--cascades: needs --model (a trained cascade model)")
+    k, n = batch_register.parse_shard(shard)
+    pairs = batch_register.read_pairs(pairs_csv)
+    check_input_dirs(model)
+    check_output_dir(out_dir, "-o")
+    cfg = method_config(model, None, *method_args)
+    mine = batch_register.shard_rows(pairs, k, n)
+    todo = [p for p in mine if not batch_register.is_done(p, out_dir)]
+    share = f" (share {k}/{n}: {len(mine)})" if n > 1 else ""
+    click.echo(f"{len(pairs)} pairs{share}; {len(mine) - len(todo)} done before, "
+               f"{len(todo)} to register into {out_dir}", err=True)
+    failed = []
+    bar = click.progressbar(length=len(todo), label="  registering", file=sys.stderr,
+                            width=24, show_eta=True, show_pos=True,
+                            item_show_func=lambda text: text)
+
+    def on_pair(pair, row):
+        if row["status"] == "failed":
+            failed.append(f"{pair.id}: {row['error']}")
+        if not quiet:
+            bar.update(1, current_item=f"{pair.id} {row['seconds']} s")
+
+    rows = []
+    try:
+        if not quiet:
+            bar.__enter__()
+        rows = batch_register.register_pairs(todo, out_dir, on_pair=on_pair, config=cfg,
+                                             model=model, finetune=finetune,
+                                             recursions=recursions, device=device,
+                                             inverse=inverse, itk=itk)
+    finally:
+        if not quiet:
+            bar.__exit__(None, None, None)
+        summary = batch_register.write_summary(pairs, out_dir, rows)
+    timed = [r["seconds"] for r in rows if r["status"] == "done"]
+    if timed:
+        click.echo(f"{len(timed)} registered, {sum(timed) / len(timed):.1f} s per pair "
+                   "(file I/O and metrics included)")
+    click.echo(f"summary: {summary}")
+    for line in failed:
+        click.echo(line, err=True)
+    if failed:
+        raise InputError(f"{len(failed)} of {len(todo)} pairs failed (error.txt in their "
+                         f"folders; rerun to retry them)")
 
 
 def lddmm_config(model, init, iterations, learning_rate, optimizer, xla, **unused):

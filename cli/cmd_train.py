@@ -206,13 +206,36 @@ def train(method, data, config_file, sets, out, resume, steps, epochs, batch_siz
                               strategy=strategy, verbose=0 if quiet else 1,
                               fast_dev_run=fast_dev_run)
     except TrainingInterrupted as err:
-        if sys.stdout.isatty() or sys.stderr.isatty():  # the progress bar holds the line
-            click.echo("")
-        click.echo(f"Error: {err}", err=True)
+        _report_interrupt(err)
         sys.exit(128 + int(err.signum))
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'logs'}")
     click.echo(f"  export:      tfreg export {result.run_dir} -o MODEL_DIR")
+
+
+def _report_interrupt(err) -> None:
+    """What was kept, then the resume command on a line of its own (stderr); a further Ctrl-C
+    meanwhile ends the process without another message (`tfreg_cli.interrupt.reporting`)."""
+    import signal
+
+    from tfreg_cli import interrupt
+
+    interrupt.reporting()
+    if sys.stdout.isatty() or sys.stderr.isatty():  # the progress bar holds the line
+        click.echo("", err=True)
+    if err.run_dir is None:      # not raised by the engine's loop
+        click.echo(str(err), err=True)
+        return
+    checkpoints = Path(err.run_dir) / "checkpoints"
+    if err.saved:
+        click.echo(f"{signal.Signals(err.signum).name}: training stopped at step {err.step}, "
+                   f"checkpoint saved in {checkpoints}", err=True)
+    else:
+        click.echo(f"interrupted twice at step {err.step}: stopped at once without saving"
+                   + (f"; the newest checkpoint in {checkpoints} is kept" if err.resumable
+                      else "; no checkpoint was saved"), err=True)
+    if err.resumable:
+        click.echo(f"resume with: tfreg train --resume {err.run_dir}", err=True)
 
 
 def _open_data(method, path: Path, config: dict):

@@ -12,7 +12,9 @@ with status 130. Outputs are written atomically, so an interrupted write leaves 
 Commands that handle Ctrl-C themselves (training saves a checkpoint at the end of the step)
 install their own SIGINT handler; while it is in place, the watchdog only says at once that the
 command will stop after the current step, and a second Ctrl-C ends the process within `GRACE`
-seconds (without saving; the newest checkpoint is kept).
+seconds (without saving; the newest checkpoint is kept). A command that reports the interrupt
+itself calls `reporting()` first: the watchdog then prints nothing more and only ends the
+process (status 130) if it has not exited `GRACE` seconds after a further Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 
-__all__ = ["install", "set_message", "GRACE"]
+__all__ = ["install", "set_message", "reporting", "GRACE"]
 
 #: seconds the main thread gets to reach Python's handler before the watchdog ends the process.
 GRACE = 0.5
@@ -37,6 +39,12 @@ def set_message(text: str) -> None:
     """What an interrupt says, e.g. ``"interrupted: 4 of 5 pairs written to eval.csv; ..."``."""
     global _message
     _message = text
+
+
+def reporting() -> None:
+    """The main thread is reporting an interrupt itself (its own lines, then exit 130): the
+    watchdog adds no message of its own."""
+    _handled.set()
 
 
 def _handler(signum: int, frame) -> None:

@@ -133,12 +133,17 @@ def _verbose(argv: list[str]) -> bool:
 
 def main() -> None:
     """Console-script entry point: a quiet start (`tfreg_cli.quiet`), Ctrl-C that ends the
-    command within about a second (`tfreg_cli.interrupt`), then the command. After a signal
+    command within about a second (`tfreg_cli.interrupt`), the persistent XLA compilation cache
+    (`tfreg.xla_cache`), then the command. After a signal
     (exit 130, 143) the process ends at once, without waiting for TensorFlow's threads."""
     from tfreg_cli import interrupt, quiet
 
     quiet.install(verbose=_verbose(sys.argv[1:]))
     interrupt.install()
+    if not {"-h", "--help", "--version"} & set(sys.argv[1:]):
+        from tfreg import xla_cache
+
+        xla_cache.enable()  # compiled steps persist across calls ($TFREG_XLA_CACHE, off to disable)
     try:
         cli(prog_name="tfreg")
     except SystemExit as done:

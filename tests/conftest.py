@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TFREG_XLA_CACHE", "off")  # commands run by tests leave ~/.cache alone
 
 #: reference data beside the checkout (fixtures, sample scans); tests that need it skip without it.
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -453,3 +453,32 @@ def test_second_ctrl_c_ends_a_command_that_stops_gracefully(tmp_path):
     assert err.splitlines() == [
         "stopping after the current step (Ctrl-C again to stop at once)",
         "interrupted twice: stopped at once without saving (the newest checkpoint is kept)"]
+
+
+def test_a_command_reporting_its_interrupt_gets_no_second_message(tmp_path):
+    """Training reports a second Ctrl-C itself (`interrupt.reporting()`, then its own line): the
+    watchdog adds nothing, and ends the process with 130 if the command hangs on its way out."""
+    import signal
+
+    script = ("import signal, sys, time\n"
+              "from tfreg_cli import interrupt\n"
+              "interrupt.install()\n"
+              "def stop(*a):\n"
+              "    interrupt.reporting()\n"
+              "    print('stopped by the command', file=sys.stderr, flush=True)\n"
+              "    time.sleep(30)\n"      # a slow exit: the watchdog ends it
+              "signal.signal(signal.SIGINT, lambda *a: signal.signal(signal.SIGINT, stop))\n"
+              "print('ready', flush=True)\n"
+              "while True: time.sleep(0.01)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.perf_counter() - sent < 3.0
+    assert err.splitlines() == [
+        "stopping after the current step (Ctrl-C again to stop at once)",
+        "stopped by the command"]

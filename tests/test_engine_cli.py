@@ -144,8 +144,9 @@ def test_missing_arguments_are_usage_errors(args):
 
 
 def test_sigint_saves_then_resume_reaches_the_same_step_count(spec, tmp_path):
-    """A real `tfreg train` process gets SIGINT after its first checkpoint: it saves, exits 130
-    with one line; `--resume` then finishes all 30 steps with the unchanged config."""
+    """A real `tfreg train` process gets SIGINT after its first checkpoint: it finishes the step,
+    saves, says so on one line and gives the resume command on the next, exits 130; `--resume`
+    then finishes all 30 steps with the unchanged config."""
     run = tmp_path / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("TF_CONFIG", None)
@@ -165,11 +166,13 @@ def test_sigint_saves_then_resume_reaches_the_same_step_count(spec, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
-    last = stderr.strip().splitlines()[-1]
     state = json.loads((run / "state.json").read_text())
     assert not state["finished"] and 2 <= state["step"] < 30
-    assert last == (f"Error: SIGINT: training stopped at step {state['step']}, checkpoint "
-                    f"saved; continue with: tfreg train --resume {run}")
+    assert stderr.strip().splitlines()[-3:] == [
+        "stopping after the current step (Ctrl-C again to stop at once)",
+        f"SIGINT: training stopped at step {state['step']}, checkpoint saved in "
+        f"{run / 'checkpoints'}",
+        f"resume with: tfreg train --resume {run}"]
     config_before = (run / "config.yaml").read_text()
 
     result = _invoke("--resume", str(run), "--quiet")
@@ -183,3 +186,29 @@ def test_sigint_saves_then_resume_reaches_the_same_step_count(spec, tmp_path):
     assert result.exit_code == 1
     assert result.output == (f"Error: {run}: already holds checkpoints; resume it (--resume) "
                              "or choose another output folder\n")
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_second_ctrl_c_says_what_was_kept(spec, tmp_path, monkeypatch, resumable):
+    """A second Ctrl-C stops without saving: one line on what was kept, the resume command on its
+    own line only when there is a checkpoint to resume from; exit 130."""
+    import tfreg.engine
+    from tfreg.engine import TrainingInterrupted
+
+    run = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("interrupted twice", signal.SIGINT, run, 7, saved=False,
+                                  resumable=resumable)
+
+    monkeypatch.setattr(tfreg.engine, "train", interrupted)
+    result = _invoke("voxelmorph", "--data", str(spec), "--out", str(run), *TINY_VXM)
+    assert result.exit_code == 130
+    if resumable:
+        assert result.stderr.splitlines() == [
+            "interrupted twice at step 7: stopped at once without saving; the newest checkpoint "
+            f"in {run / 'checkpoints'} is kept", f"resume with: tfreg train --resume {run}"]
+    else:
+        assert result.stderr.splitlines() == [
+            "interrupted twice at step 7: stopped at once without saving; no checkpoint was "
+            "saved"]

@@ -334,3 +334,17 @@ def test_read_keypoints_learn2reg_csv(tmp_path):
         metrics.read_keypoints(path)
     with pytest.raises(InputError, match="moving keypoints: shape"):
         metrics.tre(np.zeros((2, 3)), np.zeros((3, 3)), np.zeros((4, 4, 4, 3)))
+
+
+def test_jacobian_summary_of_linear_maps_by_hand():
+    """u(x) = (A - I) x has det J = det A everywhere: folding 0 % or 100 %, SDlogJ 0."""
+    x = _grid((9, 8, 7))
+    for matrix, folded in ((np.diag([1.2, 0.9, 1.1]), 0.0), (np.diag([-1.0, 1.0, 1.0]), 100.0)):
+        disp = x @ (matrix - np.eye(3)).T
+        got = metrics.jacobian_summary(disp)
+        assert got["folding_percent"] == folded
+        assert got["sdlogj"] == pytest.approx(0.0, abs=1e-12)
+        assert got["sdlogj_l2r"] == pytest.approx(0.0, abs=1e-12)
+        assert got == {"folding_percent": metrics.folding_percent(disp),
+                       "sdlogj": metrics.sdlogj(disp), "sdlogj_l2r": metrics.sdlogj_l2r(disp)}
+    assert metrics.jacobian_summary(np.zeros((4, 6, 2)))["sdlogj_l2r"] is None

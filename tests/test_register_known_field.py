@@ -22,6 +22,7 @@ from scipy import ndimage
 from tfreg.export import MODEL_INFO, _Exported
 from tfreg.ops.fields import affine_to_disp
 from tfreg.ops.sampling import warp
+from tfreg.registry import ModelIO
 from tfreg_cli.main import cli
 
 INSHAPE = (16, 16, 16)
@@ -50,7 +51,7 @@ def _model_field(y: np.ndarray) -> np.ndarray:
 def known_model(tmp_path_factory):
     def write(spacing):
         root = tmp_path_factory.mktemp("known")
-        module = _Exported(KnownAffine(), INSHAPE)
+        module = _Exported(KnownAffine(), INSHAPE, ModelIO(), {})
         tf.saved_model.save(module, str(root / "saved_model"),
                             signatures={"register": module.register, "warp": module.warp})
         prep = {"shape": list(INSHAPE), "spacing": spacing, "fit": "center", "normalize": "minmax"}

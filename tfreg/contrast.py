@@ -37,7 +37,7 @@ HINT_CORRELATION = 0.0
 #: normalised intensity above which a voxel counts as foreground for the histogram check.
 FOREGROUND = 0.05
 #: similarities that assume one contrast.
-SAME_CONTRAST = ("ncc", "mse")
+SAME_CONTRAST = ("ncc", "mse", "mk_lncc")
 
 
 @dataclass

@@ -57,7 +57,7 @@ from tfreg.ops import compile_cache, fields, filters, intensity, sampling
 __all__ = ["InstanceConfig", "InstanceResult", "PRESETS", "make_config", "register_arrays",
            "adapt_to_shape", "moments_init", "normalize_image", "local_ncc", "velocity_displacement"]
 
-SIMILARITIES = ("ncc", "mse", "mind", "nmi")
+SIMILARITIES = ("ncc", "mse", "mind", "nmi", "mk_lncc")
 #: similarities that compare images of different contrasts (the affine stage uses them too).
 MULTI_CONTRAST = ("mind", "nmi")
 _PER_LEVEL = ("iterations", "learning_rate", "ncc_win")
@@ -85,7 +85,9 @@ class InstanceConfig:
             of one contrast), ``"mse"`` (same contrast and intensity scale only), ``"mind"``
             (L1 distance of MIND-SSC descriptors, `tfreg.ops.mind`; any contrasts) or ``"nmi"``
             (Parzen-window normalised mutual information, `tfreg.ops.mutual_information`; any
-            contrasts). Used by the affine and the deformable stages alike.
+            contrasts) or ``"mk_lncc"`` (multi-kernel local NCC, `tfreg.ops.mk_lncc`, windows
+            from each level's size by the vSVF rule; `ncc_win` and `ncc_floor` unused). Used by
+            the affine and the deformable stages alike.
         ncc_eps: stabiliser of ``cross / sqrt(var_f var_w + eps)`` (sums over the window).
         ncc_floor: at the finest level of the schedule (and in the affine stage), NCC windows
             are weighted by ``var_f / (var_f + n ncc_floor^2)`` (``var_f`` the fixed image's
@@ -353,6 +355,8 @@ def _similarity_fn(cfg: InstanceConfig, win: int, floor: float
 
         return lambda f, w: -tf.reduce_mean(
             normalized_mutual_information(f, w, bins=32, value_range=(0.0, 1.0)))
+    if cfg.similarity == "mk_lncc":
+        return losses.MKLNCC()   # windows from the level's shape (tfreg.ops.mk_lncc.auto_windows)
     return losses.NCC(win=win, squared=False, eps=cfg.ncc_eps, eps_mode="add",
                       contrast_floor=floor)
 
@@ -369,7 +373,12 @@ def local_ncc(fixed: np.ndarray, warped: np.ndarray, win: int = REPORT_NCC["win"
     options = {**REPORT_NCC, "win": win, "contrast_floor": floor}
     f = tf.constant(np.asarray(fixed, np.float32)[None, ..., None])
     w = tf.constant(np.asarray(warped, np.float32)[None, ..., None])
-    return float(losses.NCC(**options).similarity(f, w).numpy())
+    # compiled (from compile_cache.AUTO_MIN_VOXELS voxels): the box filters are much faster
+    # under XLA than eager
+    jit = compile_cache.use_jit("auto", int(np.prod(f.shape[1:-1])))
+    fn = compile_cache.compiled(("local_ncc", tuple(sorted(options.items()))),
+                                losses.NCC(**options).similarity, jit=jit)
+    return float(fn(f, w).numpy())
 
 
 def _integrate(velocity: tf.Tensor, steps: int) -> tf.Tensor:

@@ -203,7 +203,7 @@ def jacobian_determinant(disp) -> np.ndarray:
 
 def folding_percent(disp) -> float:
     """Percentage of voxels whose Jacobian determinant is ``<= 0`` (raw determinant, all voxels)."""
-    return float(100.0 * np.mean(jacobian_determinant(disp) <= 0))
+    return _folding(jacobian_determinant(disp))
 
 
 def sdlogj(disp) -> float:
@@ -213,8 +213,7 @@ def sdlogj(disp) -> float:
     so folds show up as large outliers (``log(1e-9) ≈ -20.7``) instead of being dropped. Report
     :func:`folding_percent` beside it.
     """
-    det = jacobian_determinant(disp)
-    return float(np.std(np.log(np.clip(det, LOG_FLOOR, None))))
+    return _sdlogj(jacobian_determinant(disp))
 
 
 def sdlogj_l2r(disp) -> float:
@@ -228,8 +227,28 @@ def sdlogj_l2r(disp) -> float:
     u = _field(disp)
     if any(s < 5 for s in u.shape[:-1]):
         raise InputError(f"disp: sdlogj_l2r needs every spatial size >= 5, got shape {u.shape}")
-    det = jacobian_determinant(u)[(slice(2, -2),) * (u.ndim - 1)]
+    return _sdlogj_l2r(jacobian_determinant(u))
+
+
+def _folding(det: np.ndarray) -> float:
+    return float(100.0 * np.mean(det <= 0))
+
+
+def _sdlogj(det: np.ndarray) -> float:
+    return float(np.std(np.log(np.clip(det, LOG_FLOOR, None))))
+
+
+def _sdlogj_l2r(det: np.ndarray) -> float:
+    det = det[(slice(2, -2),) * det.ndim]
     return float(np.std(np.log(np.clip(det + 3.0, 1e-9, 1e9))))
+
+
+def jacobian_summary(disp) -> dict[str, float | None]:
+    """`folding_percent`, `sdlogj` and `sdlogj_l2r` (None when a spatial size is < 5) of one
+    field from one Jacobian determinant (the three functions compute it once each)."""
+    det = jacobian_determinant(disp)
+    return {"folding_percent": _folding(det), "sdlogj": _sdlogj(det),
+            "sdlogj_l2r": _sdlogj_l2r(det) if all(s >= 5 for s in det.shape) else None}
 
 
 # ------------------------------------------------------------------ digital diffeomorphism (NDV)

@@ -67,8 +67,9 @@ class RegisterResult:
         disp: `(*S, N)` float32 displacement, voxels, pull.
         warped_labels: `(*S,)` int32 warped moving labels, or None.
         report: JSON-safe dict (see `register_volumes`).
-        affine: `(N, N+1)` centred voxel affine of the affine stage (`tfreg.instance`), or
-            None: `disp(x) = Aff(x + warp(x)) - x` with `warp` the deformable part.
+        affine: `(N, N+1)` centred voxel affine of the affine stage (`tfreg.instance`) or of
+            the model's affine part (its method's `RegisterReport.affine`), or None:
+            `disp(x) = Aff(x + warp(x)) - x` with `warp` the deformable part.
         inverse: `(*S, N)` float32 inverse displacement on the fixed grid (fixed voxels, pull:
             `x = y + inverse(y)` satisfies `x + disp(x) = y`), or None when not asked for.
         inverse_warp: `(*S, N)` float32 inverse of the deformable part alone (fixed grid), or
@@ -308,10 +309,12 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         keypoints `tre_mm`, `tre_mm_before`, `keypoints`; `contrast` (`tfreg.contrast.check`: NMI
         before, after the affine stage and after, whether the result is worse than its start,
         the histogram distance) and `warnings` (one-line messages the command line prints);
-        `resampled` (whether the moving grid differed), `stage_seconds`, `affine`, `config`;
+        `resampled` (whether the moving grid differed), `stage_seconds`, `affine` (centred voxel
+        affine of the fixed grid: the affine stage, or a model's affine part), `affine_world`
+        (3D: the same as a `(4, 4)` map of RAS mm points, fixed -> original moving), `config`;
         for instance optimisation with an affine stage `initialisation` (the world-space start,
-        `tfreg.initialise`: chosen candidate, coverage, NMI of each candidate); with a model
-        whose method has a register report hook, its entries and `method_summary` (lines).
+        `tfreg.initialise`: chosen candidate, coverage, NMI of each candidate); with a model whose
+        method has a register report hook, its entries and `method_summary` (lines).
     """
     import tensorflow as tf
 
@@ -337,7 +340,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     report: dict[str, Any] = {}
     maps: dict[str, np.ndarray] = {}
     with tf.device(tf_device) if tf_device else contextlib.nullcontext():
-        affine, inverse_warp = None, None
+        affine, inverse_warp, inverse_how = None, None, None
         if model is None and init_disp is None and isinstance(cfg, LddmmConfig):
             disp, inverse_warp, sim_before, sim_after = _lddmm(fixed_n, moving_n, fixed.spacing,
                                                                cfg, progress, report)
@@ -362,8 +365,13 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                                             options={"recursions": recursions})
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
+                affine = model_info.get("affine")          # the method's affine part, or None
+                if affine is not None:
+                    report["affine"] = affine.tolist()
                 if inverse and finetune == 0 and model_info["inverse"] is not None:
-                    inverse_warp = model_info["inverse"]   # the network's own inverse
+                    # the network's own inverse; with an affine part, that of the rest alone
+                    inverse_warp = _rest_inverse(model_info["inverse"], affine)
+                    inverse_how = "the model's inverse output"
                 extra = model_info.get("report")
                 if extra is not None:
                     report.update(extra.entries)
@@ -382,11 +390,12 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                               stage_seconds=stage)
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
-            affine_warped = None
+            affine_warped = None if affine is None else _affine_warp(moving, fixed, affine)
             used = cfg.similarity if finetune > 0 else "model"
         inverse_disp = None
         if inverse:
             inverse_disp, inverse_warp, how = _inverse(disp, affine, inverse_warp)
+            how = inverse_how or how
             if isinstance(cfg, LddmmConfig):
                 how = "exact: the forward map of the geodesic shooting"
             report.update(inverse_method=how,
@@ -397,6 +406,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
         if moving_labels is not None:
             warped_labels = _sample_moving(moving_labels.data, disp, to_moving, "nearest")
     runtime = time.perf_counter() - start
+    if affine is not None and fixed.ndims == 3:
+        from tfreg.transforms_io import affine_to_physical
+
+        report["affine_world"] = affine_to_physical(affine, fixed.affine, fixed.shape).tolist()
     report.update(
         runtime_seconds=round(runtime, 3),
         device=device_name(tf_device),
@@ -564,13 +577,9 @@ def score(disp: np.ndarray, spacing, *, fixed_labels: np.ndarray | None = None,
     """
     from tfreg import metrics
 
-    out: dict[str, Any] = {
-        "folding_percent": round(metrics.folding_percent(disp), 5),
-        "sdlogj": round(metrics.sdlogj(disp), 5),
-        "sdlogj_l2r": (round(metrics.sdlogj_l2r(disp), 5)
-                       if all(s >= 5 for s in disp.shape[:-1]) else None),
-        "ndv_percent": round(metrics.ndv_percent(disp), 6),
-    }
+    out: dict[str, Any] = {name: None if value is None else round(value, 5)
+                           for name, value in metrics.jacobian_summary(disp).items()}
+    out["ndv_percent"] = round(metrics.ndv_percent(disp), 6)
     if fixed_labels is not None and warped_labels is not None:
         labels = sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
         dice = metrics.dice(fixed_labels, warped_labels, labels=labels)
@@ -643,6 +652,19 @@ def _inverse(disp: np.ndarray, affine: np.ndarray | None, inverse_warp: np.ndarr
     to_z = affine_to_disp(inv_affine[None].astype(np.float32), disp.shape[:-1])
     total = compose(tf.constant(inverse_warp[None], tf.float32), to_z)
     return total.numpy()[0], inverse_warp.astype(np.float32), how
+
+
+def _rest_inverse(inverse: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
+    """The inverse of the deformable part ``w`` from a model's full inverse ``phi^-1`` (fixed
+    grid, voxels, pull), for ``phi = Aff o (id + w)``: ``(id + w)^-1 = phi^-1 o Aff``."""
+    if affine is None:
+        return inverse
+    import tensorflow as tf
+
+    from tfreg.ops.fields import affine_to_disp, compose
+
+    to_aff = affine_to_disp(np.asarray(affine, np.float32)[None], inverse.shape[:-1])
+    return compose(tf.constant(np.asarray(inverse, np.float32)[None]), to_aff).numpy()[0]
 
 
 def inverse_consistency(disp: np.ndarray, inverse: np.ndarray, affine: np.ndarray
@@ -750,12 +772,28 @@ def _predict(model_dir: str | Path, fixed: Volume, moving: Volume,
             model.config, tf.constant(f_in[None, ..., None], tf.float32),
             tf.constant(m_in[None, ..., None], tf.float32))
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
-        info["report"] = hook.report(model.keras_model, saved_config, inputs, given)
-        if info["report"] is not None and info["report"].maps:
+        extra = hook.report(model.keras_model, saved_config, inputs, given)
+        if extra is not None and extra.affine is not None:
+            info["affine"] = _model_affine(extra.affine, rec_f, rec_m, name)
+        if extra is not None and extra.maps:
             # method maps live on the model grid: resample each onto the fixed image's grid
-            info["maps"] = {name: rec_f.restore(np.asarray(array, np.float32), fill_value=0.0)
-                            for name, array in info["report"].maps.items()}
+            info["maps"] = {key: rec_f.restore(np.asarray(array, np.float32), fill_value=0.0)
+                            for key, array in extra.maps.items()}
+        info["report"] = extra
     return field_to_source(disp, rec_f, rec_m), info
+
+
+def _model_affine(affine, rec_f, rec_m, method: str) -> np.ndarray:
+    """A register hook's affine (model grid) as a centred voxel affine of the fixed grid."""
+    from tfreg.data import affine_to_source
+    from tfreg.errors import MethodError
+
+    n = rec_f.ndims
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (n, n + 1) or not np.all(np.isfinite(affine)):
+        raise MethodError(f"method '{method}': its register hook's affine must be a finite "
+                          f"({n}, {n + 1}) array, got shape {affine.shape}")
+    return affine_to_source(affine, rec_f, rec_m)
 
 
 @functools.lru_cache(maxsize=2)

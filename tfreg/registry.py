@@ -239,11 +239,19 @@ class RegisterReport:
             e.g. an uncertainty map; ``tfreg register`` resamples each onto the fixed image's
             grid (linear) and writes it as ``<name>.nii.gz`` (listed in the report's outputs).
             Names are lower-case letters, digits and ``_``, and not one of register's own.
+        affine: the affine part of the model's transform, when it has one: `(N, N+1)` centred
+            voxel affine on the model's input grid (preprocessed fixed voxel -> preprocessed
+            moving voxel, ``y = A (x - c) + b + c``, ``c = (inshape - 1) / 2``), with
+            ``x + disp(x) = Aff(x + w(x))`` for the rest ``w`` of the transform. ``tfreg
+            register`` maps it onto the fixed grid and reports it as ``affine`` (voxels) and
+            ``affine_world`` (RAS mm, 3D), writes it to ``affine.mat`` and, with ``--itk``, the
+            rest as ``itk_warp.nii.gz``. None: no affine part (``affine.mat`` is the identity).
     """
 
     entries: dict = field(default_factory=dict)
     lines: tuple[str, ...] = ()
     maps: dict = field(default_factory=dict)
+    affine: Any = None
 
     def __post_init__(self) -> None:
         import re

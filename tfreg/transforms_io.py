@@ -40,7 +40,8 @@ from scipy import ndimage
 from tfreg.errors import InputError, reason
 from tfreg.io import Volume, atomic_path, load_volume, nifti_stem, read_info, save_volume
 
-__all__ = ["FORMATS", "RAS_TO_LPS", "voxel_to_world", "world_to_voxel", "affine_to_physical",
+__all__ = ["FORMATS", "RAS_TO_LPS", "voxel_to_world", "world_to_voxel", "homogeneous_affine",
+           "centred_affine", "affine_to_physical",
            "physical_to_affine", "deformable_part", "read_itk_affine", "write_itk_affine",
            "save_field", "read_transform", "field_format", "l2r_name"]
 
@@ -74,8 +75,9 @@ def world_to_voxel(field: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- affines
-def _homogeneous(affine_vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`(3, 4)` centred voxel affine ``y = A (x - c) + b + c`` -> `(4, 4)` plain voxel map."""
+def homogeneous_affine(affine_vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`(N, N+1)` centred voxel affine ``y = A (x - c) + b + c`` (``c = (shape - 1) / 2``) ->
+    `(N+1, N+1)` plain voxel map."""
     a = np.asarray(affine_vox, np.float64)
     n = a.shape[0]
     centre = (np.asarray(shape, np.float64) - 1) / 2.0
@@ -83,6 +85,15 @@ def _homogeneous(affine_vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     out[:n, :n] = a[:, :n]
     out[:n, n] = a[:, n] + centre - a[:, :n] @ centre
     return out
+
+
+def centred_affine(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `homogeneous_affine`: `(N+1, N+1)` voxel map -> centred `(N, N+1)` affine."""
+    h = np.asarray(matrix, np.float64)
+    n = h.shape[0] - 1
+    centre = (np.asarray(shape, np.float64) - 1) / 2.0
+    a = h[:n, :n]
+    return np.concatenate([a, (h[:n, n] - centre + a @ centre)[:, None]], axis=1)
 
 
 def affine_to_physical(affine_vox: np.ndarray, grid_affine: np.ndarray,
@@ -98,17 +109,14 @@ def affine_to_physical(affine_vox: np.ndarray, grid_affine: np.ndarray,
         ``F H F^-1``: fixed RAS point -> moving RAS point.
     """
     f = np.asarray(grid_affine, np.float64)
-    return f @ _homogeneous(affine_vox, shape) @ np.linalg.inv(f)
+    return f @ homogeneous_affine(affine_vox, shape) @ np.linalg.inv(f)
 
 
 def physical_to_affine(physical: np.ndarray, grid_affine: np.ndarray,
                        shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of `affine_to_physical`: `(4, 4)` RAS map -> centred voxel affine `(3, 4)`."""
     f = np.asarray(grid_affine, np.float64)
-    h = np.linalg.inv(f) @ np.asarray(physical, np.float64) @ f
-    centre = (np.asarray(shape, np.float64) - 1) / 2.0
-    a = h[:3, :3]
-    return np.concatenate([a, (h[:3, 3] - centre + a @ centre)[:, None]], axis=1)
+    return centred_affine(np.linalg.inv(f) @ np.asarray(physical, np.float64) @ f, shape)
 
 
 def deformable_part(disp: np.ndarray, affine_vox: np.ndarray) -> np.ndarray:
@@ -122,7 +130,7 @@ def deformable_part(disp: np.ndarray, affine_vox: np.ndarray) -> np.ndarray:
         `(*S, N)` float64 ``v(x) = Aff^-1(x + disp(x)) - x`` (exact, no interpolation).
     """
     shape = disp.shape[:-1]
-    h_inv = np.linalg.inv(_homogeneous(affine_vox, shape))
+    h_inv = np.linalg.inv(homogeneous_affine(affine_vox, shape))
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape],
                                 indexing="ij"), axis=-1)
     n = len(shape)

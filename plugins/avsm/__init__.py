@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from tfreg.registry import Method, ModelIO, adam
 
-from . import affine, losses, model, schedule, vsvf
+from . import affine, losses, model, report, schedule, vsvf
 from .data import SYMMETRIC_DATA
 
-__all__ = ["METHOD", "AFFINE", "affine", "losses", "model", "schedule", "vsvf"]
+__all__ = ["METHOD", "AFFINE", "affine", "losses", "model", "report", "schedule", "vsvf"]
 
 AFFINE = Method(
     name="affine",
@@ -27,6 +27,7 @@ AFFINE = Method(
     data=SYMMETRIC_DATA,
     io=ModelIO(fields=("disp", "affine")),
     optimizer=adam,
+    register_hook=report.REGISTER_HOOK,
 )
 
 METHOD = Method(
@@ -41,4 +42,5 @@ METHOD = Method(
     io=ModelIO(fields=("disp", "affine", "vsvf_disp_*")),
     optimizer=adam,
     divisible_by=vsvf.DIVISOR,
+    register_hook=report.REGISTER_HOOK,
 )

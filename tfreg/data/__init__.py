@@ -18,7 +18,7 @@ The spec format is documented in ``configs/data/README.md``; TensorFlow is impor
 from tfreg.data.augment import Augmentation
 from tfreg.data.cache import VolumeCache, default_cache_dir
 from tfreg.data.pipeline import make_dataset
-from tfreg.data.preprocess import PrepRecord, Preprocessing, field_to_source
+from tfreg.data.preprocess import PrepRecord, Preprocessing, affine_to_source, field_to_source
 from tfreg.data.spec import DataSpec, Pair, PairSampler, Scan
 from tfreg.data.synth import LabelMapSource
 
@@ -47,6 +47,7 @@ __all__ = [
     "Preprocessing",
     "PrepRecord",
     "field_to_source",
+    "affine_to_source",
     "Augmentation",
     "VolumeCache",
     "default_cache_dir",

@@ -31,7 +31,7 @@ from tfreg.io import Volume
 from tfreg.ops.intensity import MODES as INTENSITY_MODES
 from tfreg.ops.intensity import IntensityMap, fit_intensity_map
 
-__all__ = ["Preprocessing", "PrepRecord", "field_to_source", "NORMALIZE", "FITS"]
+__all__ = ["Preprocessing", "PrepRecord", "field_to_source", "affine_to_source", "NORMALIZE", "FITS"]
 
 NORMALIZE = INTENSITY_MODES
 FITS = ("center", "foreground")
@@ -341,3 +341,29 @@ def field_to_source(disp: np.ndarray, fixed: PrepRecord, moving: PrepRecord | No
                              for c in range(n)])
     target = np.tensordot(m_mat[:n, :n], moved, axes=1) + m_mat[:n, n].reshape((n,) + (1,) * n)
     return np.moveaxis(target - grid, 0, -1).astype(np.float32)
+
+
+def affine_to_source(affine: np.ndarray, fixed: PrepRecord, moving: PrepRecord | None = None
+                     ) -> np.ndarray:
+    """Convert an affine found on preprocessed grids into one on the original fixed grid.
+
+    The affine counterpart of `field_to_source`, exact: with ``F``/``M`` the preprocessed-to-
+    original voxel maps, the original map is ``M H' F^-1`` (``H'`` the homogeneous form of
+    `affine`); both original images are assumed to share one grid.
+
+    Args:
+        affine: `(N, N+1)` centred voxel affine of the preprocessed fixed grid (preprocessed
+            fixed voxel -> preprocessed moving voxel, ``y = A (x - c) + b + c``,
+            ``c = (fixed.shape - 1) / 2``).
+        fixed, moving: the records (`moving` defaults to `fixed`).
+
+    Returns:
+        `(N, N+1)` float64 centred voxel affine of the original fixed grid
+        (``c = (fixed.source_shape - 1) / 2``).
+    """
+    from tfreg.transforms_io import centred_affine, homogeneous_affine
+
+    moving = fixed if moving is None else moving
+    h = homogeneous_affine(affine, fixed.shape)
+    full = np.asarray(moving.matrix, np.float64) @ h @ np.linalg.inv(fixed.matrix)
+    return centred_affine(full, fixed.source_shape)

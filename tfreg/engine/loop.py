@@ -53,11 +53,22 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class TrainingInterrupted(TfregError):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint (message: how to resume)."""
+    """Training stopped on SIGINT/SIGTERM (message: what was kept and how to resume).
 
-    def __init__(self, message: str, signum: int):
+    Attributes:
+        signum: the signal.
+        run_dir: the run directory (``tfreg train --resume RUN_DIR`` continues it).
+        step: training steps done.
+        saved: a checkpoint of `step` was saved (the first signal); False after a second
+            SIGINT, which stops at once: the newest earlier checkpoint is kept.
+        resumable: the run has a checkpoint to resume from.
+    """
+
+    def __init__(self, message: str, signum: int, run_dir: Path | None = None,
+                 step: int | None = None, saved: bool = True, resumable: bool = True):
         super().__init__(message)
         self.signum = signum
+        self.run_dir, self.step, self.saved, self.resumable = run_dir, step, saved, resumable
 
 
 @dataclass
@@ -578,7 +589,8 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
         log.flush()
         raise TrainingInterrupted(
             f"interrupted twice at step {step}: stopped without saving; the newest checkpoint "
-            f"in {run_dir / 'checkpoints'} is kept", signal.SIGINT) from None
+            f"in {run_dir / 'checkpoints'} is kept", signal.SIGINT, run_dir, step, saved=False,
+            resumable=last_saved >= 0) from None
     finally:
         log.flush()
         if not chief:
@@ -619,7 +631,7 @@ def _interrupted(signum: int, run_dir: Path, step: int) -> TrainingInterrupted:
     name = signal.Signals(signum).name
     return TrainingInterrupted(
         f"{name}: training stopped at step {step}, checkpoint saved; continue with: "
-        f"tfreg train --resume {run_dir}", signum)
+        f"tfreg train --resume {run_dir}", signum, run_dir, step)
 
 
 def _log_images(log: TrainLogger, model: keras.Model, batch: dict, step: int, io: Any) -> None:
