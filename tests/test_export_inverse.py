@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfreg import layers
 from tfreg.export import RegistrationModel, _Exported
 from tfreg.ops.inverse import composition_residual
+from tfreg.registry import ModelIO
 
 SHAPE = (16, 16, 16)
 
@@ -31,7 +32,7 @@ def test_register_signature_carries_the_inverse(tmp_path):
     warped = layers.SpatialTransformer()([moving, disp])
     model = keras.Model({"moving": moving, "fixed": fixed},
                         {"warped": warped, "disp": disp, "inverse_disp": inverse})
-    module = _Exported(model, SHAPE)
+    module = _Exported(model, SHAPE, ModelIO(), {})
     tf.saved_model.save(module, str(tmp_path / "saved_model"),
                         signatures={"register": module.register, "warp": module.warp})
     loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
