@@ -10,6 +10,25 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFREG_XLA_CACHE", "off")  # commands run by tests leave ~/.cache alone
 
+#: tests marked ``@pytest.mark.slow`` (learning checks of a minute or more) run only with
+#: ``TFREG_SLOW_TESTS=1``, so that the default suite stays under 15 minutes on two CPU cores.
+RUN_SLOW = os.environ.get("TFREG_SLOW_TESTS") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a learning check of a minute or more; runs with "
+                                       "TFREG_SLOW_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow learning check; set TFREG_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 #: reference data beside the checkout (fixtures, sample scans); tests that need it skip without it.
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -104,6 +104,7 @@ SLOW = pytest.mark.skipif(os.environ.get("TFREG_SLOW_TESTS") != "1",
                           reason="learning checks on 12 subjects (~4 min); set TFREG_SLOW_TESTS=1")
 
 
+@pytest.mark.slow
 def test_each_stage_improves_one_pair(tmp_path_factory):
     """Affine stage, then vSVF stage (affine frozen), trained on one pair only: each must reduce
     the image error, so a stage that does not learn (a lost gradient, a wrong frozen part) fails."""

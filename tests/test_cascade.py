@@ -301,7 +301,8 @@ def _pearson(a, b):
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-@pytest.mark.parametrize("shape,base", [((64, 64), "voxelmorph"), ((32, 32, 32), "vtn")])
+@pytest.mark.parametrize("shape,base", [((64, 64), "voxelmorph"),
+                                        pytest.param((32, 32, 32), "vtn", marks=pytest.mark.slow)])
 def test_brief_training_beats_identity(shape, base):
     """Synthetic subjects (jittered phantoms, smooth random deformations up to 3 voxels): after 80
     Adam steps on pairs among 4 subjects, the correlation r with the fixed image is higher than

@@ -385,6 +385,7 @@ def learned(tmp_path_factory):
     return result, images, labels, val
 
 
+@pytest.mark.slow
 def test_brief_training_raises_validation_dice_without_folding(learned):
     from tfreg.metrics import dice, folding_percent, mean_dice
     from tfreg.synthetic import warp_numpy
@@ -413,6 +414,7 @@ def exported(learned, tmp_path_factory) -> Path:
     return export(learned[0].run_dir, tmp_path_factory.mktemp("lapirn_export") / "model")
 
 
+@pytest.mark.slow
 def test_exported_model_registers_a_pair_in_one_pass(learned, exported):
     from tfreg.export import load_model
 
@@ -435,6 +437,7 @@ def test_exported_model_registers_a_pair_in_one_pass(learned, exported):
     np.testing.assert_allclose(again["disp"], expected["disp"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_register_with_the_model_and_finetune(learned, exported, tmp_path):
     import nibabel as nib
     from click.testing import CliRunner

@@ -138,6 +138,7 @@ def _l1(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).mean())
 
 
+@pytest.mark.slow
 def test_training_beats_identity_and_correction_improves(pairs, known_targets, tmp_path):
     from tfreg.engine import train
 

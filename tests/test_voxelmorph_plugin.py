@@ -281,6 +281,7 @@ def _subject(shape, seed, amp=1.5):
     return np.clip(image, 0, 1).astype("float32")[None, ..., None], labels
 
 
+@pytest.mark.slow
 def test_learning_raises_validation_dice_above_identity():
     """300 Adam steps (lr 2e-3, MSE + 0.01 Grad, half-width features) on pairs of 16 training
     subjects at 32^3; 6 validation pairs of 4 other subjects. Measured: identity Dice 0.405,
