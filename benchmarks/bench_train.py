@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -107,25 +106,14 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("localhost", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _run_setting(command: list[str], setting: str, env: dict) -> list[subprocess.CompletedProcess]:
     """Run one setting's worker process (two with TF_CONFIG for ``mw2``); chief first."""
     if setting != "mw2":
         return [subprocess.run(command, env=env, capture_output=True, text=True)]
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    from tfreg.engine import loopback_tf_configs
+
     procs = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+    for index, tf_config in enumerate(loopback_tf_configs(2)):
         procs.append(subprocess.Popen(command + ["--task", str(index)],
                                       env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
