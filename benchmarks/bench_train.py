@@ -8,7 +8,8 @@ synthetic phantoms through `tfreg.engine.train`, one sample per replica:
 * ``cpu2``: two logical CPU devices (MirroredStrategy), global batch 2 -- both share the same
   physical cores, so this measures the cost of the multi-replica path, not a speed-up;
 * ``cpu1-b2``: one device (the CPU, every core), global batch 2 -- the reference for ``mw2``;
-* ``cpu1-xla``: one device, batch 1, the whole step XLA-compiled (``train.jit_compile: true``);
+* ``cpu1-xla``, ``cpu2-xla``: as ``cpu1``, ``cpu2`` with the whole step XLA-compiled
+  (``train.jit_compile: true``), which needs far less memory on CPU;
 * ``mw2``: two worker processes on loopback (MultiWorkerMirroredStrategy through ``TF_CONFIG``),
   each pinned to one core with one TensorFlow thread, global batch 2 (one sample per worker);
   the chief's step times are reported, peak RSS is the larger of the two workers';
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("cpu1", "cpu2", "cpu1-b2", "cpu1-xla", "mw2", "gpu1", "gpu1-xla")
+SETTINGS = ("cpu1", "cpu2", "cpu1-b2", "cpu1-xla", "cpu2-xla", "mw2", "gpu1", "gpu1-xla")
 GLOBAL_BATCH = {"cpu2": 2, "cpu1-b2": 2, "mw2": 2}
 
 
@@ -54,7 +55,7 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process."""
     setting = args.setting
     devices = {"cpu1": ["cpu:0"], "cpu2": ["cpu:0", "cpu:1"], "cpu1-b2": ["cpu:0"],
-               "cpu1-xla": ["cpu:0"], "mw2": None,
+               "cpu1-xla": ["cpu:0"], "cpu2-xla": ["cpu:0", "cpu:1"], "mw2": None,
                "gpu1": ["gpu:0"], "gpu1-xla": ["gpu:0"]}[setting]
     import tensorflow as tf
 
