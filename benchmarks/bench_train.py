@@ -7,6 +7,12 @@ synthetic phantoms through `tfreg.engine.train`, one sample per replica:
 * ``cpu1``: one device (the CPU), batch 1;
 * ``cpu2``: two logical CPU devices (MirroredStrategy), global batch 2 -- both share the same
   physical cores, so this measures the cost of the multi-replica path, not a speed-up;
+* ``cpu1-b2``: one device (the CPU, every core), global batch 2 -- the reference for ``mw2``;
+* ``cpu1-xla``, ``cpu2-xla``: as ``cpu1``, ``cpu2`` with the whole step XLA-compiled
+  (``train.jit_compile: true``), which needs far less memory on CPU;
+* ``mw2``: two worker processes on loopback (MultiWorkerMirroredStrategy through ``TF_CONFIG``),
+  each pinned to one core with one TensorFlow thread, global batch 2 (one sample per worker);
+  the chief's step times are reported, peak RSS is the larger of the two workers';
 * ``gpu1``: the first GPU, batch 1 (only where TensorFlow sees a GPU);
 * ``gpu1-xla``: the same with ``train.jit_compile: true``.
 
@@ -37,7 +43,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("cpu1", "cpu2", "gpu1", "gpu1-xla")
+SETTINGS = ("cpu1", "cpu2", "cpu1-b2", "cpu1-xla", "cpu2-xla", "mw2", "gpu1", "gpu1-xla")
+GLOBAL_BATCH = {"cpu2": 2, "cpu1-b2": 2, "mw2": 2}
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -47,14 +54,20 @@ def _shape(text: str) -> tuple[int, ...]:
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process."""
     setting = args.setting
-    devices = {"cpu1": ["cpu:0"], "cpu2": ["cpu:0", "cpu:1"],
+    devices = {"cpu1": ["cpu:0"], "cpu2": ["cpu:0", "cpu:1"], "cpu1-b2": ["cpu:0"],
+               "cpu1-xla": ["cpu:0"], "cpu2-xla": ["cpu:0", "cpu:1"], "mw2": None,
                "gpu1": ["gpu:0"], "gpu1-xla": ["gpu:0"]}[setting]
+    import tensorflow as tf
+
+    if setting == "mw2":  # one core and one thread per worker, before TensorFlow starts
+        os.sched_setaffinity(0, {args.task % os.cpu_count()})
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     from tfreg.engine import configure_devices, make_strategy
 
-    configure_devices(devices)
+    if devices is not None:
+        configure_devices(devices)
     strategy = make_strategy(devices)
-
-    import tensorflow as tf
 
     from tfreg.config import method_defaults
     from tfreg.data import DataSpec
@@ -65,20 +78,22 @@ def worker(args: argparse.Namespace) -> dict:
     config = method_defaults(loaded.method)
     replicas = strategy.num_replicas_in_sync
     config["train"].update({
-        "steps": args.warmup + args.steps, "batch_size": replicas, "checkpoint_every": 10**6,
+        "steps": args.warmup + args.steps, "batch_size": GLOBAL_BATCH.get(setting, replicas),
+        "checkpoint_every": 10**6,
         "log_every": 10**6, "image_every": 10**6, "jit_compile": setting.endswith("xla"),
     })
     spec = DataSpec.from_yaml(args.data)
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(loaded, config, spec, run_dir, strategy=strategy, verbose=0)
+    batch = config["train"]["batch_size"]
     times = [h["time"] for h in result.history]
     timed = times[-1] - times[args.warmup - 1]
     sec_per_step = timed / args.steps
     out = {
         "shape": list(_shape(args.shape)), "setting": setting, "replicas": replicas,
-        "global_batch": replicas, "timed_steps": args.steps,
+        "global_batch": batch, "timed_steps": args.steps,
         "sec_per_step": round(sec_per_step, 4), "steps_per_s": round(1 / sec_per_step, 4),
-        "samples_per_s": round(replicas / sec_per_step, 4),
+        "samples_per_s": round(batch / sec_per_step, 4),
         "first_step_s": round(times[0], 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "final_loss": round(result.history[-1]["total"], 6),
@@ -90,6 +105,24 @@ def worker(args: argparse.Namespace) -> dict:
         out["gpu"] = tf.config.experimental.get_device_details(
             tf.config.list_physical_devices("GPU")[0]).get("device_name")
     return out
+
+
+def _run_setting(command: list[str], setting: str, env: dict) -> list[subprocess.CompletedProcess]:
+    """Run one setting's worker process (two with TF_CONFIG for ``mw2``); chief first."""
+    if setting != "mw2":
+        return [subprocess.run(command, env=env, capture_output=True, text=True)]
+    from tfreg.engine import loopback_tf_configs
+
+    procs = []
+    for index, tf_config in enumerate(loopback_tf_configs(2)):
+        procs.append(subprocess.Popen(command + ["--task", str(index)],
+                                      env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
 
 
 def main() -> None:
@@ -106,6 +139,7 @@ def main() -> None:
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--task", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
@@ -129,12 +163,15 @@ def main() -> None:
             spec = write_collection(Path(tmp) / text, n=3, shape=shape, seed=0)
             for setting in settings:
                 started = time.perf_counter()
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", "--setting", setting, "--shape", text,
-                     "--data", str(spec), "--steps", str(args.steps), "--warmup",
-                     str(args.warmup)], env=env, capture_output=True, text=True)
+                command = [sys.executable, __file__, "--worker", "--setting", setting, "--shape",
+                           text, "--data", str(spec), "--steps", str(args.steps), "--warmup",
+                           str(args.warmup)]
+                procs = _run_setting(command, setting, env)
+                proc = procs[0]
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
+                failed = next((p for p in procs if p.returncode != 0), None)
+                if failed is not None or not lines:
+                    proc = failed or proc
                     if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
                         tail = f"killed by signal {-proc.returncode} (out of memory?)"
                     else:
@@ -144,6 +181,11 @@ def main() -> None:
                                     "exit_status": proc.returncode, "error": tail})
                     continue
                 row = json.loads(lines[-1][len("RESULT "):])
+                for other in procs[1:]:  # the other workers' peak memory
+                    for line in other.stdout.splitlines():
+                        if line.startswith("RESULT "):
+                            peak = json.loads(line[len("RESULT "):])["peak_rss_gib"]
+                            row["peak_rss_gib"] = max(row["peak_rss_gib"], peak)
                 row["process_wall_s"] = round(time.perf_counter() - started, 1)
                 results.append(row)
                 print(f"{text:>12} {setting:>9}: {row['sec_per_step']:8.3f} s/step "

@@ -304,21 +304,23 @@ def _pearson(a, b):
 @pytest.mark.parametrize("shape,base", [((64, 64), "voxelmorph"),
                                         pytest.param((32, 32, 32), "vtn", marks=pytest.mark.slow)])
 def test_brief_training_beats_identity(shape, base):
-    """Synthetic subjects (jittered phantoms, smooth random deformations up to 3 voxels): after 80
+    """Synthetic subjects (jittered phantoms, smooth random deformations up to 3 voxels): after 150
     Adam steps on pairs among 4 subjects, the correlation r with the fixed image is higher than
     without registration, on the training pairs and on a held-out pair (both directions)."""
+    keras.utils.set_random_seed(0)  # weights as well as pair order: the check is on learning, not luck
     images = np.stack([deformed_subject(shape, seed, max_disp=3.0)[0] for seed in range(6)])[..., None]
     cfg = small_config(base=base, cascades=2, shared_weights=True, affine_stem=False, vtn_channels=8,
                        unet_enc_features=[8, 16, 16], unet_dec_features=[16, 16, 16, 16, 8])
     model = network.build(cfg, shape)
     pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
-    _train(model, losses.build(cfg), images, images, pairs, steps=80, lr=1e-3)
+    _train(model, losses.build(cfg), images, images, pairs, steps=150, lr=1e-3)
     for group in (pairs, [(4, 5), (5, 4)]):
         before = np.mean([_pearson(images[i], images[j]) for i, j in group])
         after = np.mean([_pearson(images[i], model({"fixed": images[i:i + 1], "moving": images[j:j + 1]})
                                   ["warped"]) for i, j in group])
-        # at least 5% of the remaining mismatch 1 - r removed (measured: 8-11% for the 2D U-Net base,
-        # 18-28% for 3D VTN); numerical noise in r is ~1e-6
+        # at least 5% of the remaining mismatch 1 - r removed. Measured for the 2D U-Net base over weight
+        # seeds 0-3: 35-51% after 150 steps (after 80 steps 11-33%, and 3.5% once on a 2-core machine:
+        # 80 steps sat at the start of learning); 3D VTN: 18-28%. Numerical noise in r is ~1e-6.
         assert (after - before) / (1 - before) > 0.05, (before, after)
 
 
