@@ -196,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row = run_tfreg(pair, key, method)
                 rows[name][contrast][method] = row
+                _write(args.json, {**results, "pairs": rows, "complete": False})
                 print(f"{name} {contrast:<4} {method:<9} dice {_fmt(row.get('dice'))} "
                       f"{_fmt(row.get('seconds'), 1):>6} s"
                       f"{'  ' + row['error'] if 'error' in row else ''}", flush=True)
     results["pairs"] = rows
+    results["complete"] = True
     results["summary"] = summarise(rows, pairs, contrasts, methods)
     print(f"\n{'pairs':<9}{'contrast':<9}{'method':<10}{'n':>2}{'mean Dice':>10}{'s/pair':>8}"
           f"{'s (2nd+)':>9}{'warned':>7}")
@@ -209,13 +211,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{group:<9}{contrast:<9}{method:<10}{row['pairs']:>2}"
                       f"{_fmt(row['mean_dice']):>10}{_fmt(row['mean_seconds'], 1):>8}"
                       f"{_fmt(row['mean_seconds_after_first'], 1):>9}{row['pairs_warned']:>7}")
+    print(f"wrote {_write(args.json, results)}")
+    return 0
+
+
+def _write(path: str, results: dict) -> Path:
+    """Write the results atomically (after every row too, so a stopped run keeps its rows)."""
     from tfreg.io import atomic_path
 
-    target = Path(args.json)
+    target = Path(path)
     with atomic_path(target, suffix=".json") as tmp:
         tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    print(f"wrote {target}")
-    return 0
+    return target
 
 
 if __name__ == "__main__":
