@@ -270,9 +270,9 @@ def ants_worker(method: str, folder: str, out: str) -> None:
     folder, out = Path(folder), Path(out)
     fixed = ants.image_read(str(folder / "fixed.nii.gz"))
     moving = ants.image_read(str(folder / "moving.nii.gz"))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     reg = ants.registration(fixed, moving, **ANTS_METHODS[method][1])
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     labels = ants.image_read(str(folder / "moving_labels.nii.gz"))
     warped_labels = ants.apply_transforms(fixed, labels, reg["fwdtransforms"],
                                           interpolator="nearestNeighbor")
@@ -281,7 +281,7 @@ def ants_worker(method: str, folder: str, out: str) -> None:
     ants.image_write(warped_labels, str(out / "warped_labels.nii.gz"))
     warp = [t for t in reg["fwdtransforms"] if t.endswith(".nii.gz")][0]
     shutil.copy(warp, out / "itk_warp.nii.gz")
-    (out / "timing.json").write_text(json.dumps({"seconds": seconds}))
+    (out / "timing.json").write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
 
 
 def _timed(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, dict]:
@@ -368,7 +368,7 @@ def _fmt(value, digits=3) -> str:
 
 COLUMNS = (("Dice", "dice", 3), ("HD95", "hd95", 2), ("fold%", "folding", 4),
            ("SDlogJ", "sdlogj", 3), ("NDV%", "ndv", 4), ("NCC", "ncc", 3),
-           ("reg s", "seconds", 1), ("cmd s", "command_seconds", 1),
+           ("reg s", "seconds", 1), ("reg cpu", "cpu_seconds", 1), ("cmd s", "command_seconds", 1),
            ("cmd cpu", "command_cpu_seconds", 1), ("peak MB", "peak_mb", 0))
 
 
@@ -390,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Python of the environment with antspyx")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per command")
     parser.add_argument("--out", default=str(RESULTS / "bench_register.json"))
+    parser.add_argument("--reuse", metavar="JSON[,JSON]",
+                        help="take the results of these pairs and methods from earlier runs' "
+                             "JSON files where they have them (marked 'reused_from' with that "
+                             "run's start time) instead of running them again")
     parser.add_argument("--ants-worker", nargs=3, metavar=("METHOD", "PAIR_DIR", "OUT_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -404,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
     pairs = [p for p in args.pairs.split(",") if p]
-    results: dict = {"machine": _machine(), "threads_per_tool": args.threads,
+    results: dict = {"started": _utc_now(), "machine": _machine(),
+                     "threads_per_tool": args.threads,
                      "methods": {m: METHODS[m] for m in methods}, "pairs": {}}
+    earlier = _earlier_results(args.reuse.split(",") if args.reuse else [])
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'pair':<9}{'method':<10}" + "".join(f"{c:>9}" for c, _, _ in COLUMNS), flush=True)
@@ -414,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"before": score_before(folder)}
         print(_row(name, "before", entry["before"]), flush=True)
         for method in methods:
-            res = run_method(method, folder, args)
+            old = earlier.get((name, method))
+            if old:
+                res = old
+            else:
+                res = {**run_method(method, folder, args), "finished": _utc_now()}
             entry[method] = res
             print(f"{name:<9}{method:<10} error: {res['error']}" if "error" in res
                   else _row(name, method, res), flush=True)
@@ -442,6 +452,24 @@ def _averages(pairs: dict, methods: list[str]) -> dict:
                 avg[key] = float(np.mean(vals))
         out[method] = avg
     return out
+
+
+def _earlier_results(paths: list[str]) -> dict:
+    """``{(pair, method): result}`` from earlier runs' JSON files (the first file that has a
+    result without error wins), each marked with its run's start time in ``reused_from``."""
+    out: dict = {}
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        for name, entry in run.get("pairs", {}).items():
+            for method, res in entry.items():
+                if method != "before" and "error" not in res and (name, method) not in out:
+                    out[(name, method)] = {**res, "reused_from": res.get("reused_from")
+                                           or run.get("started", path)}
+    return out
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _machine() -> dict:

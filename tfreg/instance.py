@@ -167,8 +167,9 @@ PRESETS: dict[str, InstanceConfig] = {
     "accurate": InstanceConfig(),
     "fast": InstanceConfig(levels=(1,), iterations=(90,), learning_rate=(0.25,), ncc_win=(5,),
                            affine_iterations=60),
-    # the velocity lives at full resolution in the last stage, with ANTs' CC window (radius 4)
-    "best": InstanceConfig(iterations=(150, 100), ncc_win=(5, 9), field_level=0),
+    # the velocity lives at full resolution in the last stage, with ANTs' CC window (radius 4);
+    # smoothness weight 2: the weight is what sets the field's regularity (benchmarks/README.md)
+    "best": InstanceConfig(iterations=(150, 100), ncc_win=(5, 9), field_level=0, lam=2.0),
 }
 
 
