@@ -34,21 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import machine, peak_rss_gib, run_worker, shape_arg, write_report
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = ("cpu1", "cpu2", "cpu1-b2", "cpu1-xla", "cpu2-xla", "mw2", "gpu1", "gpu1-xla")
 GLOBAL_BATCH = {"cpu2": 2, "cpu1-b2": 2, "mw2": 2}
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.lower().split("x"))
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -90,12 +86,12 @@ def worker(args: argparse.Namespace) -> dict:
     timed = times[-1] - times[args.warmup - 1]
     sec_per_step = timed / args.steps
     out = {
-        "shape": list(_shape(args.shape)), "setting": setting, "replicas": replicas,
+        "shape": list(shape_arg(args.shape)), "setting": setting, "replicas": replicas,
         "global_batch": batch, "timed_steps": args.steps,
         "sec_per_step": round(sec_per_step, 4), "steps_per_s": round(1 / sec_per_step, 4),
         "samples_per_s": round(batch / sec_per_step, 4),
         "first_step_s": round(times[0], 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_gib": peak_rss_gib(),
         "final_loss": round(result.history[-1]["total"], 6),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
@@ -107,22 +103,24 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def _run_setting(command: list[str], setting: str, env: dict) -> list[subprocess.CompletedProcess]:
-    """Run one setting's worker process (two with TF_CONFIG for ``mw2``); chief first."""
+def _run_setting(command: list[str], setting: str) -> dict:
+    """One setting's result: its worker process, or for ``mw2`` two workers on a loopback
+    cluster at once (the chief's row, with the larger peak memory of the two)."""
     if setting != "mw2":
-        return [subprocess.run(command, env=env, capture_output=True, text=True)]
+        return run_worker(command, env={"TF_CONFIG": ""})  # one process, whatever the shell has
+    from concurrent.futures import ThreadPoolExecutor
+
     from tfreg.engine import loopback_tf_configs
 
-    procs = []
-    for index, tf_config in enumerate(loopback_tf_configs(2)):
-        procs.append(subprocess.Popen(command + ["--task", str(index)],
-                                      env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    done = []
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    return done
+    configs = loopback_tf_configs(2)
+    with ThreadPoolExecutor(len(configs)) as pool:
+        rows = list(pool.map(lambda task: run_worker(command + ["--task", str(task)],
+                                                     env={"TF_CONFIG": configs[task]}),
+                             range(len(configs))))
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        return failed[0]
+    return {**rows[0], "peak_rss_gib": max(row["peak_rss_gib"] for row in rows)}
 
 
 def main() -> None:
@@ -155,37 +153,20 @@ def main() -> None:
     if unknown:
         parser.error(f"--settings: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
     results = []
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("TF_CONFIG", None)
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.shapes.split(","):
-            shape = _shape(text)
+            shape = shape_arg(text)
             spec = write_collection(Path(tmp) / text, n=3, shape=shape, seed=0)
             for setting in settings:
                 started = time.perf_counter()
                 command = [sys.executable, __file__, "--worker", "--setting", setting, "--shape",
                            text, "--data", str(spec), "--steps", str(args.steps), "--warmup",
                            str(args.warmup)]
-                procs = _run_setting(command, setting, env)
-                proc = procs[0]
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                failed = next((p for p in procs if p.returncode != 0), None)
-                if failed is not None or not lines:
-                    proc = failed or proc
-                    if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
-                        tail = f"killed by signal {-proc.returncode} (out of memory?)"
-                    else:
-                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"{text} {setting}: failed ({tail})", flush=True)
-                    results.append({"shape": list(shape), "setting": setting,
-                                    "exit_status": proc.returncode, "error": tail})
+                row = _run_setting(command, setting)
+                if "error" in row:
+                    print(f"{text} {setting}: failed ({row['error']})", flush=True)
+                    results.append({"shape": list(shape), "setting": setting, **row})
                     continue
-                row = json.loads(lines[-1][len("RESULT "):])
-                for other in procs[1:]:  # the other workers' peak memory
-                    for line in other.stdout.splitlines():
-                        if line.startswith("RESULT "):
-                            peak = json.loads(line[len("RESULT "):])["peak_rss_gib"]
-                            row["peak_rss_gib"] = max(row["peak_rss_gib"], peak)
                 row["process_wall_s"] = round(time.perf_counter() - started, 1)
                 results.append(row)
                 print(f"{text:>12} {setting:>9}: {row['sec_per_step']:8.3f} s/step "
@@ -194,22 +175,9 @@ def main() -> None:
                       + (f"  peak GPU {row['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in row
                          else ""), flush=True)
 
-    import tensorflow as tf
-
-    report = {
-        "benchmark": "bench_train",
-        "method": "voxelmorph (default config)",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "tensorflow": tf.__version__},
-        "warmup_steps": args.warmup,
-        "results": results,
-    }
-    from tfreg.io import atomic_path
-
-    path = Path(args.json)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    report = {"benchmark": "bench_train", "method": "voxelmorph (default config)",
+              "machine": machine(), "warmup_steps": args.warmup, "results": results}
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":
