@@ -127,7 +127,6 @@ def test_model_builtin_runs_on_another_grid_and_does_no_harm(tmp_path, brains):
     so this checks the path end to end: outputs on the fixed grid, no folding, Dice not lowered."""
     out = tmp_path / "model"
     result = _run(["register", brains["fixed"], brains["moving"], "--model", "builtin",
-                   "--fixed-labels", brains["fixed_labels"],
                    "--moving-labels", brains["moving_labels"], "-o", out, "-q"])
     assert result.exit_code == 0, result.output
     fixed = nib.load(brains["fixed"])
@@ -145,7 +144,7 @@ def test_init_builtin_refines_the_network(tmp_path, brains):
     out = tmp_path / "init"
     result = _run(["register", brains["fixed"], brains["moving"], "--init", "builtin",
                    "--preset", "fast", "--iterations", "10", "--affine-iterations", "10",
-                   "--similarity", "mind", "--no-xla", "--fixed-labels", brains["fixed_labels"],
+                   "--similarity", "mind", "--no-xla",
                    "--moving-labels", brains["moving_labels"], "-o", out, "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
