@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine, peak_rss_gib, run_worker, shape_arg, write_report
 
 HERE = Path(__file__).resolve().parent
 ITEMS = ("avsm:affine", "avsm:vsvf", "avsm:infer", "voxelmorph:train", "voxelmorph:infer",
@@ -48,9 +46,6 @@ AVSM_STAGES = {"affine_ncc": "affine_ncc_steps", "affine_task": "affine_task_ste
                "vsvf": "vsvf_one_steps", "vsvf_two": "vsvf_two_steps", "vsvf_sym": "vsvf_sym_steps"}
 EVAL_PAIRS = ("01-02", "03-04", "05-06", "02-03", "04-05", "06-01")
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.lower().split("x"))
 
 
 def _with_data(method, pairs: list[dict], symmetric: bool):
@@ -114,7 +109,7 @@ def worker(args: argparse.Namespace) -> dict:
     from tfreg.registry import discover
 
     method_name, what = args.worker.split(":")
-    shape = _shape(args.shape)
+    shape = shape_arg(args.shape)
     out = {"item": args.worker, "shape": list(shape)}
     never = {"checkpoint_every": 10**6, "log_every": 10**6, "image_every": 10**6, "val_pairs": 0}
     if what == "dice":
@@ -152,7 +147,7 @@ def worker(args: argparse.Namespace) -> dict:
         times = [h["time"] for h in result.history]
         sec = (times[-1] - times[args.warmup - 1]) / args.steps
         out.update({"first_step_s": round(times[0], 3), "sec_per_step": round(sec, 4)})
-    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    out["peak_rss_gb"] = round(peak_rss_gib(), 2)
     if tf.config.list_physical_devices("GPU"):
         out["peak_gpu_gb"] = round(tf.config.experimental.get_memory_info("GPU:0")["peak"]
                                    / 2**30, 2)
@@ -204,13 +199,8 @@ def _run_item(item: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", item, "--shape", args.shape, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--device", args.device, "--train-steps", str(args.train_steps)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"item": item, "error": " | ".join(tail)}
-    return json.loads(lines[-1])
+    row = run_worker(cmd)
+    return {"item": item, **row} if "error" in row else row
 
 
 def _table(rows: list[dict]) -> str:
@@ -246,7 +236,7 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1 or args.train_steps < 8:
         parser.error("--warmup, --steps must be >= 1 and --train-steps >= 8")
     if args.worker:
-        print(json.dumps(worker(args)))
+        print("RESULT " + json.dumps(worker(args)))
         return
     items = [i for i in args.items.split(",") if i]
     unknown = [i for i in items if i not in ITEMS]
@@ -254,13 +244,10 @@ def main() -> None:
         parser.error(f"unknown item {unknown[0]!r}; choose from {', '.join(ITEMS)}")
     if args.dice:
         items.append("avsm:dice")
-    from tfreg.io import atomic_path
-
     path = Path(args.json)
-    result = {"benchmark": "bench_avsm", "shape": list(_shape(args.shape)),
+    result = {"benchmark": "bench_avsm", "shape": list(shape_arg(args.shape)),
               "device_setting": args.device, "steps": args.steps, "warmup": args.warmup,
-              "repeats": args.repeats, "python": platform.python_version(),
-              "machine": f"{os.cpu_count()} CPU cores (shared, loaded)", "results": []}
+              "repeats": args.repeats, "machine": machine(), "results": []}
     rows = result["results"]
     for item in items:
         start = time.perf_counter()
@@ -268,8 +255,7 @@ def main() -> None:
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(f"{item}: done in {row['wall_s']} s", file=sys.stderr, flush=True)
-        with atomic_path(path) as tmp:        # after every item: a long run keeps what it measured
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        write_report(path, result, quiet=True)  # after every item: a long run keeps what it measured
     print(_table(rows))
     print(f"wrote {path}")
 

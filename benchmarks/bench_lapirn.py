@@ -33,20 +33,17 @@ import dataclasses
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import machine, peak_rss_gib, run_worker, shape_arg, write_report
+
 HERE = Path(__file__).resolve().parent
 ITEMS = ("lapirn:level1", "lapirn:level2", "lapirn:level3", "lapirn:infer",
          "voxelmorph:train", "voxelmorph:infer")
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.lower().split("x"))
 
 
 def _device_name(tf) -> str:
@@ -93,7 +90,7 @@ def worker(args: argparse.Namespace) -> dict:
     from tfreg.registry import discover
 
     method_name, what = args.worker.split(":")
-    shape = _shape(args.shape)
+    shape = shape_arg(args.shape)
     loaded = discover().get(method_name)
     config = method_defaults(loaded.method)
     out = {"item": args.worker, "shape": list(shape), "device": _device_name(tf),
@@ -145,7 +142,7 @@ def worker(args: argparse.Namespace) -> dict:
         sec = (times[-1] - times[args.warmup - 1]) / args.steps
         out.update({"first_step_s": round(times[0], 3), "timed_steps": args.steps,
                     "sec_per_step": round(sec, 4), "steps_per_s": round(1.0 / sec, 4)})
-    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    out["peak_rss_gb"] = round(peak_rss_gib(), 2)
     if tf.config.list_physical_devices("GPU"):
         out["peak_gpu_gb"] = round(tf.config.experimental.get_memory_info("GPU:0")["peak"]
                                    / 2**30, 2)
@@ -156,13 +153,8 @@ def _run_item(item: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", item, "--shape", args.shape, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--device", args.device] + (["--xla"] if args.xla else [])
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"item": item, "error": " | ".join(tail)}
-    return json.loads(lines[-1])
+    row = run_worker(cmd)
+    return {"item": item, **row} if "error" in row else row
 
 
 def _table(rows: list[dict]) -> str:
@@ -196,7 +188,7 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
     if args.worker:
-        print(json.dumps(worker(args)))
+        print("RESULT " + json.dumps(worker(args)))
         return
 
     items = [i for i in args.items.split(",") if i]
@@ -217,29 +209,18 @@ def main() -> None:
     path = Path(args.json)
     if args.merge and path.is_file():
         previous = json.loads(path.read_text())
-        if (previous.get("shape") == list(_shape(args.shape))
+        if (previous.get("shape") == list(shape_arg(args.shape))
                 and previous.get("device_setting") == args.device
                 and previous.get("xla") == args.xla):
             done = {row["item"] for row in rows}
             kept = [row for row in previous.get("results", []) if row.get("item") not in done]
             rows = sorted(kept + rows, key=lambda row: ITEMS.index(row["item"]))
-    result = {"benchmark": "bench_lapirn", "shape": list(_shape(args.shape)),
+    result = {"benchmark": "bench_lapirn", "shape": list(shape_arg(args.shape)),
               "device_setting": args.device, "xla": args.xla, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats,
-              "python": platform.python_version(), "results": rows}
-    try:
-        import keras
-        import tensorflow as tf
-
-        result.update(tensorflow=tf.__version__, keras=keras.__version__)
-    except ImportError:
-        pass
-    from tfreg.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+              "machine": machine(), "results": rows}
     print(_table(rows))
-    print(f"wrote {path}")
+    write_report(path, result)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ synthetic phantoms through `tfreg.engine.train`, one sample per replica:
 * ``cpu1``: one device (the CPU), batch 1;
 * ``cpu2``: two logical CPU devices (MirroredStrategy), global batch 2 -- both share the same
   physical cores, so this measures the cost of the multi-replica path, not a speed-up;
+* ``cpu1-b2``: one device (the CPU, every core), global batch 2 -- the reference for ``mw2``;
+* ``cpu1-xla``, ``cpu2-xla``: as ``cpu1``, ``cpu2`` with the whole step XLA-compiled
+  (``train.jit_compile: true``), which needs far less memory on CPU;
+* ``mw2``: two worker processes on loopback (MultiWorkerMirroredStrategy through ``TF_CONFIG``),
+  each pinned to one core with one TensorFlow thread, global batch 2 (one sample per worker);
+  the chief's step times are reported, peak RSS is the larger of the two workers';
 * ``gpu1``: the first GPU, batch 1 (only where TensorFlow sees a GPU);
 * ``gpu1-xla``: the same with ``train.jit_compile: true``.
 
@@ -28,33 +34,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import machine, peak_rss_gib, run_worker, shape_arg, write_report
+
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("cpu1", "cpu2", "gpu1", "gpu1-xla")
+SETTINGS = ("cpu1", "cpu2", "cpu1-b2", "cpu1-xla", "cpu2-xla", "mw2", "gpu1", "gpu1-xla")
+GLOBAL_BATCH = {"cpu2": 2, "cpu1-b2": 2, "mw2": 2}
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.lower().split("x"))
 
 
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process."""
     setting = args.setting
-    devices = {"cpu1": ["cpu:0"], "cpu2": ["cpu:0", "cpu:1"],
+    devices = {"cpu1": ["cpu:0"], "cpu2": ["cpu:0", "cpu:1"], "cpu1-b2": ["cpu:0"],
+               "cpu1-xla": ["cpu:0"], "cpu2-xla": ["cpu:0", "cpu:1"], "mw2": None,
                "gpu1": ["gpu:0"], "gpu1-xla": ["gpu:0"]}[setting]
+    import tensorflow as tf
+
+    if setting == "mw2":  # one core and one thread per worker, before TensorFlow starts
+        os.sched_setaffinity(0, {args.task % os.cpu_count()})
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     from tfreg.engine import configure_devices, make_strategy
 
-    configure_devices(devices)
+    if devices is not None:
+        configure_devices(devices)
     strategy = make_strategy(devices)
-
-    import tensorflow as tf
 
     from tfreg.config import method_defaults
     from tfreg.data import DataSpec
@@ -65,22 +74,24 @@ def worker(args: argparse.Namespace) -> dict:
     config = method_defaults(loaded.method)
     replicas = strategy.num_replicas_in_sync
     config["train"].update({
-        "steps": args.warmup + args.steps, "batch_size": replicas, "checkpoint_every": 10**6,
+        "steps": args.warmup + args.steps, "batch_size": GLOBAL_BATCH.get(setting, replicas),
+        "checkpoint_every": 10**6,
         "log_every": 10**6, "image_every": 10**6, "jit_compile": setting.endswith("xla"),
     })
     spec = DataSpec.from_yaml(args.data)
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(loaded, config, spec, run_dir, strategy=strategy, verbose=0)
+    batch = config["train"]["batch_size"]
     times = [h["time"] for h in result.history]
     timed = times[-1] - times[args.warmup - 1]
     sec_per_step = timed / args.steps
     out = {
-        "shape": list(_shape(args.shape)), "setting": setting, "replicas": replicas,
-        "global_batch": replicas, "timed_steps": args.steps,
+        "shape": list(shape_arg(args.shape)), "setting": setting, "replicas": replicas,
+        "global_batch": batch, "timed_steps": args.steps,
         "sec_per_step": round(sec_per_step, 4), "steps_per_s": round(1 / sec_per_step, 4),
-        "samples_per_s": round(replicas / sec_per_step, 4),
+        "samples_per_s": round(batch / sec_per_step, 4),
         "first_step_s": round(times[0], 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_gib": peak_rss_gib(),
         "final_loss": round(result.history[-1]["total"], 6),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
@@ -90,6 +101,26 @@ def worker(args: argparse.Namespace) -> dict:
         out["gpu"] = tf.config.experimental.get_device_details(
             tf.config.list_physical_devices("GPU")[0]).get("device_name")
     return out
+
+
+def _run_setting(command: list[str], setting: str) -> dict:
+    """One setting's result: its worker process, or for ``mw2`` two workers on a loopback
+    cluster at once (the chief's row, with the larger peak memory of the two)."""
+    if setting != "mw2":
+        return run_worker(command, env={"TF_CONFIG": ""})  # one process, whatever the shell has
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tfreg.engine import loopback_tf_configs
+
+    configs = loopback_tf_configs(2)
+    with ThreadPoolExecutor(len(configs)) as pool:
+        rows = list(pool.map(lambda task: run_worker(command + ["--task", str(task)],
+                                                     env={"TF_CONFIG": configs[task]}),
+                             range(len(configs))))
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        return failed[0]
+    return {**rows[0], "peak_rss_gib": max(row["peak_rss_gib"] for row in rows)}
 
 
 def main() -> None:
@@ -106,6 +137,7 @@ def main() -> None:
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--task", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
@@ -121,29 +153,20 @@ def main() -> None:
     if unknown:
         parser.error(f"--settings: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
     results = []
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("TF_CONFIG", None)
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.shapes.split(","):
-            shape = _shape(text)
+            shape = shape_arg(text)
             spec = write_collection(Path(tmp) / text, n=3, shape=shape, seed=0)
             for setting in settings:
                 started = time.perf_counter()
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", "--setting", setting, "--shape", text,
-                     "--data", str(spec), "--steps", str(args.steps), "--warmup",
-                     str(args.warmup)], env=env, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
-                        tail = f"killed by signal {-proc.returncode} (out of memory?)"
-                    else:
-                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"{text} {setting}: failed ({tail})", flush=True)
-                    results.append({"shape": list(shape), "setting": setting,
-                                    "exit_status": proc.returncode, "error": tail})
+                command = [sys.executable, __file__, "--worker", "--setting", setting, "--shape",
+                           text, "--data", str(spec), "--steps", str(args.steps), "--warmup",
+                           str(args.warmup)]
+                row = _run_setting(command, setting)
+                if "error" in row:
+                    print(f"{text} {setting}: failed ({row['error']})", flush=True)
+                    results.append({"shape": list(shape), "setting": setting, **row})
                     continue
-                row = json.loads(lines[-1][len("RESULT "):])
                 row["process_wall_s"] = round(time.perf_counter() - started, 1)
                 results.append(row)
                 print(f"{text:>12} {setting:>9}: {row['sec_per_step']:8.3f} s/step "
@@ -152,22 +175,9 @@ def main() -> None:
                       + (f"  peak GPU {row['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in row
                          else ""), flush=True)
 
-    import tensorflow as tf
-
-    report = {
-        "benchmark": "bench_train",
-        "method": "voxelmorph (default config)",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "tensorflow": tf.__version__},
-        "warmup_steps": args.warmup,
-        "results": results,
-    }
-    from tfreg.io import atomic_path
-
-    path = Path(args.json)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    report = {"benchmark": "bench_train", "method": "voxelmorph (default config)",
+              "machine": machine(), "warmup_steps": args.warmup, "results": results}
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -28,24 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import machine, peak_rss_gib, run_worker, shape_arg, write_report
+
 HERE = Path(__file__).resolve().parent
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.lower().split("x"))
-
-
-def _peak_rss_gib() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit: bool) -> dict:
@@ -84,7 +75,7 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
         float(step(fixed, moving))
         times.append(time.perf_counter() - t0)
     params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    return {"times": times, "params": params, "peak_rss_gib": _peak_rss_gib(),
+    return {"times": times, "params": params, "peak_rss_gib": peak_rss_gib(),
             "version": f"tensorflow {tf.__version__}"}
 
 
@@ -120,7 +111,7 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int) 
         float(loss)
         times.append(time.perf_counter() - t0)
     params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return {"times": times, "params": params, "peak_rss_gib": _peak_rss_gib(),
+    return {"times": times, "params": params, "peak_rss_gib": peak_rss_gib(),
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
@@ -129,14 +120,7 @@ def _run(python: str, side: str, args: argparse.Namespace, shape: str) -> dict:
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.tf_jit:
         cmd.append("--tf-jit")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        reason = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
-                  else (proc.stderr.strip().splitlines() or ["?"])[-1])
-        return {"error": reason}
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(cmd, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
 def main() -> None:
@@ -154,7 +138,7 @@ def main() -> None:
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        shape = _shape(args.shape)
+        shape = shape_arg(args.shape)
         result = (worker_tf(shape, args.steps, args.warmup, args.threads, args.tf_jit)
                   if args.worker == "tf" else
                   worker_torch(shape, args.steps, args.warmup, args.threads))
@@ -181,7 +165,7 @@ def main() -> None:
                    for side, runs in per_side.items()}
         ratios = [t / f for f, t in zip(medians["tf"], medians["torch"])]
         ok = {side: [r for r in runs if "error" not in r] for side, runs in per_side.items()}
-        row = {"shape": list(_shape(shape)), "runs": per_side,
+        row = {"shape": list(shape_arg(shape)), "runs": per_side,
                "tf_median_s": round(statistics.median(medians["tf"]), 4) if medians["tf"] else None,
                "torch_median_s": (round(statistics.median(medians["torch"]), 4)
                                   if medians["torch"] else None),
@@ -195,15 +179,8 @@ def main() -> None:
 
     report = {"benchmark": "bench_train_vs_torch", "threads": args.threads, "tf_jit": args.tf_jit,
               "steps": args.steps, "warmup": args.warmup,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "python": platform.python_version()},
-              "results": rows}
-    from tfreg.io import atomic_path
-
-    path = Path(args.json)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+              "machine": machine(), "results": rows}
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -176,15 +176,20 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--moving-keypoints", type=click.Path(dir_okay=False),
               help="Keypoint CSV of MOVING, row k matching row k of --fixed-keypoints.")
 @click.option("--model", type=click.Path(file_okay=False),
-              help="Exported model folder (tfreg export); without it the pair is registered "
-                   "by instance optimisation, no training needed.")
+              help="Exported model folder (tfreg export), or 'builtin': the small "
+                   "contrast-agnostic network shipped with tfreg (trained from label maps; "
+                   "hash-checked at load). Without it the pair is registered by instance "
+                   "optimisation, no training needed.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --model or --init: N instance-optimisation steps that refine the "
                    "network's (or the initial) field (a diffeomorphic correction composed "
-                   "with it).")
+                   "with it). With --init builtin, 0 means the preset's finest-level steps.")
 @click.option("--init", "init", type=click.Path(dir_okay=False),
               help="Start from an external result instead of --model: a displacement field "
-                   "(tfreg voxels, world mm, or an ITK/ANTs warp); refine it with --finetune.")
+                   "(tfreg voxels, world mm, or an ITK/ANTs warp); refine it with --finetune. "
+                   "'builtin': start from the shipped network's prediction and refine it by "
+                   "instance optimisation at the finest level (no affine stage; use "
+                   "--similarity mind across contrasts).")
 @click.option("--init-affine", type=click.Path(dir_okay=False),
               help="ITK/ANTs affine (.mat/.txt) of the external result, applied after --init's "
                    "warp as ANTs' transformlist=[warp, affine]; alone, an affine start.")
@@ -245,6 +250,7 @@ def register(fixed, moving, out_dir, pairs_csv, shard, moving_labels, fixed_labe
                                             affine_iterations, xla, lddmm_optimizer))
     if fixed is None or moving is None:
         raise ConfigError("register: give FIXED and MOVING images, or --pairs pairs.csv")
+    model, init, init_builtin = _builtin_choice(model, init, init_affine)
     if finetune and not (model or init or init_affine):
         raise ConfigError("--finetune: needs --model or --init (instance optimisation without a "
                           "model is the default; use --iterations to change its steps)")
@@ -256,6 +262,10 @@ def register(fixed, moving, out_dir, pairs_csv, shard, moving_labels, fixed_labe
     check_output_dir(out_dir, "-o")
     cfg = method_config(model, init, reg_method, preset, iterations, levels, lam, learning_rate,
                         similarity, no_affine, affine_iterations, xla, lddmm_optimizer)
+    if init_builtin and finetune == 0:
+        from tfreg import builtin
+
+        finetune = builtin.refine_steps(cfg)
     from tfreg.register import register_files
 
     progress = StageProgress(enabled=not quiet)
@@ -266,10 +276,27 @@ def register(fixed, moving, out_dir, pairs_csv, shard, moving_labels, fixed_labe
                                          device=device, progress=progress,
                                          fixed_keypoints=fixed_keypoints,
                                          moving_keypoints=moving_keypoints, init=init,
-                                         init_affine=init_affine, inverse=inverse, itk=itk)
+                                         init_affine=init_affine, inverse=inverse, itk=itk,
+                                         model_init=init_builtin)
     finally:
         progress.close()
     click.echo(summary_text(report, written))
+
+
+def _builtin_choice(model, init, init_affine):
+    """``(model, init, init_builtin)`` with 'builtin' replaced by the shipped model's folder
+    (hash-checked): ``--model builtin`` uses the network alone, ``--init builtin`` its
+    prediction as the start of instance optimisation."""
+    from tfreg import builtin
+    from tfreg.errors import ConfigError
+
+    if init is not None and str(init) == builtin.NAME:
+        if model is not None:
+            raise ConfigError("--init builtin: give either --model or --init builtin, not both")
+        if init_affine is not None:
+            raise ConfigError("--init builtin: cannot be combined with --init-affine")
+        return builtin.resolve(builtin.NAME), None, True
+    return builtin.resolve(model), init, False
 
 
 def method_config(model, init, reg_method, preset, iterations, levels, lam, learning_rate,
@@ -291,6 +318,7 @@ def _register_pairs(pairs_csv, shard, out_dir, *, fixed, moving, per_pair, model
 
     if pairs_csv is None:
         raise ConfigError("--shard: needs --pairs")
+    model = _builtin_choice(model, None, None)[0]
     if fixed is not None or moving is not None:
         raise ConfigError("--pairs: give either FIXED MOVING or --pairs, not both")
     given = [name for name, value in per_pair.items() if value is not None]

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
+from gradcheck import check_directional_derivatives
 from tfreg import layers as L
 from tfreg.ops import compile_cache, fields, sampling
 
@@ -75,28 +76,6 @@ def test_auto_path_values_match_references(auto_everywhere):
     assert _cached_ops() == {"warp", "integrate_svf"}
 
 
-def _check_directional_derivatives(fn, inputs, rng, n_dirs=2, h=1e-4):
-    """Tape gradient of ``sum(w * fn(*x))`` against float64 central differences."""
-    inputs = [tf.constant(x) for x in inputs]
-    weight = tf.constant(rng.normal(size=fn(*inputs).shape))
-
-    def loss(*xs):
-        return tf.reduce_sum(weight * fn(*xs))
-
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        value = loss(*inputs)
-    grads = tape.gradient(value, inputs)
-    for k, (x, g) in enumerate(zip(inputs, grads)):
-        for _ in range(n_dirs):
-            d = rng.normal(size=x.shape)
-            plus = [xi + h * d if i == k else xi for i, xi in enumerate(inputs)]
-            minus = [xi - h * d if i == k else xi for i, xi in enumerate(inputs)]
-            numeric = (loss(*plus) - loss(*minus)) / (2 * h)
-            np.testing.assert_allclose(float(tf.reduce_sum(g * d)), float(numeric),
-                                       rtol=1e-6, atol=1e-9)
-
-
 def test_auto_path_gradients_match_finite_differences_float64(auto_everywhere):
     rng = np.random.default_rng(6)
     shape = (5, 6, 4)
@@ -105,10 +84,12 @@ def test_auto_path_gradients_match_finite_differences_float64(auto_everywhere):
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     cells = rng.integers(0, np.array(shape) - 1, size=(1, *shape, 3))
     disp = cells + rng.uniform(0.2, 0.8, (1, *shape, 3)) - grid[None]
-    _check_directional_derivatives(sampling.warp, [img, disp], rng)
+    eager = dict(n_dirs=2, graph=False)  # the ops' own (auto-compiled) eager paths
+    check_directional_derivatives(sampling.warp, [img, disp], rng, **eager)
     vel = _smooth(shape, 0.6, 7).astype("float64")[None]
-    _check_directional_derivatives(lambda v: fields.integrate_svf(v, 3), [vel], rng)
-    _check_directional_derivatives(lambda v: fields.integrate_svf(v, 3, recompute=True), [vel], rng)
+    check_directional_derivatives(lambda v: fields.integrate_svf(v, 3), [vel], rng, **eager)
+    check_directional_derivatives(lambda v: fields.integrate_svf(v, 3, recompute=True), [vel], rng,
+                                  **eager)
     assert _cached_ops() == {"warp", "integrate_svf"}
     # and the compiled functions ran in float64 (a float32 trace would miss 1e-6 relative)
     assert sampling.warp(img, disp).dtype == tf.float64

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfreg.engine import train
+from tfreg.engine import loopback_tf_configs, train
 
 from test_engine_toy import ToySpec, toy_config, toy_method, weights_by_name
 
@@ -28,7 +27,7 @@ WORKER_SCRIPT = """
 import json, sys
 import numpy as np
 run_dir, out, devices, config = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-from tfreg.engine import train
+from tfreg.engine import loopback_tf_configs, train
 from test_engine_toy import ToySpec, toy_method, weights_by_name
 devices = None if devices == "none" else devices.split(",")
 result = train(toy_method(), config, ToySpec(shape=(16, 16, 16), n=8), run_dir,
@@ -92,27 +91,13 @@ def test_two_replicas_match_one_device_on_the_same_global_batch(tmp_path):
         np.testing.assert_allclose(two_weights[name], value, atol=1e-5, err_msg=name)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("localhost", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def test_two_workers_on_loopback_agree_on_weights(tmp_path):
     """Two processes with TF_CONFIG train 3 synchronous steps (global batch 2, one sample per
     worker, each worker reading its own shard); both end with identical weights (atol 1e-7).
     Only the chief (worker 0) writes the run directory."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"localhost:{port}" for port in ports]}
     config = toy_config(steps=3, batch_size=2, checkpoint_every=2)
     procs, outs = [], []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+    for index, tf_config in enumerate(loopback_tf_configs(2)):
         out = tmp_path / f"out{index}"
         outs.append(out)
         procs.append(subprocess.Popen(

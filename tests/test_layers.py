@@ -8,6 +8,7 @@ import tensorflow as tf
 import keras
 from scipy import ndimage
 
+from gradcheck import check_directional_derivatives
 from tfreg import layers as L
 from tfreg.synthetic import smooth_random_field
 
@@ -315,28 +316,6 @@ def test_resize_to_shape_and_constant(ndims):
 # ---------------------------------------------------------------------------------------------
 # gradients
 # ---------------------------------------------------------------------------------------------
-def _check_directional_derivatives(fn, inputs, rng, n_dirs=6, h=1e-4):
-    """Gradient of ``sum(w * fn(*inputs))`` (tape) against central differences along random
-    directions ``(L(x + h d) - L(x - h d)) / 2h`` in float64."""
-    inputs = [tf.constant(x) for x in inputs]
-    out_shape = fn(*inputs).shape
-    weight = tf.constant(rng.normal(size=out_shape))
-    loss = tf.function(lambda *xs: tf.reduce_sum(weight * fn(*xs)))
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        value = loss(*inputs)
-    grads = tape.gradient(value, inputs)
-    for k, (x, g) in enumerate(zip(inputs, grads)):
-        for _ in range(n_dirs):
-            d = rng.normal(size=x.shape)
-            plus = [xi + h * d if i == k else xi for i, xi in enumerate(inputs)]
-            minus = [xi - h * d if i == k else xi for i, xi in enumerate(inputs)]
-            numeric = (loss(*plus) - loss(*minus)) / (2 * h)
-            analytic = tf.reduce_sum(g * d)
-            # float64: O(h^2) truncation and ~1e-12 rounding, far below 1e-6 relative
-            np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6, atol=1e-9)
-
-
 @ndims_param
 @pytest.mark.parametrize("channels", [1, 2])
 def test_gradients_match_finite_differences_float64(ndims, channels):
@@ -347,7 +326,7 @@ def test_gradients_match_finite_differences_float64(ndims, channels):
     # of h=1e-4 along a direction never cross a voxel edge or the border (kinks of the sampler)
     cells = rng.integers(-2, np.array(shape) + 1, size=(2, *shape, ndims))
     disp = cells + rng.uniform(0.2, 0.8, (2, *shape, ndims)) - _grid(shape)[None]
-    _check_directional_derivatives(L.warp, [img, disp], rng)
+    check_directional_derivatives(L.warp, [img, disp], rng)
     # clamped coordinates get no gradient, like clipping the coordinate
     d = tf.constant(disp)
     with tf.GradientTape() as tape:
@@ -358,7 +337,7 @@ def test_gradients_match_finite_differences_float64(ndims, channels):
     clamped = (loc < 0) | (loc > np.array(shape) - 1)
     assert clamped.any() and np.all(grad[clamped] == 0)
     vel = _smooth(shape, 0.6, 22).astype("float64")[None]
-    _check_directional_derivatives(lambda v: L.integrate_svf(v, 3), [vel], rng)
+    check_directional_derivatives(lambda v: L.integrate_svf(v, 3), [vel], rng)
 
 
 @ndims_param

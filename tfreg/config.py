@@ -17,15 +17,12 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 import yaml
 
 from tfreg.errors import ConfigError
 from tfreg.io import atomic_path
-
-if TYPE_CHECKING:
-    from tfreg.registry import Method
 
 __all__ = [
     "TRAIN_DEFAULTS", "Overrides", "did_you_mean", "load_yaml", "parse_set", "resolve",
@@ -436,7 +433,15 @@ def resolve(defaults: Mapping[str, Any], file_cfg: Mapping[str, Any] | None,
 
 
 # ---------------------------------------------------------------------------- method defaults
-def method_defaults(method: "Method") -> dict[str, Any]:
+class MethodDefaults(Protocol):
+    """What `method_defaults` reads of a `tfreg.registry.Method`."""
+
+    name: str
+    default_config: str | Path
+    sections: Mapping[str, type]
+
+
+def method_defaults(method: MethodDefaults) -> dict[str, Any]:
     """Defaults tree of a method: ``method`` (its name), ``data`` (null) and `TRAIN_DEFAULTS`,
     under the method's own YAML (which may change ``train:`` values but not add keys to it).
 

@@ -271,8 +271,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                      recursions: int | None = None, device: str | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None,
                      keypoints: tuple[np.ndarray, np.ndarray] | None = None,
-                     init_disp: np.ndarray | None = None, inverse: bool = False
-                     ) -> RegisterResult:
+                     init_disp: np.ndarray | None = None, inverse: bool = False,
+                     model_init: bool = False) -> RegisterResult:
     """Register `moving` to `fixed` (loaded volumes; any grids, same number of axes).
 
     Args:
@@ -283,6 +283,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             `tfreg.ops.lddmm.LddmmConfig` for optimisation-based LDDMM (no model).
         model: exported model folder; None = instance optimisation only.
         finetune: with `model`: instance-optimisation steps after the network (0 = none).
+        model_init: with `model`: the network initialises instance optimisation. The affine
+            stage of `config` (if it has one) runs first, the network registers the affinely
+            aligned pair, and `finetune` steps at the finest level of `config` refine the
+            composition (``tfreg register --init builtin``).
         recursions: with a recursive `model` (its method's `RegisterHook` takes the
             ``recursions`` option): run it with this many recursions; what the report gets is
             the method's (e.g. a table of the similarity after each recursion).
@@ -318,7 +322,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     """
     import tensorflow as tf
 
-    from tfreg import contrast, instance
+    from tfreg import contrast, instance, layers
     from tfreg.ops.lddmm import LddmmConfig
 
     _check_image(fixed)
@@ -360,12 +364,24 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                 inverse_warp = _velocity_inverse(result, disp.shape[:-1], cfg)
         else:
             if model is not None:
-                disp, model_info = _predict(model, fixed, Volume(moving_on_fixed, fixed.affine,
+                start_disp, net_moving = None, moving_on_fixed
+                if model_init and isinstance(cfg, instance.InstanceConfig) and cfg.affine:
+                    start_disp, affine = _affine_stage(fixed, moving, fixed_n, moving_n, cfg,
+                                                       progress, report)
+                    net_moving = _sample_moving(moving_on_fixed, start_disp, None, "linear")
+                disp, model_info = _predict(model, fixed, Volume(net_moving, fixed.affine,
                                                                 None, moving.path), progress,
                                             options={"recursions": recursions})
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
-                affine = model_info.get("affine")          # the method's affine part, or None
+                if start_disp is not None:   # moving(a(y)) with y = x + u_net(x)
+                    disp = layers.compose(tf.constant(start_disp[None]),
+                                          tf.constant(disp[None], tf.float32)).numpy()[0]
+                else:
+                    affine = model_info.get("affine")      # the method's affine part, or None
+                if model_init:
+                    report["method"] = (f"instance optimisation initialised by the model "
+                                        f"{model_info['method']}")
                 if affine is not None:
                     report["affine"] = affine.tolist()
                 if inverse and finetune == 0 and model_info["inverse"] is not None:
@@ -387,7 +403,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
             if finetune > 0:
                 disp, stage = _finetune(fixed_n, moving_n, disp, cfg, finetune, progress)
                 report.update(finetune_steps=int(finetune), config=_config_dict(cfg),
-                              stage_seconds=stage)
+                              stage_seconds={**report.get("stage_seconds", {}), **stage})
             sim_before = instance.local_ncc(fixed_n, moving_n)
             sim_after = instance.local_ncc(fixed_n, _sample_moving(moving_n, disp, None, "linear"))
             affine_warped = None if affine is None else _affine_warp(moving, fixed, affine)
@@ -512,6 +528,26 @@ def _instance(fixed: Volume, moving: Volume, fixed_n: np.ndarray, moving_n: np.n
     result.affine = np.concatenate([outer[:, :n] @ rel[:, :n],
                                     (outer[:, :n] @ rel[:, n] + outer[:, n])[:, None]], axis=1)
     return result, start
+
+
+def _affine_stage(fixed: Volume, moving: Volume, fixed_n: np.ndarray, moving_n: np.ndarray,
+                  cfg, progress: Callable | None, report: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The initialisation and affine stage of `cfg` alone (`_instance` without levels).
+
+    Returns:
+        `(disp, affine)`: the affine displacement `(*S, N)` on the fixed grid relative to
+        `moving_n` (the moving image resampled by the headers), and its centred `(N, N+1)`
+        voxel affine. The report gets `initialisation`, `affine` and the stage's time.
+    """
+    import dataclasses
+
+    only_affine = dataclasses.replace(cfg, levels=(), iterations=(), learning_rate=(),
+                                      ncc_win=())
+    result, _ = _instance(fixed, moving, fixed_n, moving_n, only_affine, progress, report)
+    affine = np.asarray(result.affine, np.float64)
+    report.update(affine=affine.tolist(),
+                  stage_seconds={k: round(v, 3) for k, v in result.stage_seconds.items()})
+    return np.asarray(result.disp, np.float32), affine
 
 
 def _normalise_like(data: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -849,7 +885,7 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
                    fixed_keypoints: str | Path | None = None,
                    moving_keypoints: str | Path | None = None,
                    init: str | Path | None = None, init_affine: str | Path | None = None,
-                   inverse: bool = False, itk: bool = False
+                   inverse: bool = False, itk: bool = False, model_init: bool = False
                    ) -> tuple[dict, dict[str, Path]]:
     """Register two files and write the outputs into `out_dir` (atomic writes).
 
@@ -882,7 +918,8 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
     result = register_volumes(fixed_v, moving_v, fixed_labels=fixed_l, moving_labels=moving_l,
                               config=config, model=model, finetune=finetune,
                               recursions=recursions, device=device, progress=progress,
-                              keypoints=keypoints, init_disp=init_disp, inverse=inverse)
+                              keypoints=keypoints, init_disp=init_disp, inverse=inverse,
+                              model_init=model_init)
     report = dict(result.report)
     report.update(fixed=_relative_to(fixed, out_dir), moving=_relative_to(moving, out_dir),
                   fixed_labels=_relative_to(fixed_labels, out_dir),

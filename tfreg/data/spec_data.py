@@ -3,7 +3,7 @@
 `SPEC_DATA` is the `tfreg.registry.DataSource` a method gets by default (and that tfreg's own
 methods name explicitly): the spec is read and every volume decoded before training
 (`DataSpec.validate(deep=True)`), batches come from `make_dataset`, validation is the mean Dice of
-warped label maps (`tfreg.engine.validation.ValDice`, when the spec has labels and a ``val``
+warped label maps (`tfreg.data.validation.ValDice`, when the spec has labels and a ``val``
 split), and the spec's ``preprocessing:`` section is the inference record that export stores.
 """
 
@@ -47,7 +47,7 @@ def _preprocessing(spec) -> dict | None:
 
 
 def _validation(spec, config: dict, io: ModelIO):
-    from tfreg.engine.validation import ValDice
+    from tfreg.data.validation import ValDice
 
     return ValDice.create(spec, int(config["train"]["val_pairs"]), io, config)
 

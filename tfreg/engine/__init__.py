@@ -17,11 +17,11 @@ from .logging import versions, write_versions
 from .loop import (LR_SCHEDULES, PRECISIONS, TrainingInterrupted, TrainResult, check_model,
                    dtype_policy, learning_rate_at, train)
 from .strategy import (check_global_batch, configure_devices, is_chief, make_strategy,
-                       multi_worker_config, parse_devices, parse_gpus)
+                       loopback_tf_configs, multi_worker_config, parse_devices, parse_gpus)
 
 __all__ = [
     "train", "TrainResult", "TrainingInterrupted", "learning_rate_at", "LR_SCHEDULES", "PRECISIONS",
     "make_strategy", "configure_devices", "parse_devices", "parse_gpus", "is_chief",
-    "multi_worker_config", "check_global_batch", "Checkpointer", "RunState", "dtype_policy",
+    "multi_worker_config", "loopback_tf_configs", "check_global_batch", "Checkpointer", "RunState", "dtype_policy",
     "check_model", "versions", "write_versions",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 
 import tensorflow as tf
 
@@ -23,6 +24,7 @@ __all__ = [
     "make_strategy",
     "is_chief",
     "multi_worker_config",
+    "loopback_tf_configs",
     "check_global_batch",
 ]
 
@@ -139,6 +141,25 @@ def multi_worker_config() -> dict | None:
         raise ConfigError("TF_CONFIG: expected a JSON object with a 'cluster' entry")
     tasks = sum(len(v) for v in cluster.values() if isinstance(v, list))
     return parsed if tasks > 1 else None
+
+
+def loopback_tf_configs(workers: int) -> list[str]:
+    """``TF_CONFIG`` values for `workers` processes on this machine (a cluster on free localhost
+    ports), one per worker in task order: start the same ``tfreg train`` command once with each.
+
+    For trying multi-worker training, tests and benchmarks; the ports are free when chosen, so
+    start the workers promptly.
+    """
+    sockets = [socket.socket() for _ in range(workers)]
+    try:
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        cluster = {"worker": [f"localhost:{sock.getsockname()[1]}" for sock in sockets]}
+    finally:
+        for sock in sockets:
+            sock.close()
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            for index in range(workers)]
 
 
 def make_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:

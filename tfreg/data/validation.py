@@ -45,7 +45,7 @@ class ValDice:
                 return None
         except Exception:  # noqa: BLE001 - specs without splits simply have no validation
             return None
-        from tfreg.data import make_dataset
+        from tfreg.data.pipeline import make_dataset
 
         dataset = make_dataset(spec, split="val", batch_size=1, shuffle=False, repeat=False)
         batches = [{k: v.numpy() for k, v in batch.items()} for batch in dataset.take(count)]

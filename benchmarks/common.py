@@ -1,0 +1,69 @@
+"""What every benchmark script needs: a fresh worker process per measurement, peak memory, a
+description of the machine, and an atomically written JSON report.
+
+The scripts run as ``python benchmarks/<name>.py``, so this module is imported as ``common``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+from pathlib import Path
+
+__all__ = ["RESULTS", "shape_arg", "peak_rss_gib", "machine", "run_worker", "write_report"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    """``"96x112x96"`` -> ``(96, 112, 96)``."""
+    return tuple(int(s) for s in text.lower().split("x"))
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, GiB (``ru_maxrss``)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def machine() -> dict:
+    """Platform, CPU count, Python and (when importable) TensorFlow and Keras versions."""
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]}
+    try:
+        import keras
+        import tensorflow as tf
+
+        info.update(tensorflow=tf.__version__, keras=keras.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def run_worker(command: list[str], marker: str = "RESULT ", env: dict | None = None) -> dict:
+    """Run one measurement in a fresh process; its result is the JSON after the last line that
+    starts with `marker` on its stdout. On failure ``{"error": reason}`` (the signal when killed,
+    e.g. by the kernel's out-of-memory killer, else the last line of stderr)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    proc = subprocess.run(command, capture_output=True, text=True, env=full_env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
+    if proc.returncode != 0 or not lines:
+        if proc.returncode < 0:
+            return {"error": f"killed by signal {-proc.returncode} (out of memory?)",
+                    "exit_status": proc.returncode}
+        tail = (proc.stderr or proc.stdout).strip().splitlines() or ["?"]
+        return {"error": tail[-1], "exit_status": proc.returncode}
+    return json.loads(lines[-1][len(marker):])
+
+
+def write_report(path: str | Path, report: dict, quiet: bool = False) -> Path:
+    """Write `report` as indented JSON, atomically (a reader never sees half a file)."""
+    from tfreg.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print(f"wrote {path}")
+    return path
