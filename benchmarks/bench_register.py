@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="take the results of these pairs and methods from earlier runs' "
                              "JSON files where they have them (marked 'reused_from' with that "
                              "run's start time) instead of running them again")
+    parser.add_argument("--no-run", action="store_true",
+                        help="with --reuse: only gather the earlier results into one table and "
+                             "JSON, run nothing")
     parser.add_argument("--ants-worker", nargs=3, metavar=("METHOD", "PAIR_DIR", "OUT_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -423,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             old = earlier.get((name, method))
             if old:
                 res = old
+            elif args.no_run:
+                continue
             else:
                 res = {**run_method(method, folder, args), "finished": _utc_now()}
             entry[method] = res
