@@ -295,8 +295,12 @@ def _builtin_choice(model, init, init_affine):
             raise ConfigError("--init builtin: give either --model or --init builtin, not both")
         if init_affine is not None:
             raise ConfigError("--init builtin: cannot be combined with --init-affine")
-        return builtin.resolve(builtin.NAME), None, True
-    return builtin.resolve(model), init, False
+        choice = builtin.resolve(builtin.NAME), None, True
+    else:
+        choice = builtin.resolve(model), init, False
+    if builtin.NAME in (str(model), str(init)) and builtin.notice():
+        click.echo(builtin.notice(), err=True)
+    return choice
 
 
 def method_config(model, init, reg_method, preset, iterations, levels, lam, learning_rate,

@@ -109,3 +109,15 @@ def test_init_builtin_with_model_is_refused(tmp_path, tiny):
     result = _run(["register", tiny["fixed"], tiny["moving"], "--init", "builtin", "--model",
                    "builtin", "-o", tmp_path / "out", "-q"])
     _one_line_error(result, "--init builtin", "--model")
+
+
+def test_the_manifest_notice_is_one_line_with_the_version(fake_root):
+    assert builtin.notice(fake_root) is None
+    path = fake_root / builtin.MANIFEST
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "notice": "undertrained"}))
+    assert builtin.notice(fake_root) == "note: builtin model 9.9: undertrained"
+    # the shipped model says what it is worth today, in one line
+    shipped = builtin.notice()
+    assert shipped is None or (shipped.startswith(f"note: builtin model {builtin.version()}: ")
+                               and "\n" not in shipped)

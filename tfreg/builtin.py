@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tfreg.errors import InputError
 
-__all__ = ["NAME", "ROOT", "MANIFEST", "model_dir", "version", "verify", "file_digests",
+__all__ = ["NAME", "ROOT", "MANIFEST", "model_dir", "version", "notice", "verify", "file_digests",
            "resolve", "refine_steps", "pack"]
 
 #: the value of ``--model`` / ``--init`` that selects the shipped model.
@@ -58,6 +58,13 @@ def _manifest(root: Path) -> dict:
 def version(root: str | Path | None = None) -> str:
     """The shipped model's version string (from its manifest)."""
     return str(_manifest(Path(ROOT if root is None else root))["version"])
+
+
+def notice(root: str | Path | None = None) -> str | None:
+    """The manifest's one-line ``notice`` about the shipped model's state (None when it has
+    none): `tfreg register` prints it whenever the model is used."""
+    text = _manifest(Path(ROOT if root is None else root)).get("notice")
+    return f"note: builtin model {version(root)}: {text}" if text else None
 
 
 def _sha256(path: Path) -> str:
