@@ -176,10 +176,11 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--moving-keypoints", type=click.Path(dir_okay=False),
               help="Keypoint CSV of MOVING, row k matching row k of --fixed-keypoints.")
 @click.option("--model", type=click.Path(file_okay=False),
-              help="Exported model folder (tfreg export), or 'builtin': the small "
-                   "contrast-agnostic network shipped with tfreg (trained from label maps; "
-                   "hash-checked at load). Without it the pair is registered by instance "
-                   "optimisation, no training needed.")
+              help="Exported model folder (tfreg export), or 'builtin': the small network "
+                   "shipped with tfreg (trained from label maps, hash-checked at load; its "
+                   "manifest's notice, printed when used, says what the version is worth). "
+                   "Without it the pair is registered by instance optimisation, no training "
+                   "needed.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --model or --init: N instance-optimisation steps that refine the "
                    "network's (or the initial) field (a diffeomorphic correction composed "
@@ -187,8 +188,8 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--init", "init", type=click.Path(dir_okay=False),
               help="Start from an external result instead of --model: a displacement field "
                    "(tfreg voxels, world mm, or an ITK/ANTs warp); refine it with --finetune. "
-                   "'builtin': start from the shipped network's prediction and refine it by "
-                   "instance optimisation at the finest level (no affine stage; use "
+                   "'builtin': the preset's affine stage, then the shipped network on the "
+                   "aligned pair, refined by instance optimisation at the finest level (use "
                    "--similarity mind across contrasts).")
 @click.option("--init-affine", type=click.Path(dir_okay=False),
               help="ITK/ANTs affine (.mat/.txt) of the external result, applied after --init's "
@@ -298,8 +299,9 @@ def _builtin_choice(model, init, init_affine):
         choice = builtin.resolve(builtin.NAME), None, True
     else:
         choice = builtin.resolve(model), init, False
-    if builtin.NAME in (str(model), str(init)) and builtin.notice():
-        click.echo(builtin.notice(), err=True)
+    notice = builtin.notice() if builtin.NAME in (str(model), str(init)) else None
+    if notice:
+        click.echo(notice, err=True)
     return choice
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from clicheck import one_line_error
 from tfreg import builtin
 from tfreg.errors import InputError
 from tfreg_cli.main import cli
@@ -21,16 +22,6 @@ from tfreg_cli.main import cli
 
 def _run(args) -> object:
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_line_error(result, *parts: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +80,7 @@ def test_a_damaged_file_is_refused_with_one_line(fake_root, tiny, monkeypatch):
         out = fake_root.parent / f"out{flag}"
         result = _run(["register", tiny["fixed"], tiny["moving"], flag, "builtin", "-o", out,
                        "-q"])
-        _one_line_error(result, "SHA-256 does not match", rel, "reinstall")
+        one_line_error(result, "SHA-256 does not match", rel, "reinstall")
         assert not out.exists()                     # refused before any work
 
 
@@ -98,17 +89,17 @@ def test_a_missing_file_or_manifest_is_refused_with_one_line(fake_root, tiny, mo
     monkeypatch.setattr(builtin, "ROOT", fake_root)
     result = _run(["register", tiny["fixed"], tiny["moving"], "--model", "builtin", "-o",
                    fake_root.parent / "out", "-q"])
-    _one_line_error(result, "model.weights.h5", "missing")
+    one_line_error(result, "model.weights.h5", "missing")
     (fake_root / builtin.MANIFEST).unlink()
     result = _run(["register", tiny["fixed"], tiny["moving"], "--model", "builtin", "-o",
                    fake_root.parent / "out", "-q"])
-    _one_line_error(result, "not installed", "reinstall")
+    one_line_error(result, "not installed", "reinstall")
 
 
 def test_init_builtin_with_model_is_refused(tmp_path, tiny):
     result = _run(["register", tiny["fixed"], tiny["moving"], "--init", "builtin", "--model",
                    "builtin", "-o", tmp_path / "out", "-q"])
-    _one_line_error(result, "--init builtin", "--model")
+    one_line_error(result, "--init builtin", "--model")
 
 
 def test_the_manifest_notice_is_one_line_with_the_version(fake_root):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from clicheck import one_line_error
 from tfreg import transforms_io as tio
 from tfreg.io import load_volume, save_volume
 from tfreg_cli.main import cli
@@ -25,15 +26,6 @@ SHAPE = (18, 20, 16)
 
 def _run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_line_error(result, *parts):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for part in parts:
-        assert part in lines[0], lines[0]
 
 
 @pytest.fixture()
@@ -97,12 +89,12 @@ def test_warp_with_itk_field_and_affine_matches_simpleitk(files, tmp_path):
 
 
 def test_convert_and_warp_errors(files, tmp_path):
-    _one_line_error(_run("convert", tmp_path / "a.mat", tmp_path / "o.nii.gz", "--to", "tfreg"),
+    one_line_error(_run("convert", tmp_path / "a.mat", tmp_path / "o.nii.gz", "--to", "tfreg"),
                     "--reference")
-    _one_line_error(_run("convert", files["disp"], tmp_path / "o.nii.gz", "--to", "itk",
+    one_line_error(_run("convert", files["disp"], tmp_path / "o.nii.gz", "--to", "itk",
                          "--reference", tmp_path / "missing.nii.gz"), "missing.nii.gz")
     save_volume(tmp_path / "other.nii.gz", np.zeros((5, 5, 5), np.float32), np.eye(4))
-    _one_line_error(_run("convert", files["disp"], tmp_path / "o.nii.gz", "--to", "world",
+    one_line_error(_run("convert", files["disp"], tmp_path / "o.nii.gz", "--to", "world",
                          "--reference", tmp_path / "other.nii.gz"), "reference grid")
     result = _run("convert", files["disp"], tmp_path / "o.nii.gz", "--to", "ants")
     assert result.exit_code == 2 and "ants" in result.output
@@ -159,7 +151,7 @@ def test_register_from_an_external_itk_result(files, tmp_path):
          tmp_path / "ref.nii.gz")
     np.testing.assert_allclose(load_volume(out / "warped.nii.gz").data,
                                load_volume(tmp_path / "ref.nii.gz").data, atol=1e-5)
-    _one_line_error(_run("register", files["fixed"], files["moving"], "-o", out, "--finetune",
+    one_line_error(_run("register", files["fixed"], files["moving"], "-o", out, "--finetune",
                          "5"), "--finetune", "--init")
 
 

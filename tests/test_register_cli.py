@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from clicheck import one_line_error
 from tfreg.metrics import dice, mean_dice
 from tfreg.synthetic import phantom, smooth_random_field, warp_numpy
 from tfreg_cli.main import cli
@@ -47,16 +48,6 @@ def pair(tmp_path_factory) -> dict[str, Path]:
 def _run(args: list[str]):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     return result
-
-
-def _one_line_error(result, *parts: str) -> None:
-    """Exit 1, no traceback, one line `Error: ...` containing every part."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for part in parts:
-        assert part in lines[0], lines[0]
 
 
 def test_register_writes_outputs_on_the_fixed_grid(pair, tmp_path):
@@ -178,20 +169,20 @@ def test_bad_inputs_give_one_clear_line(pair, tmp_path):
     nan_path = _save(tmp_path / "nan.nii.gz", nan)
     small_labels = _save(tmp_path / "small_labels.nii.gz", np.zeros((16, 16, 16), np.int16))
     out = tmp_path / "out"
-    _one_line_error(_run(["register", tmp_path / "missing.nii.gz", pair["moving"], "-o", out]),
+    one_line_error(_run(["register", tmp_path / "missing.nii.gz", pair["moving"], "-o", out]),
                     "missing.nii.gz", "not found")
-    _one_line_error(_run(["register", pair["fixed"], four_d, "-o", out]), "four_d.nii.gz", "4D")
-    _one_line_error(_run(["register", nan_path, pair["moving"], "-o", out]), "nan.nii.gz", "NaN")
-    _one_line_error(_run(["register", pair["fixed"], pair["moving"], "-o", out,
+    one_line_error(_run(["register", pair["fixed"], four_d, "-o", out]), "four_d.nii.gz", "4D")
+    one_line_error(_run(["register", nan_path, pair["moving"], "-o", out]), "nan.nii.gz", "NaN")
+    one_line_error(_run(["register", pair["fixed"], pair["moving"], "-o", out,
                           "--moving-labels", small_labels]),
                     "small_labels.nii.gz", "does not match")
-    _one_line_error(_run(["register", pair["fixed"], pair["moving"], "-o", out,
+    one_line_error(_run(["register", pair["fixed"], pair["moving"], "-o", out,
                           "--fixed-labels", pair["fixed_labels"]]), "--moving-labels")
-    _one_line_error(_run(["register", pair["fixed"], pair["moving"], "--finetune", "5"]),
+    one_line_error(_run(["register", pair["fixed"], pair["moving"], "--finetune", "5"]),
                     "--finetune", "--model")
-    _one_line_error(_run(["register", pair["fixed"], pair["moving"], "--iterations", "a,b"]),
+    one_line_error(_run(["register", pair["fixed"], pair["moving"], "--iterations", "a,b"]),
                     "--iterations")
-    _one_line_error(_run(["register", pair["fixed"], pair["moving"], "--device", "tpu"]),
+    one_line_error(_run(["register", pair["fixed"], pair["moving"], "--device", "tpu"]),
                     "--device")
     assert not out.exists()  # nothing written for a refused input
 
@@ -214,7 +205,7 @@ def test_warp_integer_shift_and_nearest(pair, tmp_path):
     np.testing.assert_array_equal(np.asarray(got_l.dataobj)[:-2, :, 1:],
                                   np.roll(labels, (-2, 1), axis=(0, 2))[:-2, :, 1:])
     np.testing.assert_allclose(got_l.affine, AFFINE)
-    _one_line_error(_run(["warp", pair["fixed"], pair["fixed"], "-o", tmp_path / "x.nii.gz"]),
+    one_line_error(_run(["warp", pair["fixed"], pair["fixed"], "-o", tmp_path / "x.nii.gz"]),
                     "fixed.nii.gz", "displacement field")
 
 
@@ -247,7 +238,7 @@ def test_evaluate_writes_csv_and_summary(tmp_path):
     assert summary["pairs"] == 1
     assert summary["mean_dice"]["mean"] == pytest.approx(float(row["mean_dice"]), abs=1e-4)
     assert "Dice" in result.output and "±" in result.output
-    _one_line_error(_run(["evaluate", spec, "--split", "val", "-o", out]), "no pairs")
+    one_line_error(_run(["evaluate", spec, "--split", "val", "-o", out]), "no pairs")
 
 
 @pytest.fixture(scope="module")
