@@ -3,9 +3,14 @@
 Both sides train the closest network each package offers on one random pair, batch 1, with
 MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
 
-* tfreg: the `voxelmorph` method's default model (U-Net encoder 16/32/32/32, decoder
+* ``tf``: the `voxelmorph` method's default model (U-Net encoder 16/32/32/32, decoder
   32/32/32/32/32/16/16, SVF integrated with 7 squarings at half resolution), built through the method
   registry, one `tf.function` step (optionally XLA-compiled with ``--tf-jit``), Keras' Adam.
+* ``tf-pairwise``: the same method configured as ``VxmPairwise``'s network (encoder 16/32/32/32,
+  decoder 32/32/32/16/16: one convolution per level, the last at full resolution; velocity predicted
+  and integrated at full resolution), the nearest architecture tfreg offers to the torch side.
+* ``tf-native-conv``: ``tf`` with Keras' own convolution gradients instead of
+  `tfreg.ops.convolution`'s (the A/B of that change).
 * voxelmorph-torch: ``vxm.nn.models.VxmPairwise(nb_features=(16, 32, 32, 32), integration_steps=7)``
   (integration at full resolution), MSE and Grad written here in a few lines (0.3.x deprecated its
   loss classes), ``torch.optim.Adam``.
@@ -39,7 +44,12 @@ HERE = Path(__file__).resolve().parent
 
 
 
-def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit: bool) -> dict:
+PAIRWISE = {"enc_features": [16, 32, 32, 32], "dec_features": [32, 32, 32, 16, 16],
+            "int_resolution": 1, "svf_resolution": 1}
+
+
+def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit: bool,
+              side: str = "tf") -> dict:
     import numpy as np
     import tensorflow as tf
 
@@ -51,8 +61,13 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     from tfreg.losses import MSE, Grad
     from tfreg.registry import discover
 
+    if side == "tf-native-conv":
+        from tfreg.layers import _FastGradientConv
+        del _FastGradientConv.convolution_op  # Keras' convolution (and gradients) again
     method = discover().get("voxelmorph").method
     config = method_defaults(method)
+    if side == "tf-pairwise":
+        config["model"].update(PAIRWISE)
     model = method.build_model(config, shape)
     mse, grad = MSE(), Grad("l2")
     optimizer = keras.optimizers.Adam(1e-4)
@@ -115,6 +130,9 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int) 
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
+SIDES = ("tf", "tf-pairwise", "tf-native-conv", "torch")
+
+
 def _run(python: str, side: str, args: argparse.Namespace, shape: str) -> dict:
     cmd = [python, __file__, "--worker", side, "--shape", shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -131,26 +149,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="A/B alternations")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tf-jit", action="store_true", help="XLA-compile tfreg's step")
+    parser.add_argument("--sides", default="tf,torch",
+                        help=f"comma-separated subset of {', '.join(SIDES)}")
     parser.add_argument("--torch-python", default="/tmp/vxmtorch/bin/python",
                         help="python of the environment with voxelmorph 0.3.x and torch")
     parser.add_argument("--json", default=str(HERE / "results" / "bench_train_vs_torch.json"))
-    parser.add_argument("--worker", choices=("tf", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         shape = shape_arg(args.shape)
-        result = (worker_tf(shape, args.steps, args.warmup, args.threads, args.tf_jit)
-                  if args.worker == "tf" else
-                  worker_torch(shape, args.steps, args.warmup, args.threads))
+        result = (worker_torch(shape, args.steps, args.warmup, args.threads)
+                  if args.worker == "torch" else
+                  worker_tf(shape, args.steps, args.warmup, args.threads, args.tf_jit, args.worker))
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    sides = [side.strip() for side in args.sides.split(",") if side.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        parser.error(f"--sides: unknown {', '.join(unknown)} (choose from {', '.join(SIDES)})")
     rows = []
     for shape in args.shapes.split(","):
-        per_side: dict[str, list[dict]] = {"tf": [], "torch": []}
+        per_side: dict[str, list[dict]] = {side: [] for side in sides}
         for rep in range(args.repeats):
-            for side in (("tf", "torch") if rep % 2 == 0 else ("torch", "tf")):
-                python = sys.executable if side == "tf" else args.torch_python
+            order = sides if rep % 2 == 0 else sides[::-1]  # A/B, then B/A
+            for side in order:
+                python = args.torch_python if side == "torch" else sys.executable
                 res = _run(python, side, args, shape)
                 res["load_average_1min"] = round(os.getloadavg()[0], 2)
                 per_side[side].append(res)
@@ -158,24 +183,27 @@ def main() -> None:
                     print(f"{shape} {side} repeat {rep}: failed ({res['error']})", flush=True)
                     continue
                 timed = res["times"][args.warmup:]
-                print(f"{shape:>12} {side:>5} repeat {rep}: {statistics.median(timed):7.3f} s/step"
+                print(f"{shape:>12} {side:>14} repeat {rep}: {statistics.median(timed):7.3f} s/step"
                       f"  first {res['times'][0]:6.2f} s  peak RSS {res['peak_rss_gib']:.2f} GiB"
                       f"  load {res['load_average_1min']}", flush=True)
-        medians = {side: [statistics.median(r["times"][args.warmup:]) for r in runs if "error" not in r]
-                   for side, runs in per_side.items()}
-        ratios = [t / f for f, t in zip(medians["tf"], medians["torch"])]
         ok = {side: [r for r in runs if "error" not in r] for side, runs in per_side.items()}
-        row = {"shape": list(shape_arg(shape)), "runs": per_side,
-               "tf_median_s": round(statistics.median(medians["tf"]), 4) if medians["tf"] else None,
-               "torch_median_s": (round(statistics.median(medians["torch"]), 4)
-                                  if medians["torch"] else None),
-               "ratio_torch_over_tf_per_repeat": [round(r, 3) for r in ratios],
-               "tf_params": ok["tf"][0]["params"] if ok["tf"] else None,
-               "torch_params": ok["torch"][0]["params"] if ok["torch"] else None}
+        medians = {side: [statistics.median(r["times"][args.warmup:]) for r in runs]
+                   for side, runs in ok.items()}
+        row = {"shape": list(shape_arg(shape)), "runs": per_side, "sides": {}}
+        for side in sides:
+            row["sides"][side] = {
+                "median_s": round(statistics.median(medians[side]), 4) if medians[side] else None,
+                "params": ok[side][0]["params"] if ok[side] else None,
+                "peak_rss_gib": max(r["peak_rss_gib"] for r in ok[side]) if ok[side] else None}
+            if "torch" in sides and side != "torch" and medians[side] and medians["torch"]:
+                # per repeat, so both sides of a ratio ran under the same load
+                row["sides"][side]["torch_over_this_per_repeat"] = [
+                    round(t / f, 3) for f, t in zip(medians[side], medians["torch"])]
         rows.append(row)
-        print(f"{shape}: tfreg {row['tf_median_s']} s/step ({row['tf_params']} params), "
-              f"voxelmorph-torch {row['torch_median_s']} s/step ({row['torch_params']} params), "
-              f"torch/tfreg per repeat {row['ratio_torch_over_tf_per_repeat']}", flush=True)
+        for side, r in row["sides"].items():
+            print(f"{shape} {side:>14}: {r['median_s']} s/step, {r['params']} params, peak RSS "
+                  f"{r['peak_rss_gib']} GiB, torch/this per repeat "
+                  f"{r.get('torch_over_this_per_repeat', '-')}", flush=True)
 
     report = {"benchmark": "bench_train_vs_torch", "threads": args.threads, "tf_jit": args.tf_jit,
               "steps": args.steps, "warmup": args.warmup,

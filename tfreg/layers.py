@@ -34,6 +34,7 @@ from tfreg.ops._checks import (ALIGNS as _ALIGNS, ROUNDINGS as _ROUNDINGS,
                                check_fill as _check_fill, check_interp as _check_interp,
                                check_steps as _check_steps)
 from tfreg.ops.compile_cache import check_jit as _check_jit
+from tfreg.ops.convolution import conv as _conv, supports as _conv_supported
 from tfreg.ops.fields import (affine_to_disp, compose, compose_affine, integrate_svf, is_affine,
                               rescale_field, resize, resize_field, resized_shape as _out_shape)
 from tfreg.ops.sampling import warp
@@ -54,6 +55,9 @@ __all__ = [
     "ComposeTransform",
     "AffineToField",
     "GaussianSample",
+    "Conv2D",
+    "Conv3D",
+    "conv_layer",
 ]
 
 
@@ -427,3 +431,39 @@ class GaussianSample(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+# --------------------------------------------------------------------------------------------------
+# convolutions with the faster gradient of tfreg.ops.convolution
+# --------------------------------------------------------------------------------------------------
+class _FastGradientConv:
+    """Mixin: stride-1 convolutions compute their gradients with `tfreg.ops.convolution.conv`.
+
+    The forward values, the weights (``kernel``, ``bias``) and the config are those of the
+    Keras layer, so models, ``.h5`` imports and saved files are unchanged; other strides,
+    dilations, groups or ``channels_first`` fall back to Keras' convolution.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.data_format == "channels_last" and _conv_supported(
+                self.rank, self.kernel_size, self.strides, self.dilation_rate, self.padding,
+                self.groups):
+            return _conv(inputs, kernel, self.padding)
+        return super().convolution_op(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class Conv2D(_FastGradientConv, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with the faster stride-1 gradient (see `_FastGradientConv`)."""
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class Conv3D(_FastGradientConv, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` with the faster stride-1 gradient (see `_FastGradientConv`)."""
+
+
+def conv_layer(ndims: int) -> type:
+    """The convolution layer class for 2 or 3 spatial dimensions (`Conv2D` or `Conv3D`)."""
+    if ndims not in (2, 3):
+        raise ValueError(f"conv_layer: ndims must be 2 or 3, got {ndims}")
+    return Conv2D if ndims == 2 else Conv3D

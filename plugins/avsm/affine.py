@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfreg.layers import conv_layer
+
 __all__ = ["identity_params", "split_params", "compose_params", "to_voxel_affine",
            "ComposeAffineParams", "ParamsToAffine", "AffineStepNet"]
 
@@ -109,7 +111,7 @@ class AffineStepNet:
 
     def __init__(self, ndims: int):
         self.ndims = ndims
-        conv = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[ndims]
+        conv = conv_layer(ndims)
         pool = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}[ndims]
 
         def c(filters, stride, name):

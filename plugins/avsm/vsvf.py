@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfreg.layers import resize
+from tfreg.layers import conv_layer, resize
 from tfreg.ops.advection import advect_map
 from tfreg.ops.fourier import apply_symmetric_multiplier, multi_gaussian_multiplier
 
@@ -48,7 +48,7 @@ class MomentumNet:
         f = [int(v) for v in features]
         if len(f) != 5 or min(f) < 1:
             raise ValueError(f"momentum features: expected 5 positive ints, got {features!r}")
-        conv = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[ndims]
+        conv = conv_layer(ndims)
         convt = {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}[ndims]
         self.ndims = ndims
 

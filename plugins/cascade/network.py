@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
-from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer
+from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer, conv_layer
 from tfreg.ops.fields import affine_after_disp
 
 #: ``model.base`` values.
@@ -246,7 +246,7 @@ class AffineCompose(keras.layers.Layer):
 
 # ------------------------------------------------------------------------------------ base networks
 def _conv(ndims: int):
-    return keras.layers.Conv3D if ndims == 3 else keras.layers.Conv2D
+    return conv_layer(ndims)
 
 
 def _deconv(ndims: int):

@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfreg.errors import ConfigError, InputError
-from tfreg.layers import RescaleTransform, SpatialTransformer
+from tfreg.layers import RescaleTransform, SpatialTransformer, conv_layer
 from tfreg.ops.fields import integrate_svf
 from tfreg.ops.filters import pool_half
 
@@ -302,7 +302,7 @@ def _crn(x, prev_embedding, level: int, bound: list[float], opts: ModelOptions):
         the `(B, *S_l, features)` embedding handed to the next level.
     """
     ndims = len(x.shape) - 2
-    conv_cls = keras.layers.Conv3D if ndims == 3 else keras.layers.Conv2D
+    conv_cls = conv_layer(ndims)
     convt_cls = keras.layers.Conv3DTranspose if ndims == 3 else keras.layers.Conv2DTranspose
     prefix = f"lapirn_l{level}_"
     feats = opts.features

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import keras
 
+from tfreg.layers import conv_layer
+
 __all__ = ["build_network", "PATCH"]
 
 #: patch edge length the network is built for (15 -> 8 -> 5 -> 8 -> 15).
@@ -29,7 +31,7 @@ PATCH = 15
 
 
 def _layers(ndims: int):
-    return ({2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[ndims],
+    return (conv_layer(ndims),
             {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}[ndims],
             {2: keras.layers.ZeroPadding2D, 3: keras.layers.ZeroPadding3D}[ndims],
             {2: keras.layers.Cropping2D, 3: keras.layers.Cropping3D}[ndims])

@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import keras
 
 from tfreg.errors import ConfigError
-from tfreg.layers import GaussianSample, RescaleTransform, SpatialTransformer, VecInt
+from tfreg.layers import GaussianSample, RescaleTransform, SpatialTransformer, VecInt, conv_layer
 
 #: Valid values of ``model.variant``.
 VARIANTS = ("maxpool", "stride2")
@@ -171,7 +171,7 @@ def divisor(arch: Architecture) -> int:
 
 
 def _conv(ndims: int, filters: int, name: str, strides: int = 1, **kwargs: Any) -> keras.layers.Layer:
-    conv = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[ndims]
+    conv = conv_layer(ndims)
     return conv(filters, kernel_size=3, strides=strides, padding="same", name=name, **kwargs)
 
 

@@ -15,6 +15,8 @@ Modules (each small, one job; the table in docs/architecture.md lists their func
 * `mind`: MIND-SSC descriptors and their distance; `mutual_information`: Parzen-window joint
   histogram (chunked, memory independent of voxels x bins), NMI and MI: similarities across
   contrasts.
+* `convolution`: stride-1 convolution whose gradients avoid TensorFlow's slow, im2col-based CPU
+  kernels (used by `tfreg.layers.Conv2D` / `Conv3D`, hence by every plugin's networks).
 * `intensity`: the one intensity normaliser (NumPy).
 * `compile_cache`: the one bounded cache of compiled functions.
 

@@ -1,0 +1,105 @@
+"""tfreg.ops.convolution.conv: the same values as tf.nn.convolution, gradients checked against
+float64 finite differences and against TensorFlow's own convolution gradients; the layers
+built on it keep Keras' weights and save/load."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.gradcheck import check_directional_derivatives
+from tfreg.layers import Conv2D, Conv3D, conv_layer
+from tfreg.ops.convolution import conv, supports
+
+CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
+    ((3, 3, 3), "same", (2, 7, 8, 9), (3, 4)),
+    ((3, 3, 3), "valid", (1, 7, 8, 9), (2, 5)),
+    ((1, 1, 1), "same", (1, 5, 6, 7), (4, 3)),
+    ((3, 3), "same", (2, 11, 12), (3, 4)),
+    ((5, 3), "valid", (1, 11, 12), (2, 2)),
+    ((2, 4), "valid", (1, 11, 12), (3, 1)),
+]
+
+
+def _inputs(case, seed=0):
+    ks, _, shape, (cin, cout) = case
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(*shape, cin)), rng.normal(size=(*ks, cin, cout))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+def test_gradients_match_finite_differences(case):
+    x, w = _inputs(case)
+    check_directional_derivatives(lambda x, w: conv(x, w, case[1]), [x, w],
+                                  np.random.default_rng(1), n_dirs=3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+def test_values_and_gradients_match_tensorflow(case):
+    x, w = (tf.constant(a) for a in _inputs(case, seed=2))
+    pad = case[1]
+
+    def value_and_grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = fn(x, w)
+            loss = tf.reduce_sum(y * tf.sin(y))  # a non-constant output gradient
+        return [y, *tape.gradient(loss, [x, w])]
+
+    ours = value_and_grads(lambda x, w: conv(x, w, pad))
+    # TensorFlow's own kernels (graph mode: its eager float64 Conv3D gradient is broken)
+    theirs = tf.function(lambda: value_and_grads(
+        lambda x, w: tf.nn.convolution(x, w, padding=pad.upper())))()
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_float32_kernel_gradient_in_a_compiled_function():
+    x, w = (tf.constant(a, tf.float32) for a in _inputs(CASES[0], seed=3))
+
+    @tf.function(jit_compile=True)
+    def grads(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            loss = tf.reduce_sum(conv(x, w) ** 2)
+        return tape.gradient(loss, w)
+
+    expected = 2 * tf.raw_ops.Conv3DBackpropFilterV2(
+        input=tf.cast(x, tf.float64), filter_sizes=w.shape, out_backprop=tf.nn.convolution(
+            tf.cast(x, tf.float64), tf.cast(w, tf.float64), padding="SAME"),
+        strides=[1] * 5, padding="SAME")
+    np.testing.assert_allclose(grads(x, w).numpy(), expected.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_supports():
+    assert supports(3, (3, 3, 3), (1, 1, 1), (1, 1, 1), "same")
+    assert not supports(3, (3, 3, 3), (2, 2, 2), (1, 1, 1), "same")   # strided: Keras' path
+    assert not supports(3, (2, 2, 2), (1, 1, 1), (1, 1, 1), "same")   # even kernel, same
+    assert not supports(2, (3, 3), (1, 1), (2, 2), "valid")           # dilated
+    with pytest.raises(ValueError, match="unsupported"):
+        conv(tf.zeros((1, 4, 4, 1)), tf.zeros((2, 2, 1, 1)), "same")
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_layers_match_keras_and_round_trip(ndims, tmp_path):
+    import keras
+    assert conv_layer(ndims) is (Conv2D if ndims == 2 else Conv3D)
+    shape = (1, *([8] * ndims), 2)
+    x = np.random.default_rng(4).normal(size=shape).astype("float32")
+    ours = conv_layer(ndims)(3, 3, padding="same", name="c")
+    theirs = getattr(keras.layers, f"Conv{ndims}D")(3, 3, padding="same", name="c")
+    ours.build(shape)
+    theirs.build(shape)
+    theirs.set_weights(ours.get_weights())
+    assert [w.path for w in ours.weights] == [w.path for w in theirs.weights]
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # strided: falls back to Keras' convolution
+    strided = conv_layer(ndims)(3, 3, strides=2, padding="same")
+    assert strided(x).shape == (1, *([4] * ndims), 3)
+    inp = keras.Input(shape[1:])
+    model = keras.Model(inp, ours(inp))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.layers[-1]) is type(ours)
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
