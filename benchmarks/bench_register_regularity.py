@@ -10,7 +10,9 @@ benchmarks/results/bench_register_regularity.json.
 
 Usage::
 
-    TF_NUM_INTRAOP_THREADS=1 python benchmarks/bench_register_regularity.py [--only best,lam2]
+    python benchmarks/bench_register_regularity.py [--only "best lam 2,best adam_floor 1"] [--threads 1]
+
+Rows of the variants run are merged into the results file (the others are kept).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHAPE = (48, 56, 48)
+FULL_SHAPE = (96, 112, 96)
 
 
 def variants() -> dict:
@@ -46,25 +49,50 @@ def variants() -> dict:
         "best lam 0.5, window 7": r(best, lam=0.5, ncc_win=(5, 7)),
         "best lam 0.5, field at 1/2": r(best, lam=0.5, field_level=1),
         "best lam 0.5, last lr 0.05": r(best, lam=0.5, learning_rate=(0.2, 0.05)),
+        "best adam_floor 0.1": r(best, adam_floor=0.1),
+        "best adam_floor 0.3": r(best, adam_floor=0.3),
+        "best adam_floor 1": r(best, adam_floor=1.0),
+        "best adam_floor 3": r(best, adam_floor=3.0),
+        "best lam 1, adam_floor 1": r(best, lam=1.0, adam_floor=1.0),
+        "accurate adam_floor 1": r(accurate, adam_floor=1.0),
+        "best ncc_floor 0.06": r(best, ncc_floor=0.06),
+        "best ncc_floor 0.1": r(best, ncc_floor=0.1),
+        "best ncc_floor 0.1, adam_floor 1": r(best, ncc_floor=0.1, adam_floor=1.0),
+        "best ncc_floor 0.1, adam_floor 3": r(best, ncc_floor=0.1, adam_floor=3.0),
+        "best ncc_floor 0.2": r(best, ncc_floor=0.2),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated variant names")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
-                                             / "bench_register_regularity.json"))
+    parser.add_argument("--out", help="results JSON (default results/bench_register_regularity"
+                                      ".json, or ..._full.json with --full)")
+    parser.add_argument("--full", action="store_true",
+                        help="the benchmark's full size (96x112x96) instead of half")
+    parser.add_argument("--command-path", action="store_true",
+                        help="register as `tfreg register` does (tfreg.register.register_volumes: "
+                             "world-space initialisation, intensity normalisation) instead of "
+                             "calling tfreg.instance.register_arrays on the raw arrays")
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (default 1)")
     args = parser.parse_args(argv)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import bench_register
     from scipy import ndimage
 
     from tfreg import instance, metrics
+    from tfreg.io import Volume
+    from tfreg.register import register_volumes
     from tfreg.synthetic import warp_numpy
 
     if not (bench_register.DATA / "synthseg_label_maps").is_dir():
         print(f"skipped: benchmark data not found at {bench_register.DATA}")
         return 0
-    pair = bench_register.build_pair("01", "02", shape=SHAPE)
+    shape = FULL_SHAPE if args.full else SHAPE
+    pair = bench_register.build_pair("01", "02", shape=shape)
     labels = sorted((set(np.unique(pair["fixed_labels"]))
                      & set(np.unique(pair["moving_labels"]))) - {0})
     brain = ndimage.binary_dilation(pair["fixed_labels"] > 0, iterations=2)
@@ -75,9 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         if chosen and name not in chosen:
             continue
         c0 = time.process_time()
-        res = instance.register_arrays(pair["fixed"], pair["moving"], cfg)
+        if args.command_path:
+            affine = np.diag(list(pair["spacing"]) + [1.0])
+            res = register_volumes(Volume(pair["fixed"], affine), Volume(pair["moving"], affine),
+                                   moving_labels=Volume(pair["moving_labels"], affine),
+                                   config=cfg)
+            warped = res.warped_labels
+        else:
+            res = instance.register_arrays(pair["fixed"], pair["moving"], cfg)
+            warped = warp_numpy(pair["moving_labels"], res.disp, order=0)
         cpu = time.process_time() - c0
-        warped = warp_numpy(pair["moving_labels"], res.disp, order=0)
         dice = metrics.dice(pair["fixed_labels"], warped, labels=labels)
         logj = np.log(np.clip(metrics.jacobian_determinant(res.disp), metrics.LOG_FLOOR, None))
         rows[name] = {"dice": float(np.nanmean(list(dice.values()))),
@@ -87,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         row = rows[name]
         print(f"{name:<30}{row['dice']:>7.3f}{row['folding']:>8.3f}{row['sdlogj']:>8.3f}"
               f"{row['sdlogj_brain']:>7.3f}{row['sdlogj_outside']:>7.3f}{cpu:>8.1f}", flush=True)
-    Path(args.out).write_text(json.dumps({"pair": "01-02", "shape": SHAPE, "results": rows},
-                                         indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / (
+        "bench_register_regularity" + ("_full" if args.full else "")
+        + ("_command" if args.command_path else "") + ".json"))
+    kept = json.loads(out.read_text())["results"] if out.is_file() else {}
+    kept.update(rows)  # rows of variants not run this time are kept
+    out.write_text(json.dumps({"pair": "01-02", "shape": shape, "results": kept}, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

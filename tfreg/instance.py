@@ -27,7 +27,9 @@ Gradients: the backward pass treats ``exp`` as the identity (``du/dv ~ I``, exac
 ``v``; the forward pass integrates properly). Back-propagating through the squarings took 2.7x
 the time for +0.005 Dice on one benchmark pair.
 
-Optimiser: Keras' Adam (`keras.optimizers.Adam`), whose update runs inside the XLA-compiled step.
+Optimiser: Adam (Keras' arithmetic) inside the XLA-compiled step; in the diffeomorphic stages its
+denominator may gain a floor relative to the mean gradient RMS (`InstanceConfig.adam_floor`), so
+that parameters with almost no gradient (the background) take small steps.
 The mathematics (sampling, fields, filters, NCC, smoothness) is `tfreg.ops` / `tfreg.losses`.
 
 Speed (see docs/register.md for measurements): one `tf.function` per pyramid level is XLA-compiled
@@ -46,7 +48,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -104,6 +105,12 @@ class InstanceConfig:
         affine_iterations: Adam steps of the affine stage.
         affine_lr: Adam step size of the affine parameters (matrix entries; the translation is
             in units of a tenth of the largest image dimension).
+        adam_floor: in the diffeomorphic stages, Adam's denominator ``sqrt(v)`` gains
+            ``adam_floor * mean(sqrt(v))``: velocity parameters whose gradient RMS is well below
+            the average (the background, where the images carry no information and only the
+            smoothness term acts) take steps in proportion to their gradient instead of Adam's
+            full normalised step. 0 = plain Adam. Relative, so independent of loss scale and
+            image size.
         jit: XLA-compile the steps (True/False) or "auto" (on).
     """
 
@@ -126,6 +133,7 @@ class InstanceConfig:
     affine_level: int = 2
     affine_iterations: int = 100
     affine_lr: float = 0.01
+    adam_floor: float = 0.0
     jit: bool | str = "auto"
 
     def validate(self, source: str = "instance optimisation") -> "InstanceConfig":
@@ -156,6 +164,8 @@ class InstanceConfig:
             raise ConfigError(f"{source}: ncc_win: must be >= 1")
         if not 0 <= self.int_steps <= 12:
             raise ConfigError(f"{source}: int_steps: expected 0..12, got {self.int_steps}")
+        if not self.adam_floor >= 0:
+            raise ConfigError(f"{source}: adam_floor: must be >= 0, got {self.adam_floor}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"{source}: lr_decay: expected a fraction in (0, 1]")
         return self
@@ -421,37 +431,60 @@ def _params_to_affine(theta: tf.Tensor, init: tf.Tensor, ndims: int, scale: floa
 
 # ------------------------------------------------------------------------ compiled steps
 class _Optimiser:
-    """One parameter tensor, Keras' Adam on it, and one compiled optimisation step.
+    """One parameter tensor, Adam on it, and one compiled optimisation step.
 
     ``step(lr, fixed, moving, affine) -> loss`` computes ``loss_fn(param, fixed, moving, affine)``
     (which returns ``(loss to minimise, loss to report)``), applies one Adam update with step
-    size `lr` and returns the reported loss. The Keras optimizer's update runs inside the
-    XLA-compiled step (one compiled function per level; measured on this CPU in
-    docs/register.md). Kept in `tfreg.ops.compile_cache` and reused for every pair of the same
-    shapes: `reset` sets the parameter and clears Adam's moments and step count.
+    size `lr` and returns the reported loss. The update runs inside the XLA-compiled step (one
+    compiled function per level; measured on this CPU in docs/register.md). Kept in
+    `tfreg.ops.compile_cache` and reused for every pair of the same shapes: `reset` sets the
+    parameter and clears Adam's moments and step count.
 
-    Adam's ``epsilon`` is 1e-9 because Keras adds it to ``sqrt(v)`` before bias correction: that
-    equals ``1e-8`` added after bias correction at step ~10 (Kingma and Ba's form).
+    The update is Keras' Adam (`keras.optimizers.Adam`, beta 0.9 / 0.999; the same arithmetic,
+    tested against it) with one addition, `floor`: the denominator ``sqrt(v) + eps`` gains
+    ``floor * mean(sqrt(v))`` (mean over all parameters). With `floor` 0 it is plain Adam, whose
+    per-parameter normalisation gives a parameter with a tiny gradient (the background of a
+    brain image, where only the smoothness term acts) as long a step as one with a large
+    gradient; with `floor` > 0 parameters whose gradient RMS is well below the average take
+    steps in proportion to it (gradient descent there), those well above it keep Adam's step.
+    The floor is relative, so it does not depend on the loss scale or the image size.
+
+    ``eps`` is 1e-9 because it is added to ``sqrt(v)`` before bias correction (as Keras does):
+    that equals ``1e-8`` added after bias correction at step ~10 (Kingma and Ba's form).
     """
 
-    def __init__(self, shape: tuple[int, ...], loss_fn: Callable, jit: bool):
+    BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-9
+
+    def __init__(self, shape: tuple[int, ...], loss_fn: Callable, jit: bool, floor: float = 0.0):
         self.param = tf.Variable(tf.zeros(shape, tf.float32), trainable=True)
-        self.optimizer = keras.optimizers.Adam(learning_rate=0.0, epsilon=1e-9)
-        self.optimizer.build([self.param])
+        self.moment1 = tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
+        self.moment2 = tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
+        self.count = tf.Variable(0.0, trainable=False)
+        self.floor = float(floor)
         self.loss_fn = loss_fn
         self.step = compile_cache.jit_function(self._step, jit)
 
     def _step(self, lr, fixed, moving, affine):
-        self.optimizer.learning_rate = lr
         with tf.GradientTape() as tape:
             loss, report = self.loss_fn(self.param, fixed, moving, affine)
-        self.optimizer.apply_gradients([(tape.gradient(loss, self.param), self.param)])
+        grad = tape.gradient(loss, self.param)
+        b1, b2 = self.BETA_1, self.BETA_2
+        t = self.count.assign_add(1.0)
+        alpha = lr * tf.sqrt(1.0 - tf.pow(b2, t)) / (1.0 - tf.pow(b1, t))
+        m = self.moment1.assign_add((grad - self.moment1) * (1.0 - b1))
+        v = self.moment2.assign_add((tf.square(grad) - self.moment2) * (1.0 - b2))
+        root = tf.sqrt(v)
+        denominator = root + self.EPSILON
+        if self.floor > 0:
+            denominator = denominator + self.floor * tf.reduce_mean(root)
+        self.param.assign_sub(m * alpha / denominator)
         return report
 
     def reset(self, value: tf.Tensor) -> None:
         self.param.assign(value)
-        for var in self.optimizer.variables:
-            var.assign(tf.zeros(var.shape, var.dtype))
+        for var in (self.moment1, self.moment2):
+            var.assign(tf.zeros_like(var))
+        self.count.assign(0.0)
 
 
 def _affine_loss_fn(cfg: InstanceConfig, shape: tuple[int, ...], level: int, win: int,
@@ -510,10 +543,10 @@ def _svf_loss_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
 
 
 def _optimiser(key: tuple, shape: tuple[int, ...], build_loss: Callable[[], Callable],
-               jit: bool) -> _Optimiser:
-    """The cached `_Optimiser` of `key` (shapes and static settings)."""
-    return compile_cache.cached(("instance",) + key + (jit,),
-                                lambda: _Optimiser(shape, build_loss(), jit))
+               jit: bool, floor: float = 0.0) -> _Optimiser:
+    """The cached `_Optimiser` of `key` (shapes and static settings; `floor` is Adam's)."""
+    return compile_cache.cached(("instance",) + key + (jit, floor),
+                                lambda: _Optimiser(shape, build_loss(), jit, floor))
 
 
 def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[tuple[int, ...]],
@@ -630,7 +663,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
         opt = _optimiser(("svf", tuple(shapes), lvl, vlevel, win, centre, floor, static),
                          (1, *shapes[vlevel], ndims),
                          lambda lvl=lvl, vlevel=vlevel, win=win, floor=floor: _svf_loss_fn(
-                             cfg, shapes, lvl, vlevel, win, centre, floor), jit)
+                             cfg, shapes, lvl, vlevel, win, centre, floor), jit, cfg.adam_floor)
         stages.append((f"level {index + 1}/{len(cfg.levels)}", lvl, vlevel,
                        cfg.iterations[index], cfg.learning_rate[index], opt))
     stages = [stage for stage in stages if stage[3] > 0]
