@@ -53,12 +53,12 @@ def variants() -> dict:
         "best adam_floor 0.3": r(best, adam_floor=0.3),
         "best adam_floor 1": r(best, adam_floor=1.0),
         "best adam_floor 3": r(best, adam_floor=3.0),
-        "best lam 1, adam_floor 1": r(best, lam=1.0, adam_floor=1.0),
+        "best lam 1 + adam_floor 1": r(best, lam=1.0, adam_floor=1.0),
         "accurate adam_floor 1": r(accurate, adam_floor=1.0),
         "best ncc_floor 0.06": r(best, ncc_floor=0.06),
         "best ncc_floor 0.1": r(best, ncc_floor=0.1),
-        "best ncc_floor 0.1, adam_floor 1": r(best, ncc_floor=0.1, adam_floor=1.0),
-        "best ncc_floor 0.1, adam_floor 3": r(best, ncc_floor=0.1, adam_floor=3.0),
+        "best ncc_floor 0.1 + adam_floor 1": r(best, ncc_floor=0.1, adam_floor=1.0),
+        "best ncc_floor 0.1 + adam_floor 3": r(best, ncc_floor=0.1, adam_floor=3.0),
         "best ncc_floor 0.2": r(best, ncc_floor=0.2),
     }
 

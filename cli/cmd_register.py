@@ -91,7 +91,8 @@ def instance_options(func):
                      help="Instance-optimisation settings: 'accurate' (affine, then half- and "
                           "full-resolution stages), 'fast' (affine, then half resolution) or "
                           "'best' (as accurate, with a full-resolution field and window 9 in "
-                          "the last stage and smoothness weight 2; slower)."),
+                          "the last stage, smoothness weight 2 and damped steps where the "
+                          "images carry no contrast; slower)."),
         click.option("--iterations", metavar="N[,N...]",
                      help="Optimisation steps per level, one number for all levels or one per "
                           "level, coarse to fine (default: from the preset)."),

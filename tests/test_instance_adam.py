@@ -1,12 +1,15 @@
-"""The instance optimisation's Adam (`tfreg.instance._Optimiser`) and its relative floor."""
+"""The instance optimisation's Adam (`tfreg.instance._Optimiser`) and the regularity of `best`'s
+field where the images carry no information."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy import ndimage
 
-from tfreg import instance
+from tfreg import instance, metrics
+from tfreg.synthetic import phantom
 
 
 def _quadratic_optimiser(target: np.ndarray, floor: float) -> instance._Optimiser:
@@ -49,3 +52,34 @@ def test_floor_shrinks_the_steps_of_small_gradients():
     plain = _quadratic_optimiser(target, 0.0)
     plain.step(tf.constant(lr), None, None, None)
     np.testing.assert_allclose(plain.param.numpy(), [lr, lr], rtol=1e-4)
+
+
+def test_best_keeps_a_noise_only_background_still():
+    """The same object in both images and independent noise (sigma 0.02) around it: the true field
+    is zero. NCC windows of pure noise still correlate a little and Adam turns their tiny gradients
+    into full steps; `best`'s contrast floor (`ncc_floor` 0.1) weights such windows down and its
+    Adam floor (`adam_floor` 1) shrinks the steps of small gradients. Measured (48x48, this
+    schedule): mean |u| in the background 0.14 voxel and SDlogJ 0.020 there with `best`; 0.40 and
+    0.068 with the former settings (floor 0.03, plain Adam; asserted too, so the bounds can fail)."""
+    rng = np.random.default_rng(0)
+    image, labels = phantom((24, 24), rng)
+    clean = np.zeros((48, 48), np.float32)
+    clean[12:36, 12:36] = image
+    brain = np.zeros((48, 48), bool)
+    brain[12:36, 12:36] = labels > 0
+    fixed, moving = (np.clip(clean + 0.02 * rng.normal(size=clean.shape), 0, 1).astype(np.float32)
+                     for _ in range(2))
+    background = ~ndimage.binary_dilation(brain, iterations=5)
+
+    def background_motion(**changes) -> tuple[float, float]:
+        cfg = instance.make_config("best", levels=(1, 0), iterations=(30, 40), affine=False,
+                                   **changes)
+        disp = instance.register_arrays(fixed, moving, cfg).disp
+        logj = np.log(np.clip(metrics.jacobian_determinant(disp), 1e-3, None))
+        return float(np.linalg.norm(disp, axis=-1)[background].mean()), \
+            float(logj[background].std())
+
+    moved, sdlogj = background_motion()
+    assert moved < 0.25 and sdlogj < 0.035, (moved, sdlogj)
+    moved, sdlogj = background_motion(ncc_floor=0.03, adam_floor=0.0)
+    assert moved > 0.25 and sdlogj > 0.035, (moved, sdlogj)

@@ -178,8 +178,10 @@ PRESETS: dict[str, InstanceConfig] = {
     "fast": InstanceConfig(levels=(1,), iterations=(90,), learning_rate=(0.25,), ncc_win=(5,),
                            affine_iterations=60),
     # the velocity lives at full resolution in the last stage, with ANTs' CC window (radius 4);
-    # smoothness weight 2: the weight is what sets the field's regularity (benchmarks/README.md)
-    "best": InstanceConfig(iterations=(150, 100), ncc_win=(5, 9), field_level=0, lam=2.0),
+    # smoothness weight 2: the weight is what sets the field's regularity; contrast floor 0.1 and
+    # Adam floor 1 keep the background (noise only) still (benchmarks/README.md)
+    "best": InstanceConfig(iterations=(150, 100), ncc_win=(5, 9), field_level=0, lam=2.0,
+                           ncc_floor=0.1, adam_floor=1.0),
 }
 
 
