@@ -7,8 +7,14 @@ losses, the Adam update, and the whole step; with the layers' default ``jit="aut
 ``jit=False`` (the plain graph, the default before). The input pipeline is measured separately
 by `bench_data.py` (never the bottleneck on this CPU).
 
-Usage: ``python benchmarks/profile_train_step.py [--shape 96x112x96] [--steps 3]``; prints a table
-and writes ``benchmarks/results/profile_train_step.json``.
+``--pairwise`` profiles the network configured as voxelmorph-torch's ``VxmPairwise``
+(`bench_train_vs_torch.PAIRWISE`: one convolution per level, velocity at full resolution) instead
+of the default; ``--layers`` adds each convolution layer alone (forward + both gradients, on its
+own input shape).
+
+Usage: ``python benchmarks/profile_train_step.py [--shape 96x112x96] [--steps 3] [--threads N]
+[--pairwise] [--layers]``; prints a table and writes ``benchmarks/results/profile_train_step.json``
+(``--json`` to change).
 """
 from __future__ import annotations
 
@@ -40,11 +46,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="96x112x96")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: all)")
+    parser.add_argument("--pairwise", action="store_true", help="VxmPairwise's architecture")
+    parser.add_argument("--layers", action="store_true", help="also time each convolution")
+    parser.add_argument("--json", default=str(HERE / "results" / "profile_train_step.json"))
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split("x"))
     import keras
     import tensorflow as tf
 
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     from tfreg import layers
     from tfreg.config import method_defaults
     from tfreg.losses import MSE, Grad
@@ -52,6 +65,9 @@ def main() -> None:
 
     method = discover().get("voxelmorph").method
     config = method_defaults(method)
+    if args.pairwise:
+        from bench_train_vs_torch import PAIRWISE
+        config["model"].update(PAIRWISE)
     model = method.build_model(config, shape)
     rng = np.random.default_rng(0)
     fixed = tf.constant(rng.random((1, *shape, 1), np.float32))
@@ -92,6 +108,23 @@ def main() -> None:
     if unet is not None:
         rows["U-Net + flow head, fwd+bwd"] = _time(tf.function(convs), (fixed, moving), args.steps)
 
+    if args.layers:
+        for layer in model.layers:
+            if not isinstance(layer, keras.layers.Conv3D):
+                continue
+            x = tf.constant(rng.random((1, *layer.input.shape[1:]), np.float32))
+
+            def one(x, layer=layer):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = layer(x)
+                    loss = tf.reduce_sum(y * y)
+                return tape.gradient(loss, [x, *layer.trainable_variables])
+
+            size = "x".join(str(n) for n in layer.input.shape[1:-1])
+            rows[f"  {layer.name} {size} {layer.input.shape[-1]}->{layer.filters}"] = _time(
+                tf.function(one), (x,), args.steps)
+
     def losses(f, w, v):
         with tf.GradientTape() as tape:
             tape.watch([w, v])
@@ -115,8 +148,9 @@ def main() -> None:
         print(f"{name:{width}s}  {r['wall_s']:6.3f}  {r['cpu_s']:6.3f}")
     from tfreg.io import atomic_path
 
-    with atomic_path(HERE / "results" / "profile_train_step.json") as out:
-        out.write_text(json.dumps({"shape": list(shape), "rows": rows,
+    with atomic_path(args.json) as out:
+        out.write_text(json.dumps({"shape": list(shape), "pairwise": args.pairwise,
+                                   "threads": args.threads, "rows": rows,
                                    "load": os.getloadavg()[0]}, indent=2) + "\n")
 
 
