@@ -1,16 +1,19 @@
-"""What sets the regularity of `tfreg register`'s field: one pair at reduced size, in process.
+"""What sets the regularity of `tfreg register`'s field: one pair, in process.
 
-Pair 01->02 of `bench_register.py` built at 48x56x48 (half the benchmark's size, same recipe),
-registered by `tfreg.instance.register_arrays` with the `best` and `accurate` presets and variants
-changing one setting each: the smoothness weight, the smoothing of a full-resolution velocity
-(`fine_sigma`), the NCC window of the last stage, the velocity's level and the last stage's step
-size. Prints Dice (labels present in both maps), %folding and SDlogJ of the displacement over all
-voxels, inside the brain (labels > 0, dilated by 2 voxels) and outside, and CPU seconds; writes
-benchmarks/results/bench_register_regularity.json.
+Pair 01->02 of `bench_register.py` built at 48x56x48 (half the benchmark's size, same recipe;
+`--full`: 96x112x96), registered by `tfreg.instance.register_arrays` (or, with `--command-path`,
+by `tfreg.register.register_volumes` as `tfreg register` does) with the `best` and `accurate`
+presets and variants changing one setting each: the smoothness weight, the smoothing of a
+full-resolution velocity (`fine_sigma`), the NCC window of the last stage, the velocity's level,
+the last stage's step size, the NCC's contrast floor and Adam's floor. Prints Dice (labels present
+in both maps), %folding and SDlogJ of the displacement over all voxels, inside the brain
+(labels > 0, dilated by 2 voxels) and outside, and CPU seconds; writes
+benchmarks/results/bench_register_regularity[_full][_command].json.
 
 Usage::
 
-    python benchmarks/bench_register_regularity.py [--only "best lam 2,best adam_floor 1"] [--threads 1]
+    python benchmarks/bench_register_regularity.py [--full] [--command-path] [--threads 1]
+        [--only "best lam 2,best adam_floor 1"]
 
 Rows of the variants run are merged into the results file (the others are kept).
 """

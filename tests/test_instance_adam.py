@@ -59,8 +59,9 @@ def test_best_keeps_a_noise_only_background_still():
     is zero. NCC windows of pure noise still correlate a little and Adam turns their tiny gradients
     into full steps; `best`'s contrast floor (`ncc_floor` 0.1) weights such windows down and its
     Adam floor (`adam_floor` 1) shrinks the steps of small gradients. Measured (48x48, this
-    schedule): mean |u| in the background 0.14 voxel and SDlogJ 0.020 there with `best`; 0.40 and
-    0.068 with the former settings (floor 0.03, plain Adam; asserted too, so the bounds can fail)."""
+    schedule): mean |u| in the background 0.16 voxel and SDlogJ 0.020 there with `best`; 0.37 and
+    0.066 with the former settings (floor 0.03, plain Adam; asserted too, so the bounds can
+    fail)."""
     rng = np.random.default_rng(0)
     image, labels = phantom((24, 24), rng)
     clean = np.zeros((48, 48), np.float32)
@@ -72,7 +73,7 @@ def test_best_keeps_a_noise_only_background_still():
     background = ~ndimage.binary_dilation(brain, iterations=5)
 
     def background_motion(**changes) -> tuple[float, float]:
-        cfg = instance.make_config("best", levels=(1, 0), iterations=(30, 40), affine=False,
+        cfg = instance.make_config("best", levels=(0,), iterations=(40,), affine=False,
                                    **changes)
         disp = instance.register_arrays(fixed, moving, cfg).disp
         logj = np.log(np.clip(metrics.jacobian_determinant(disp), 1e-3, None))
