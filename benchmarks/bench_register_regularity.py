@@ -63,6 +63,7 @@ def variants() -> dict:
         "best ncc_floor 0.1 + adam_floor 1": r(best, ncc_floor=0.1, adam_floor=1.0),
         "best ncc_floor 0.1 + adam_floor 3": r(best, ncc_floor=0.1, adam_floor=3.0),
         "best ncc_floor 0.2": r(best, ncc_floor=0.2),
+        "accurate ncc_floor 0.1 + adam_floor 1": r(accurate, ncc_floor=0.1, adam_floor=1.0),
     }
 
 
