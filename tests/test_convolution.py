@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from tests.gradcheck import check_directional_derivatives
 from tfreg.layers import Conv2D, Conv3D, conv_layer
-from tfreg.ops.convolution import conv, supports
+from tfreg.ops.convolution import MIN_VOXELS, conv, supports
 
 CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
     ((3, 3, 3), "same", (2, 7, 8, 9), (3, 4)),
@@ -77,6 +77,10 @@ def test_supports():
     assert not supports(3, (3, 3, 3), (2, 2, 2), (1, 1, 1), "same")   # strided: Keras' path
     assert not supports(3, (2, 2, 2), (1, 1, 1), (1, 1, 1), "same")   # even kernel, same
     assert not supports(2, (3, 3), (1, 1), (2, 2), "valid")           # dilated
+    # small volumes stay with TensorFlow's kernels (faster there); unknown sizes do not
+    assert not supports(3, (3, 3, 3), (1,) * 3, (1,) * 3, "same", spatial_shape=(16, 16, 16))
+    assert supports(3, (3, 3, 3), (1,) * 3, (1,) * 3, "same", spatial_shape=(32, 32, 32))
+    assert supports(3, (3, 3, 3), (1,) * 3, (1,) * 3, "same", spatial_shape=(None, 8, 8))
     with pytest.raises(ValueError, match="unsupported"):
         conv(tf.zeros((1, 4, 4, 1)), tf.zeros((2, 2, 1, 1)), "same")
 
@@ -85,7 +89,8 @@ def test_supports():
 def test_layers_match_keras_and_round_trip(ndims, tmp_path):
     import keras
     assert conv_layer(ndims) is (Conv2D if ndims == 2 else Conv3D)
-    shape = (1, *([8] * ndims), 2)
+    side = int(np.ceil(MIN_VOXELS ** (1 / ndims)))  # large enough for tfreg's gradient path
+    shape = (1, *([side] * ndims), 2)
     x = np.random.default_rng(4).normal(size=shape).astype("float32")
     ours = conv_layer(ndims)(3, 3, padding="same", name="c")
     theirs = getattr(keras.layers, f"Conv{ndims}D")(3, 3, padding="same", name="c")
@@ -94,9 +99,15 @@ def test_layers_match_keras_and_round_trip(ndims, tmp_path):
     theirs.set_weights(ours.get_weights())
     assert [w.path for w in ours.weights] == [w.path for w in theirs.weights]
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    grads = []
+    for layer in (ours, theirs):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) ** 2)
+        grads.append(tape.gradient(loss, layer.kernel))
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-3)
     # strided: falls back to Keras' convolution
     strided = conv_layer(ndims)(3, 3, strides=2, padding="same")
-    assert strided(x).shape == (1, *([4] * ndims), 3)
+    assert strided(x).shape == (1, *([(side + 1) // 2] * ndims), 3)
     inp = keras.Input(shape[1:])
     model = keras.Model(inp, ours(inp))
     model.save(tmp_path / "m.keras")

@@ -441,13 +441,14 @@ class _FastGradientConv:
 
     The forward values, the weights (``kernel``, ``bias``) and the config are those of the
     Keras layer, so models, ``.h5`` imports and saved files are unchanged; other strides,
-    dilations, groups or ``channels_first`` fall back to Keras' convolution.
+    dilations, groups, ``channels_first`` or volumes below `tfreg.ops.convolution.MIN_VOXELS`
+    voxels fall back to Keras' convolution.
     """
 
     def convolution_op(self, inputs, kernel):
         if self.data_format == "channels_last" and _conv_supported(
                 self.rank, self.kernel_size, self.strides, self.dilation_rate, self.padding,
-                self.groups):
+                self.groups, spatial_shape=inputs.shape[1:-1]):
             return _conv(inputs, kernel, self.padding)
         return super().convolution_op(inputs, kernel)
 
