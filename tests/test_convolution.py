@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.gradcheck import check_directional_derivatives
+from gradcheck import check_directional_derivatives
 from tfreg.layers import Conv2D, Conv3D, conv_layer
 from tfreg.ops.convolution import MIN_VOXELS, conv, supports
 
