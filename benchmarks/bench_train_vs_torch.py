@@ -13,6 +13,15 @@ MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
   `tfreg.ops.convolution`'s (the A/B of that change).
 * ``tf-keras-act``: ``tf`` with Keras' LeakyReLU (its gradient reads the pre-activation, which
   is then kept for the backward pass) instead of `tfreg.layers.LeakyReLU` (the A/B of that change).
+* ``tf-lapirn``: LapIRN's default three-level model (all levels trained, as in its level-3
+  stage once the lower levels are unfrozen), MSE on the final warped image + 0.01 Grad on the final
+  displacement;
+* ``tf-cascade``: the recursive cascade with ``base: voxelmorph`` (affine stem + three VoxelMorph
+  U-Nets), the same loss (needs sizes divisible by 32, e.g. 96x128x96);
+* ``torch-match``: voxelmorph-torch's ``VxmPairwise`` with features ``(f, 2f, 2f, 2f)``, ``f``
+  chosen so that its parameter count is closest to that of the first tfreg side in ``--sides``
+  (measured in the first repeat): VoxelMorph at equal parameter count, for methods without a
+  PyTorch peer that installs;
 * voxelmorph-torch: ``vxm.nn.models.VxmPairwise(nb_features=(16, 32, 32, 32), integration_steps=7)``
   (integration at full resolution), MSE and Grad written here in a few lines (0.3.x deprecated its
   loss classes), ``torch.optim.Adam``.
@@ -69,11 +78,15 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     if side == "tf-keras-act":
         from tfreg.layers import LeakyReLU
         del LeakyReLU.call  # Keras' activation (and gradient) again
-    method = discover().get("voxelmorph").method
+    name = {"tf-lapirn": "lapirn", "tf-cascade": "cascade"}.get(side, "voxelmorph")
+    method = discover().get(name).method
     config = method_defaults(method)
     if side == "tf-pairwise":
         config["model"].update(PAIRWISE)
+    if side == "tf-cascade":
+        config["model"]["base"] = "voxelmorph"
     model = method.build_model(config, shape)
+    field_key = "preint_flow" if name == "voxelmorph" else "disp"
     mse, grad = MSE(), Grad("l2")
     optimizer = keras.optimizers.Adam(1e-4)
     rng = np.random.default_rng(0)
@@ -84,7 +97,7 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     def step(fixed, moving):
         with tf.GradientTape() as tape:
             out = model({"moving": moving, "fixed": fixed}, training=True)
-            loss = mse(fixed, out["warped"]) + 0.01 * grad(None, out["preint_flow"])
+            loss = mse(fixed, out["warped"]) + 0.01 * grad(None, out[field_key])
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
@@ -99,15 +112,32 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
             "version": f"tensorflow {tf.__version__}"}
 
 
-def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int) -> dict:
+def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int,
+                 match_params: int = 0) -> dict:
     import torch
     import voxelmorph as vxm
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     ndim = len(shape)
-    model = vxm.nn.models.VxmPairwise(ndim, 1, 1, nb_features=(16, 32, 32, 32),
-                                      integration_steps=7)
+
+    def build(f: int):
+        return vxm.nn.models.VxmPairwise(ndim, 1, 1, nb_features=(f, 2 * f, 2 * f, 2 * f),
+                                         integration_steps=7)
+
+    def count(m) -> int:
+        return int(sum(p.numel() for p in m.parameters() if p.requires_grad))
+
+    if match_params:  # the width whose parameter count is closest to the target (monotone in f)
+        low, high = 2, 512
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if count(build(mid)) < match_params else (low, mid)
+        width = min((low, high), key=lambda f: abs(count(build(f)) - match_params))
+        model = build(width)
+    else:
+        model = vxm.nn.models.VxmPairwise(ndim, 1, 1, nb_features=(16, 32, 32, 32),
+                                          integration_steps=7)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     fixed = torch.rand(1, 1, *shape)
     moving = torch.rand(1, 1, *shape)
@@ -130,17 +160,20 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int) 
         optimizer.step()
         float(loss)
         times.append(time.perf_counter() - t0)
-    params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    params = count(model)
     return {"times": times, "params": params, "peak_rss_gib": peak_rss_gib(),
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
-SIDES = ("tf", "tf-pairwise", "tf-native-conv", "tf-keras-act", "torch")
+SIDES = ("tf", "tf-pairwise", "tf-native-conv", "tf-keras-act", "tf-lapirn", "tf-cascade",
+         "torch", "torch-match")
 
 
-def _run(python: str, side: str, args: argparse.Namespace, shape: str) -> dict:
+def _run(python: str, side: str, args: argparse.Namespace, shape: str,
+         match_params: int = 0) -> dict:
     cmd = [python, __file__, "--worker", side, "--shape", shape, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--match-params", str(match_params)]
     if args.tf_jit:
         cmd.append("--tf-jit")
     return run_worker(cmd, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -161,11 +194,12 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "results" / "bench_train_vs_torch.json"))
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--match-params", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         shape = shape_arg(args.shape)
-        result = (worker_torch(shape, args.steps, args.warmup, args.threads)
-                  if args.worker == "torch" else
+        result = (worker_torch(shape, args.steps, args.warmup, args.threads, args.match_params)
+                  if args.worker.startswith("torch") else
                   worker_tf(shape, args.steps, args.warmup, args.threads, args.tf_jit, args.worker))
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -174,14 +208,22 @@ def main() -> None:
     unknown = sorted(set(sides) - set(SIDES))
     if unknown:
         parser.error(f"--sides: unknown {', '.join(unknown)} (choose from {', '.join(SIDES)})")
+    tf_sides = [side for side in sides if side.startswith("tf")]
+    if "torch-match" in sides and (not tf_sides
+                                   or sides.index(tf_sides[0]) > sides.index("torch-match")):
+        parser.error("--sides: torch-match needs a tfreg side before it (its parameter count)")
     rows = []
     for shape in args.shapes.split(","):
         per_side: dict[str, list[dict]] = {side: [] for side in sides}
         for rep in range(args.repeats):
             order = sides if rep % 2 == 0 else sides[::-1]  # A/B, then B/A
             for side in order:
-                python = args.torch_python if side == "torch" else sys.executable
-                res = _run(python, side, args, shape)
+                python = args.torch_python if side.startswith("torch") else sys.executable
+                target = 0
+                if side == "torch-match":
+                    done = [r for r in per_side[tf_sides[0]] if "params" in r]
+                    target = done[0]["params"] if done else 0
+                res = _run(python, side, args, shape, target)
                 res["load_average_1min"] = round(os.getloadavg()[0], 2)
                 per_side[side].append(res)
                 if "error" in res:
@@ -200,10 +242,11 @@ def main() -> None:
                 "median_s": round(statistics.median(medians[side]), 4) if medians[side] else None,
                 "params": ok[side][0]["params"] if ok[side] else None,
                 "peak_rss_gib": max(r["peak_rss_gib"] for r in ok[side]) if ok[side] else None}
-            if "torch" in sides and side != "torch" and medians[side] and medians["torch"]:
+            peer = "torch-match" if "torch-match" in sides else "torch"
+            if peer in sides and not side.startswith("torch") and medians[side] and medians[peer]:
                 # per repeat, so both sides of a ratio ran under the same load
                 row["sides"][side]["torch_over_this_per_repeat"] = [
-                    round(t / f, 3) for f, t in zip(medians[side], medians["torch"])]
+                    round(t / f, 3) for f, t in zip(medians[side], medians[peer])]
         rows.append(row)
         for side, r in row["sides"].items():
             print(f"{shape} {side:>14}: {r['median_s']} s/step, {r['params']} params, peak RSS "
