@@ -284,6 +284,36 @@ def ants_worker(method: str, folder: str, out: str) -> None:
     (out / "timing.json").write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
 
 
+#: runs `tfreg register` (argv after the JSON) with `PRESETS[--preset]` replaced by a variant.
+_VARIANT_RUNNER = """
+import dataclasses, json, sys
+from tfreg import instance
+from tfreg_cli.main import main
+overrides, argv = json.loads(sys.argv[1]), sys.argv[2:]
+preset = argv[argv.index("--preset") + 1]
+instance.PRESETS[preset] = dataclasses.replace(instance.PRESETS[preset], **overrides)
+sys.argv = ["tfreg"] + argv
+sys.exit(main())
+"""
+
+
+def parse_variant(method: str) -> tuple[str, dict]:
+    """``'accurate+ncc_floor=0.1+adam_floor=1'`` -> ``('accurate', {'ncc_floor': 0.1, ...})``:
+    a tfreg preset with some `InstanceConfig` fields replaced (numbers, or tuples as ``5/9``)."""
+    preset, *items = method.split("+")
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        parts = [float(v) if "." in v else int(v) for v in value.split("/")]
+        overrides[key] = tuple(parts) if "/" in value else parts[0]
+    return preset, overrides
+
+
+def is_tfreg(method: str) -> bool:
+    """Whether `method` is a tfreg preset or a variant of one (``preset+key=value...``)."""
+    return method.split("+")[0] in TFREG_METHODS
+
+
 def _timed(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, dict]:
     """Run `cmd` under /usr/bin/time: (exit code, output tail, {command_seconds (wall),
     command_cpu_seconds (user + system), peak_mb (peak resident memory)})."""
@@ -317,11 +347,15 @@ def run_method(method: str, folder: Path, args) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS=threads,
                TF_NUM_INTEROP_THREADS=threads, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=threads,
                OMP_NUM_THREADS=threads)
-    if method in TFREG_METHODS:
-        tfreg = Path(sys.executable).with_name("tfreg")
-        cmd = [str(tfreg), "register", str(folder / "fixed.nii.gz"),
-               str(folder / "moving.nii.gz"), "-o", str(out), "--preset", method, "-q",
-               "--moving-labels", str(folder / "moving_labels.nii.gz")]
+    if is_tfreg(method):
+        preset, overrides = parse_variant(method)
+        cmd = [str(Path(sys.executable).with_name("tfreg")), "register"]
+        if overrides:
+            # the same command, with the preset's settings replaced in its process first
+            cmd = [sys.executable, "-c", _VARIANT_RUNNER, json.dumps(overrides), "register"]
+        cmd += [str(folder / "fixed.nii.gz"),
+                str(folder / "moving.nii.gz"), "-o", str(out), "--preset", preset, "-q",
+                "--moving-labels", str(folder / "moving_labels.nii.gz")]
     else:
         env["PYTHONPATH"] = ""
         cmd = [args.ants_python, str(Path(__file__).resolve()), "--ants-worker", method,
@@ -329,7 +363,7 @@ def run_method(method: str, folder: Path, args) -> dict:
     code, tail, timing = _timed(cmd, env, args.timeout)
     if code != 0:
         return {"error": tail or f"exit {code}"}
-    res = score_tfreg(folder, out) if method in TFREG_METHODS else score_ants(folder, out)
+    res = score_tfreg(folder, out) if is_tfreg(method) else score_ants(folder, out)
     res.update(timing)
     return res
 
@@ -383,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated pairs: 'fixed-moving' SynthSeg ids (default: the "
                              f"six), or {', '.join(REAL_PAIRS)}")
     parser.add_argument("--methods", default="accurate,fast,best,syn,syn100,syns",
-                        help=f"comma-separated subset of {', '.join(METHODS)}")
+                        help=f"comma-separated subset of {', '.join(METHODS)}; a tfreg "
+                             f"preset may carry InstanceConfig changes, e.g. "
+                             f"'accurate+ncc_floor=0.1+adam_floor=1' (tuples as 5/9)")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads for each tool (TensorFlow intra/inter-op, ITK)")
     parser.add_argument("--ants-python", default="/tmp/antsenv/bin/python",
@@ -407,13 +443,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: benchmark data not found at {DATA} (needs ../shared/data)")
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    unknown = {m for m in methods if m not in METHODS and not is_tfreg(m)}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
     pairs = [p for p in args.pairs.split(",") if p]
     results: dict = {"started": _utc_now(), "machine": _machine(),
                      "threads_per_tool": args.threads,
-                     "methods": {m: METHODS[m] for m in methods}, "pairs": {}}
+                     "methods": {m: METHODS.get(m, f"{TFREG_METHODS[m.split('+')[0]]}, with "
+                                              f"{parse_variant(m)[1]}") for m in methods},
+                     "pairs": {}}
     earlier = _earlier_results(args.reuse.split(",") if args.reuse else [])
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,10 +89,10 @@ def instance_options(func):
         click.option("--preset", type=click.Choice(["accurate", "fast", "best"]),
                      default="accurate", show_default=True,
                      help="Instance-optimisation settings: 'accurate' (affine, then half- and "
-                          "full-resolution stages), 'fast' (affine, then half resolution) or "
+                          "full-resolution stages, smoothness weight 1, damped steps where the "
+                          "images carry no contrast), 'fast' (affine, then half resolution) or "
                           "'best' (as accurate, with a full-resolution field and window 9 in "
-                          "the last stage, smoothness weight 2 and damped steps where the "
-                          "images carry no contrast; slower)."),
+                          "the last stage and smoothness weight 2; slower)."),
         click.option("--iterations", metavar="N[,N...]",
                      help="Optimisation steps per level, one number for all levels or one per "
                           "level, coarse to fine (default: from the preset)."),
