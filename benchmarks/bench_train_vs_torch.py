@@ -11,6 +11,8 @@ MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
   and integrated at full resolution), the nearest architecture tfreg offers to the torch side.
 * ``tf-native-conv``: ``tf`` with Keras' own convolution gradients instead of
   `tfreg.ops.convolution`'s (the A/B of that change).
+* ``tf-keras-act``: ``tf`` with Keras' LeakyReLU (its gradient reads the pre-activation, which
+  is then kept for the backward pass) instead of `tfreg.layers.LeakyReLU` (the A/B of that change).
 * voxelmorph-torch: ``vxm.nn.models.VxmPairwise(nb_features=(16, 32, 32, 32), integration_steps=7)``
   (integration at full resolution), MSE and Grad written here in a few lines (0.3.x deprecated its
   loss classes), ``torch.optim.Adam``.
@@ -64,6 +66,9 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     if side == "tf-native-conv":
         from tfreg.layers import _FastGradientConv
         del _FastGradientConv.convolution_op  # Keras' convolution (and gradients) again
+    if side == "tf-keras-act":
+        from tfreg.layers import LeakyReLU
+        del LeakyReLU.call  # Keras' activation (and gradient) again
     method = discover().get("voxelmorph").method
     config = method_defaults(method)
     if side == "tf-pairwise":
@@ -130,7 +135,7 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int) 
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
-SIDES = ("tf", "tf-pairwise", "tf-native-conv", "torch")
+SIDES = ("tf", "tf-pairwise", "tf-native-conv", "tf-keras-act", "torch")
 
 
 def _run(python: str, side: str, args: argparse.Namespace, shape: str) -> dict:

@@ -34,6 +34,7 @@ from tfreg.ops._checks import (ALIGNS as _ALIGNS, ROUNDINGS as _ROUNDINGS,
                                check_fill as _check_fill, check_interp as _check_interp,
                                check_steps as _check_steps)
 from tfreg.ops.compile_cache import check_jit as _check_jit
+from tfreg.ops.activations import leaky_relu as _leaky_relu
 from tfreg.ops.convolution import conv as _conv, supports as _conv_supported
 from tfreg.ops.fields import (affine_to_disp, compose, compose_affine, integrate_svf, is_affine,
                               rescale_field, resize, resize_field, resized_shape as _out_shape)
@@ -58,6 +59,7 @@ __all__ = [
     "Conv2D",
     "Conv3D",
     "conv_layer",
+    "LeakyReLU",
 ]
 
 
@@ -461,6 +463,19 @@ class Conv2D(_FastGradientConv, keras.layers.Conv2D):
 @keras.saving.register_keras_serializable(package="tfreg")
 class Conv3D(_FastGradientConv, keras.layers.Conv3D):
     """`keras.layers.Conv3D` with the faster stride-1 gradient (see `_FastGradientConv`)."""
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class LeakyReLU(keras.layers.LeakyReLU):
+    """`keras.layers.LeakyReLU` whose gradient is computed from its output
+    (`tfreg.ops.activations.leaky_relu`), so the pre-activation tensor is not kept for the
+    backward pass. Same values, weights (none) and config as Keras'; ``negative_slope`` in (0, 1].
+    """
+
+    def call(self, inputs):
+        if 0.0 < float(self.negative_slope) <= 1.0:
+            return _leaky_relu(inputs, self.negative_slope)
+        return super().call(inputs)
 
 
 def conv_layer(ndims: int) -> type:

@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from tfreg.errors import ConfigError
-from tfreg.layers import AffineToField, ComposeTransform, SpatialTransformer, conv_layer
+from tfreg.layers import AffineToField, ComposeTransform, LeakyReLU, SpatialTransformer, conv_layer
 from tfreg.ops.fields import affine_after_disp
 
 #: ``model.base`` values.
@@ -256,7 +256,7 @@ def _deconv(ndims: int):
 def _conv_act(x, features: int, strides: int, name: str, ndims: int):
     x = _conv(ndims)(features, 3, strides=strides, padding="same",
                      kernel_initializer="lecun_uniform", name=name)(x)
-    return keras.layers.LeakyReLU(LEAKY, name=f"{name}_act")(x)
+    return LeakyReLU(LEAKY, name=f"{name}_act")(x)
 
 
 def _vtn_encoder(x, channels: int, levels: int, ndims: int) -> list:
@@ -303,7 +303,7 @@ def vtn(inshape: Sequence[int], arch: Architecture, name: str) -> keras.Model:
                          name=f"upsamp{level + 1}to{level}")(pred)
         up_feat = deconv(skips[level - 1].shape[-1], 4, strides=2, padding="same", use_bias=False,
                          kernel_initializer=init, name=f"deconv{level}")(features)
-        up_feat = keras.layers.LeakyReLU(LEAKY, name=f"deconv{level}_act")(up_feat)
+        up_feat = LeakyReLU(LEAKY, name=f"deconv{level}_act")(up_feat)
         features = keras.layers.Concatenate(name=f"concat{level}")([skips[level - 1], up_feat, up_pred])
         if level > 1:
             pred = conv(ndims, 3, padding="same", kernel_initializer=init, name=f"pred{level}")(features)

@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfreg.errors import ConfigError, InputError
-from tfreg.layers import RescaleTransform, SpatialTransformer, conv_layer
+from tfreg.layers import LeakyReLU, RescaleTransform, SpatialTransformer, conv_layer
 from tfreg.ops.fields import integrate_svf
 from tfreg.ops.filters import pool_half
 
@@ -312,7 +312,7 @@ def _crn(x, prev_embedding, level: int, bound: list[float], opts: ModelOptions):
                         kernel_initializer=_initializer(), name=prefix + name, **kwargs)
 
     def lrelu(name: str):
-        return keras.layers.LeakyReLU(negative_slope=0.2, name=prefix + name)
+        return LeakyReLU(negative_slope=0.2, name=prefix + name)
 
     fea = conv(feats, "enc_conv1")(x)
     fea = lrelu("enc_act1")(fea)

@@ -38,7 +38,8 @@ from typing import Any, Mapping, Sequence
 import keras
 
 from tfreg.errors import ConfigError
-from tfreg.layers import GaussianSample, RescaleTransform, SpatialTransformer, VecInt, conv_layer
+from tfreg.layers import (GaussianSample, LeakyReLU, RescaleTransform, SpatialTransformer, VecInt,
+                          conv_layer)
 
 #: Valid values of ``model.variant``.
 VARIANTS = ("maxpool", "stride2")
@@ -178,7 +179,7 @@ def _conv(ndims: int, filters: int, name: str, strides: int = 1, **kwargs: Any) 
 def _conv_block(x: Any, ndims: int, filters: int, name: str, strides: int = 1) -> Any:
     """Conv (k3, 'same', he_normal) + LeakyReLU(0.2), named ``name`` / ``name_activation``."""
     x = _conv(ndims, filters, name, strides, kernel_initializer="he_normal")(x)
-    return keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_activation")(x)
+    return LeakyReLU(negative_slope=0.2, name=f"{name}_activation")(x)
 
 
 def _upsample(x: Any, skip: Any, ndims: int, name: str) -> Any:

@@ -16,7 +16,8 @@ Modules (each small, one job; the table in docs/architecture.md lists their func
   histogram (chunked, memory independent of voxels x bins), NMI and MI: similarities across
   contrasts.
 * `convolution`: stride-1 convolution whose gradients avoid TensorFlow's slow, im2col-based CPU
-  kernels (used by `tfreg.layers.Conv2D` / `Conv3D`, hence by every plugin's networks).
+  kernels (used by `tfreg.layers.Conv2D` / `Conv3D`, hence by every plugin's networks);
+  `activations`: leaky ReLU with its gradient from the output (`tfreg.layers.LeakyReLU`).
 * `intensity`: the one intensity normaliser (NumPy).
 * `compile_cache`: the one bounded cache of compiled functions.
 

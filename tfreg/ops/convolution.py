@@ -80,10 +80,12 @@ def _kernel_grad(x: tf.Tensor, g: tf.Tensor, kernel_shape: Sequence[int],
     for a in range(ndims - 2, -1, -1):
         strides[a] = strides[a + 1] * padded[a + 1]
     x_flat = tf.reshape(xp, [-1, cin])
-    g_flat = tf.reshape(gp, [-1, cout])
-    rows = tf.shape(g_flat)[0]
+    # the last `largest` rows of the flat gradient lie in the zero high corner of the last batch
+    # element's padded grid, so they are dropped and every shifted slice of x stays in range
     largest = sum((k - 1) * s for k, s in zip(ks, strides))
-    x_flat = tf.pad(x_flat, [[0, largest], [0, 0]])
+    g_flat = tf.reshape(gp, [-1, cout])
+    rows = tf.shape(g_flat)[0] - largest
+    g_flat = g_flat[:rows]
     if x_flat.dtype in (tf.float16, tf.bfloat16):  # sums over every voxel: accumulate in float32
         x_flat, g_flat = tf.cast(x_flat, tf.float32), tf.cast(g_flat, tf.float32)
     taps = []
