@@ -9,13 +9,15 @@ by a fixed fraction of that box on every side (more below, for the cerebellum an
 and resampled (nearest neighbour) onto one grid, so that the boxes coincide (a per-axis scaling
 and translation). The maps keep their voxel axes (FreeSurfer's LIA order).
 
-Writes OUT/aligned_seg_01..10.nii.gz and OUT/synthseg-aligned.yaml (maps 01-08 train, 09-10
+Writes OUT/aligned_seg_01..10.nii.gz, OUT/synthseg-aligned.yaml (maps 01-08 train, 09-10
 validate; network grid 32x40x32, a third of 96x112x96, so that 2 shared CPU cores train several
-hundred steps in minutes)::
+hundred steps in minutes; deformations of +/- 0.69 voxel, the recipe of version 0.1.0) and
+OUT/synthseg-aligned-corr.yaml (the same with deformations of +/- 2 voxels, control points 16
+voxels apart: the recipe of version 0.2.0, docs/builtin-model.md)::
 
     python benchmarks/builtin_maps.py --out data/builtin_maps
-    tfreg train voxelmorph --data data/builtin_maps/synthseg-aligned.yaml \\
-        --config plugins/voxelmorph/voxelmorph-builtin.yaml --out runs/builtin
+    tfreg train voxelmorph --data data/builtin_maps/synthseg-aligned-corr.yaml \\
+        --config plugins/voxelmorph/voxelmorph-builtin-correlation.yaml --out runs/builtin
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ label_maps:
   drop_from: 500
 shape: [32, 40, 32]          # a third of {grid} (voxels of about 4.5 x 4.0 x 5.8 mm)
 deform:
-  max_disp: 0.8              # voxels; < 0.86 (control points 5.17 voxels apart here): cannot fold
-  spacing: 6
+{deform}
 intensity:
   std: 0.05
   blur: [0.3, 0.6]
@@ -52,6 +53,14 @@ intensity:
   noise: 0.02
 seed: 0
 """
+
+#: the random deformation of each data file: version 0.1.0's, and the larger one of 0.2.0
+DEFORM = {
+    "synthseg-aligned.yaml": "  max_disp: 0.8              # voxels; < 0.86 (control points 5.17 "
+                             "voxels apart here): cannot fold\n  spacing: 6",
+    "synthseg-aligned-corr.yaml": "  max_disp: 2.0              # voxels; < 2.17 (control points "
+                                  "13 voxels apart here): cannot fold\n  spacing: 16",
+}
 
 
 def align(labels: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -90,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         nib.save(nib.Nifti1Image(aligned, np.diag([*spacing, 1.0])),
                  str(out / f"aligned_seg_{k:02d}.nii.gz"))
     names = [f"aligned_seg_{k:02d}.nii.gz" for k in range(1, 11)]
-    (out / "synthseg-aligned.yaml").write_text(YAML.format(
-        grid="x".join(map(str, GRID)), train=", ".join(names[:8]), val=", ".join(names[8:])))
+    for name, deform in DEFORM.items():
+        (out / name).write_text(YAML.format(
+            grid="x".join(map(str, GRID)), train=", ".join(names[:8]), val=", ".join(names[8:]),
+            deform=deform))
     mean = np.mean(list(spacings.values()), axis=0)
     (out / "spacing.json").write_text(json.dumps(
         {"per_map_mm": spacings, "mean_mm": mean.tolist()}, indent=2) + "\n")
