@@ -26,6 +26,7 @@ Usage::
 
     python benchmarks/bench_builtin.py                          # pairs 09-10, 10-09, 01-02
     python benchmarks/bench_builtin.py --pairs 09-10 --contrasts t2 --methods before,init_mind
+    python benchmarks/bench_builtin.py --pairs 09-10 --skip t2:default,t2:init   # MIND across contrasts
 
 Results: a table on stdout and `benchmarks/results/bench_builtin.json`.
 """
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ants-python",
                         default=os.environ.get("TFREG_ANTS_PYTHON", "/tmp/antsenv/bin/python"))
     parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument("--skip", default="",
+                        help="contrast:method cells to leave out, e.g. t2:default,t2:init")
     parser.add_argument("--json", default=str(RESULTS / "bench_builtin.json"))
     args = parser.parse_args(argv)
     pairs = [p for p in args.pairs.split(",") if p]
@@ -169,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = (set(methods) - set(METHODS)) | (set(contrasts) - set(CONTRASTS))
     if unknown:
         parser.error(f"unknown method(s)/contrast(s) {', '.join(sorted(unknown))}")
+    skip = {tuple(c.split(":", 1)) for c in args.skip.split(",") if c}
+    if any(len(c) != 2 or c[0] not in CONTRASTS or c[1] not in METHODS for c in skip):
+        parser.error(f"--skip {args.skip}: expected contrast:method cells, e.g. t2:default")
     from tfreg import builtin
 
     results: dict = {
         "benchmark": "bench_builtin", "machine": br._machine(),
         "builtin_version": builtin.version(),
-        "conditions": "shared, loaded 2-core CPU; tfreg in one process (compilation in the first "
+        "conditions": f"{os.environ.get('TFREG_BENCH_CONDITIONS', 'shared, loaded 2-core CPU')}; tfreg in one process (compilation in the first "
                       "pair's time), ANTs in a subprocess; times are wall seconds of "
                       "register_volumes (report runtime_seconds) and of ants.registration",
         "methods": {m: METHODS[m] for m in methods}, "held_out_pairs": sorted(HELD_OUT)}
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for contrast in contrasts:
             rows[name][contrast] = {}
             for method in methods:
-                if method in T2_ONLY and contrast != "t2":
+                if (method in T2_ONLY and contrast != "t2") or (contrast, method) in skip:
                     continue
                 key = CONTRASTS[contrast]
                 if method == "before":
