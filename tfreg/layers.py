@@ -39,6 +39,10 @@ from tfreg.ops.convolution import conv as _conv, supports as _conv_supported
 from tfreg.ops.fields import (affine_to_disp, compose, compose_affine, integrate_svf, is_affine,
                               rescale_field, resize, resize_field, resized_shape as _out_shape)
 from tfreg.ops.sampling import warp
+from tfreg.ops.correlation import (local_correlation as _local_correlation,
+                                   soft_argmax as _soft_argmax, displacements as _displacements)
+from tfreg.ops.mind import mind_ssc as _mind_ssc
+from tfreg.ops.filters import box_sum as _box_sum
 
 __all__ = [
     "warp",
@@ -60,6 +64,10 @@ __all__ = [
     "Conv3D",
     "conv_layer",
     "LeakyReLU",
+    "MindSSC",
+    "LocalCorrelation",
+    "SoftArgmax",
+    "BoxSmooth",
 ]
 
 
@@ -433,6 +441,138 @@ class GaussianSample(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+# --------------------------------------------------------------------------------------------------
+# matching: descriptors, cost volume, soft-argmax (tfreg.ops.mind, tfreg.ops.correlation)
+# --------------------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="tfreg")
+class MindSSC(keras.layers.Layer):
+    """MIND-SSC descriptor of an image (`tfreg.ops.mind.mind_ssc`); no weights.
+
+    Args:
+        sigma: Gaussian patch weight, voxels. Defaults to 0.8.
+        dilation: neighbour distance, voxels. Defaults to 2.
+
+    Input shape: `(batch, *spatial, 1)`, 2D or 3D. Output shape: `(batch, *spatial, K)` in
+    ``(0, 1]``, ``K = 12`` (3D) or ``4`` (2D).
+    """
+
+    def __init__(self, sigma=0.8, dilation=2, **kwargs):
+        super().__init__(**_float32_kwargs(kwargs))
+        self.sigma = float(sigma)
+        self.dilation = int(dilation)
+
+    def call(self, image):
+        return _mind_ssc(image, self.sigma, self.dilation)
+
+    def compute_output_shape(self, input_shape):
+        return (*tuple(input_shape)[:-1], 12 if len(input_shape) == 5 else 4)
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma, "dilation": self.dilation}
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class LocalCorrelation(keras.layers.Layer):
+    """Cost volume of ``[fixed, moving]`` features over displacements in ``[-radius, radius]^N``
+    (`tfreg.ops.correlation.local_correlation`); no weights.
+
+    Input shape: ``[fixed, moving]``, both `(batch, *spatial, C)`. Output shape:
+    `(batch, *spatial, (2 radius + 1)^N)` float32.
+    """
+
+    def __init__(self, radius=2, metric="dot", padding="edge", **kwargs):
+        super().__init__(**_float32_kwargs(kwargs))
+        self.radius = int(radius)
+        self.metric = metric
+        self.padding = padding
+
+    def call(self, inputs):
+        fixed, moving = inputs
+        return _local_correlation(fixed, moving, self.radius, metric=self.metric,
+                                  padding=self.padding)
+
+    def compute_output_shape(self, input_shape):
+        shape = tuple(input_shape[0])
+        return (*shape[:-1], (2 * self.radius + 1) ** (len(shape) - 2))
+
+    def get_config(self):
+        return {**super().get_config(), "radius": self.radius, "metric": self.metric,
+                "padding": self.padding}
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class SoftArgmax(keras.layers.Layer):
+    """Displacement from a cost volume (`tfreg.ops.correlation.soft_argmax`) with a learnable
+    temperature: one weight ``log_temperature``, initialised to ``log(temperature)``.
+
+    Args:
+        radius: radius of the cost volume.
+        temperature: initial softmax temperature (> 0), in the cost's units.
+        trainable_temperature: whether training may change it. Defaults to True.
+
+    Input shape: `(batch, *spatial, (2 radius + 1)^N)`. Output shape: `(batch, *spatial, N)`,
+    voxels of the cost volume's grid, pull convention.
+    """
+
+    def __init__(self, radius=2, temperature=1.0, trainable_temperature=True, **kwargs):
+        super().__init__(**_float32_kwargs(kwargs))
+        if not float(temperature) > 0:
+            raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature!r}")
+        self.radius = int(radius)
+        self.temperature = float(temperature)
+        self.trainable_temperature = bool(trainable_temperature)
+
+    def build(self, input_shape):
+        ndims = len(input_shape) - 2
+        expected = len(_displacements(ndims, self.radius))
+        if input_shape[-1] is not None and input_shape[-1] != expected:
+            raise ValueError(f"SoftArgmax(radius={self.radius}) in {ndims}D needs {expected} "
+                             f"channels. Received: input_shape={tuple(input_shape)}")
+        self.log_temperature = self.add_weight(
+            name="log_temperature", shape=(), dtype="float32",
+            initializer=keras.initializers.Constant(float(np.log(self.temperature))),
+            trainable=self.trainable_temperature)
+
+    def call(self, cost):
+        return _soft_argmax(cost, self.radius, keras.ops.exp(self.log_temperature))
+
+    def compute_output_shape(self, input_shape):
+        return (*tuple(input_shape)[:-1], len(input_shape) - 2)
+
+    def get_config(self):
+        return {**super().get_config(), "radius": self.radius, "temperature": self.temperature,
+                "trainable_temperature": self.trainable_temperature}
+
+
+@keras.saving.register_keras_serializable(package="tfreg")
+class BoxSmooth(keras.layers.Layer):
+    """Mean over a ``window^N`` box, repeated `passes` times (`tfreg.ops.filters.box_sum`,
+    separable); voxels outside the grid are not counted, so a constant stays constant up to the
+    border. No weights.
+
+    Input shape: `(batch, *spatial, C)`, 2D or 3D. Output shape: the same, float32.
+    """
+
+    def __init__(self, window=3, passes=1, **kwargs):
+        super().__init__(**_float32_kwargs(kwargs))
+        self.window = int(window)
+        self.passes = int(passes)
+
+    def call(self, x):
+        if self.passes == 0 or self.window == 1:
+            return x
+        count = _box_sum(keras.ops.ones_like(x[..., :1]), self.window)
+        for _ in range(self.passes):
+            x = _box_sum(x, self.window) / count
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "window": self.window, "passes": self.passes}
 
 
 # --------------------------------------------------------------------------------------------------

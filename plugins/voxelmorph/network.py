@@ -43,6 +43,8 @@ from tfreg.layers import (GaussianSample, LeakyReLU, RescaleTransform, SpatialTr
 
 #: Valid values of ``model.variant``.
 VARIANTS = ("maxpool", "stride2")
+#: Valid values of ``model.matching``: the U-Net on concatenated images, or `correlation`.
+MATCHINGS = ("unet", "correlation")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Architecture:
     bidir: bool
     fill_value: float | None
     probabilistic: bool = False
+    matching: str = "unet"
 
     @property
     def levels(self) -> int:
@@ -162,12 +165,25 @@ def architecture(config: Mapping[str, Any]) -> Architecture:
     if probabilistic and int_steps == 0:
         raise ConfigError("model.probabilistic: the probabilistic model samples a velocity "
                           "field; it needs int_steps > 0")
+    matching = model.get("matching", "unet")
+    if matching not in MATCHINGS:
+        raise ConfigError(f"model.matching: expected one of {', '.join(MATCHINGS)}, got {matching!r}")
+    if matching == "correlation":
+        from .correlation import settings
+
+        settings(model)
+        if bidir or probabilistic:
+            raise ConfigError("model.matching: correlation has no bidir or probabilistic "
+                              "variant; set model.bidir and model.probabilistic to false")
     return Architecture(enc, dec, per_level, variant, int_steps, int_res, svf_res, bidir,
-                        None if fill is None else float(fill), probabilistic)
+                        None if fill is None else float(fill), probabilistic, matching)
 
 
 def divisor(arch: Architecture) -> int:
-    """The spatial shape must divide by this (all down-sampling steps, and the field resolutions)."""
+    """The spatial shape must divide by this (all down-sampling steps, and the field resolutions;
+    2 for the correlation network, whose field lives on the half grid)."""
+    if arch.matching == "correlation":
+        return 2
     return max(2 ** arch.levels, arch.int_resolution, arch.svf_resolution)
 
 
@@ -285,6 +301,10 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
     arch = architecture(config)
     shape = check_inshape(arch, inshape)
     ndims = len(shape)
+    if arch.matching == "correlation":
+        from .correlation import build as build_correlation
+
+        return build_correlation(config, shape, arch.int_steps, arch.fill_value)
 
     moving = keras.Input((*shape, 1), name="moving")
     fixed = keras.Input((*shape, 1), name="fixed")
