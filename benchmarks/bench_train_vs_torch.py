@@ -16,6 +16,9 @@ MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
 * ``tf-lapirn``: LapIRN's default three-level model (all levels trained, as in its level-3
   stage once the lower levels are unfrozen), MSE on the final warped image + 0.01 Grad on the final
   displacement;
+* ``tf-lapirn-unaligned``: ``tf-lapirn`` with the kernel gradient's flat input left at 28
+  channels (112-byte rows, so TensorFlow copies every tap's slice): the A/B of the 64-byte row
+  alignment in `tfreg.ops.convolution`;
 * ``tf-cascade``: the recursive cascade with ``base: voxelmorph`` (affine stem + three VoxelMorph
   U-Nets), the same loss (needs sizes divisible by 32, e.g. 96x128x96);
 * ``torch-match``: voxelmorph-torch's ``VxmPairwise`` with features ``(f, 2f, 2f, 2f)``, ``f``
@@ -78,7 +81,11 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     if side == "tf-keras-act":
         from tfreg.layers import LeakyReLU
         del LeakyReLU.call  # Keras' activation (and gradient) again
-    name = {"tf-lapirn": "lapirn", "tf-cascade": "cascade"}.get(side, "voxelmorph")
+    if side == "tf-lapirn-unaligned":
+        from tfreg.ops import convolution
+        convolution._aligned_channels = lambda channels, itemsize: channels  # rows as before
+    name = {"tf-lapirn": "lapirn", "tf-lapirn-unaligned": "lapirn",
+            "tf-cascade": "cascade"}.get(side, "voxelmorph")
     method = discover().get(name).method
     config = method_defaults(method)
     if side == "tf-pairwise":
@@ -165,8 +172,8 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int,
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
-SIDES = ("tf", "tf-pairwise", "tf-native-conv", "tf-keras-act", "tf-lapirn", "tf-cascade",
-         "torch", "torch-match")
+SIDES = ("tf", "tf-pairwise", "tf-native-conv", "tf-keras-act", "tf-lapirn",
+         "tf-lapirn-unaligned", "tf-cascade", "torch", "torch-match")
 
 
 def _run(python: str, side: str, args: argparse.Namespace, shape: str,

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from gradcheck import check_directional_derivatives
 from tfreg.layers import Conv2D, Conv3D, conv_layer
-from tfreg.ops.convolution import MIN_VOXELS, conv, supports
+from tfreg.ops.convolution import MIN_VOXELS, _aligned_channels, conv, supports
 
 CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
     ((3, 3, 3), "same", (2, 7, 8, 9), (3, 4)),
@@ -18,6 +18,9 @@ CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
     ((3, 3), "same", (2, 11, 12), (3, 4)),
     ((5, 3), "valid", (1, 11, 12), (2, 2)),
     ((2, 4), "valid", (1, 11, 12), (3, 1)),
+    # input channels padded to 64-byte rows inside the kernel gradient (float64: 6 -> 8, 12 -> 16)
+    ((3, 3, 3), "same", (1, 5, 6, 7), (6, 2)),
+    ((3, 3), "same", (2, 9, 10), (12, 3)),
 ]
 
 
@@ -70,6 +73,12 @@ def test_float32_kernel_gradient_in_a_compiled_function():
             tf.cast(x, tf.float64), tf.cast(w, tf.float64), padding="SAME"),
         strides=[1] * 5, padding="SAME")
     np.testing.assert_allclose(grads(x, w).numpy(), expected.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_aligned_channels():
+    # float32 rows padded to 16 channels (64 bytes) where that adds at most half the channels
+    assert [_aligned_channels(c, 4) for c in (28, 56, 16, 12, 5, 2)] == [32, 64, 16, 16, 5, 2]
+    assert [_aligned_channels(c, 8) for c in (6, 3, 28)] == [8, 3, 32]
 
 
 def test_supports():
