@@ -22,13 +22,15 @@ Usage::
     python benchmarks/bench_cli.py --vs-ants          # whole `tfreg register` vs ANTs SyN
 
 `--vs-ants` builds the 96x112x96 benchmark pairs of `bench_register.py`, then alternates, pair by
-pair, a whole `tfreg register F M -o OUT --preset fast` with both label maps (process start to
+pair, a whole `tfreg register F M -o OUT --preset fast` (or `--preset accurate`, the default
+preset) with both label maps (process start to
 exit, a fresh process each time; the XLA cache starts empty, so the first call compiles and the
-later ones load) and ANTs SyN with antspyx defaults in a fresh process of a separate environment
+later ones load) and ANTs SyN with antspyx defaults (against `accurate`: SyN(100, 70, 50)) in a
+fresh process of a separate environment
 (`--ants-python`, default `/tmp/antsenv/bin/python`: `python -m venv /tmp/antsenv &&
 /tmp/antsenv/bin/pip install antspyx`), timing its registration call only. Then
 `tfreg register --pairs` registers the same pairs in one process (seconds per pair). Results:
-`benchmarks/results/bench_cli_vs_ants.json`.
+`benchmarks/results/bench_cli_vs_ants.json` (`..._accurate.json`).
 
 Results: a table on stdout and `benchmarks/results/bench_cli.json`.
 """
@@ -80,7 +82,8 @@ import json, sys, time
 import ants
 fixed, moving = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2])
 start = time.perf_counter()
-ants.registration(fixed, moving, type_of_transform="SyN")
+iterations = tuple(int(v) for v in sys.argv[3].split(",")) if len(sys.argv) > 3 else (40, 20, 0)
+ants.registration(fixed, moving, type_of_transform="SyN", reg_iterations=iterations)
 print(json.dumps({"registration_s": time.perf_counter() - start}))
 """
 
@@ -99,7 +102,12 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Complete
     return proc, wall, cpu
 
 
-def vs_ants(pair_ids: list[str], ants_python: str) -> None:
+#: ANTs SyN iterations compared with each tfreg preset (issue: fast vs antspyx's defaults,
+#: accurate vs SyN(100, 70, 50))
+ANTS_ITERATIONS = {"fast": "40,20,0", "accurate": "100,70,50"}
+
+
+def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None:
     """Whole `tfreg register` calls and a `--pairs` batch next to ANTs SyN (module docstring)."""
     import csv
 
@@ -125,9 +133,10 @@ def vs_ants(pair_ids: list[str], ants_python: str) -> None:
         for index, pid in enumerate(pair_ids):
             f = files[pid]
             tfreg_cmd = _tfreg("register", f["fixed"], f["moving"], "-o", str(work / pid),
-                               "--preset", "fast", "-q", "--fixed-labels", f["fixed_labels"],
+                               "--preset", preset, "-q", "--fixed-labels", f["fixed_labels"],
                                "--moving-labels", f["moving_labels"])
-            ants_cmd = [ants_python, "-c", ANTS_WORKER, f["fixed"], f["moving"]]
+            ants_cmd = [ants_python, "-c", ANTS_WORKER, f["fixed"], f["moving"],
+                        ANTS_ITERATIONS[preset]]
             order = [("tfreg", tfreg_cmd), ("ants", ants_cmd)]
             for name, cmd in (order if index % 2 == 0 else order[::-1]):
                 load = os.getloadavg()[0]
@@ -155,7 +164,7 @@ def vs_ants(pair_ids: list[str], ants_python: str) -> None:
                                                          "moving_labels")] + [pid])
         load = os.getloadavg()[0]
         batch_cmd = _tfreg("register", "--pairs", str(work / "pairs.csv"), "-o",
-                           str(work / "batch"), "--preset", "fast", "-q")
+                           str(work / "batch"), "--preset", preset, "-q")
         proc, wall, cpu = _timed(batch_cmd, env)
         rows.append({"pair": "all", "tool": "tfreg --pairs", "exit": proc.returncode,
                      "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
@@ -181,10 +190,12 @@ def vs_ants(pair_ids: list[str], ants_python: str) -> None:
     info = {"cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "note": "shared 2-core machine: see load_before; compare within the run",
+            "preset": preset, "ants_syn_iterations": ANTS_ITERATIONS[preset],
             "rows": rows, "summary": summary}
     from tfreg.io import atomic_path
 
-    with atomic_path(RESULTS / "bench_cli_vs_ants.json") as out:
+    name = "bench_cli_vs_ants.json" if preset == "fast" else f"bench_cli_vs_ants_{preset}.json"
+    with atomic_path(RESULTS / name) as out:
         out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
@@ -196,9 +207,12 @@ def main() -> None:
                         help="whole tfreg register calls and --pairs next to ANTs SyN")
     parser.add_argument("--pairs", default="01-02,03-04,05-06", help="with --vs-ants")
     parser.add_argument("--ants-python", default="/tmp/antsenv/bin/python", help="with --vs-ants")
+    parser.add_argument("--preset", default="fast", choices=sorted(ANTS_ITERATIONS),
+                        help="with --vs-ants: tfreg's preset; ANTs SyN runs antspyx's default "
+                             "iterations (40, 20, 0) against fast, (100, 70, 50) against accurate")
     args = parser.parse_args()
     if args.vs_ants:
-        vs_ants(args.pairs.split(","), args.ants_python)
+        vs_ants(args.pairs.split(","), args.ants_python, args.preset)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -87,3 +87,34 @@ def test_mind_registers_t2_to_t1_and_ncc_gets_the_hint(tmp_path):
     assert len(hints) == 1 and "--similarity mind" in hints[0]
     report = json.loads((out / "report.json").read_text())
     assert report["contrast"]["different_contrasts"] and hints[0] in report["warnings"]
+
+
+def _pool_half_numpy(x):
+    """Mean of voxels 2q-1, 2q, 2q+1 inside the volume, per axis (pool_half's definition)."""
+    for axis in range(x.ndim):
+        n = x.shape[axis]
+        rows = []
+        for q in range(-(-n // 2)):
+            lo, hi = max(2 * q - 1, 0), min(2 * q + 2, n)
+            rows.append(np.take(x, range(lo, hi), axis=axis).mean(axis=axis))
+        x = np.stack(rows, axis=axis)
+    return x
+
+
+def test_checks_on_coarsened_images_keep_their_verdicts():
+    fixed, moving, _, _ = _pair()
+    aligned = ndimage.gaussian_filter(T2[_pair()[2]], 0.7).astype(np.float32)
+    bad = np.roll(aligned, 6, axis=1)
+    # 32^3 voxels pooled once to 16^3: the measures are those of the pooled images
+    nmi_values, mind_values = contrast.measures(fixed, [moving, bad], max_voxels=16 ** 3)
+    small = [_pool_half_numpy(x.astype(np.float64)).astype(np.float32)
+             for x in (fixed, moving, bad)]
+    assert small[0].shape == (16, 16, 16)
+    full_nmi, full_mind = contrast.measures(small[0], small[1:], max_voxels=None)
+    np.testing.assert_allclose(nmi_values, full_nmi, rtol=1e-4)
+    np.testing.assert_allclose(mind_values, full_mind, rtol=1e-4)
+    assert abs(nmi_values[0] - contrast.nmi(fixed, moving)) > 1e-3  # the pooling happened
+    report = contrast.check(fixed, moving, bad, aligned, "ncc", max_voxels=16 ** 3)
+    assert report.worse_than_start and report.nmi_after < report.nmi_affine
+    good = contrast.check(fixed, moving, aligned, None, "mind", max_voxels=16 ** 3)
+    assert not good.worse_than_start and good.warnings == []

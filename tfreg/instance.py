@@ -582,6 +582,12 @@ def _precompile(stages: list, f_pyr: list, m_pyr: list, affine: tf.Tensor
         except Exception:  # noqa: BLE001 - the main thread's own call reports it
             return
 
+    # trace every stage's step here, in stage order, before any thread starts: the names
+    # TensorFlow gives traced functions come from a process-wide counter, and they are part of
+    # the persistent XLA cache's key (`tfreg.xla_cache`); traced concurrently, they would differ
+    # from process to process and the cache would miss
+    for _, lvl, _, _, _, opt in stages:
+        opt.step.get_concrete_function(tf.constant(0.0), f_pyr[lvl], m_pyr[lvl], affine)
     threads = {}
     for index, (_, lvl, _, _, _, opt) in enumerate(stages):
         if index == 0:

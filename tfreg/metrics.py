@@ -296,18 +296,21 @@ def simplex_determinants(disp) -> np.ndarray:
     shape = u.shape[:-1]
     padded = np.pad(u, [(1, 1)] * ndims + [(0, 0)], mode="edge")
 
-    def phi_minus_phi0(offset: tuple[int, ...]) -> np.ndarray:
+    simplices = _simplices(ndims)
+    edges = {}  # phi(x + e) - phi(x) per edge offset e, component by component: each once
+    for offset in sorted({e for simplex in simplices for e in simplex}):
         window = tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, shape))
-        return padded[window] - u + np.asarray(offset, np.float64)
-
-    dets = []
-    for edges in _simplices(ndims):
-        cols = [phi_minus_phi0(e) for e in edges]
+        edges[offset] = [padded[window + (c,)] - u[..., c] + offset[c] for c in range(ndims)]
+    dets = np.empty((*shape, len(simplices)), np.float64)
+    for k, simplex in enumerate(simplices):
+        a, b, *rest = (edges[e] for e in simplex)
         if ndims == 2:
-            dets.append(cols[0][..., 0] * cols[1][..., 1] - cols[0][..., 1] * cols[1][..., 0])
+            dets[..., k] = a[0] * b[1] - a[1] * b[0]
         else:
-            dets.append(np.einsum("...c,...c->...", cols[0], np.cross(cols[1], cols[2])))
-    return np.stack(dets, axis=-1)
+            c = rest[0]
+            dets[..., k] = (a[0] * (b[1] * c[2] - b[2] * c[1]) + a[1] * (b[2] * c[0] - b[0] * c[2])
+                            + a[2] * (b[0] * c[1] - b[1] * c[0]))
+    return dets
 
 
 def _mask(mask, shape: tuple[int, ...]) -> np.ndarray:
