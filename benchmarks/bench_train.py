@@ -107,7 +107,9 @@ def _run_setting(command: list[str], setting: str) -> dict:
     """One setting's result: its worker process, or for ``mw2`` two workers on a loopback
     cluster at once (the chief's row, with the larger peak memory of the two)."""
     if setting != "mw2":
-        return run_worker(command, env={"TF_CONFIG": ""})  # one process, whatever the shell has
+        # one process, whatever the shell has (an empty TF_CONFIG is not valid JSON for
+        # MirroredStrategy's cluster resolver)
+        return run_worker(command, env={"TF_CONFIG": None})
     from concurrent.futures import ThreadPoolExecutor
 
     from tfreg.engine import loopback_tf_configs

@@ -43,9 +43,10 @@ def machine() -> dict:
 
 def run_worker(command: list[str], marker: str = "RESULT ", env: dict | None = None) -> dict:
     """Run one measurement in a fresh process; its result is the JSON after the last line that
-    starts with `marker` on its stdout. On failure ``{"error": reason}`` (the signal when killed,
+    starts with `marker` on its stdout (``env``: variables to set, None to unset). On failure ``{"error": reason}`` (the signal when killed,
     e.g. by the kernel's out-of-memory killer, else the last line of stderr)."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}  # None: unset
     proc = subprocess.run(command, capture_output=True, text=True, env=full_env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
     if proc.returncode != 0 or not lines:

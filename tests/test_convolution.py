@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from gradcheck import check_directional_derivatives
 from tfreg.layers import Conv2D, Conv3D, conv_layer
+from tfreg.ops import convolution
 from tfreg.ops.convolution import MIN_VOXELS, _aligned_channels, conv, supports
 
 CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
@@ -37,8 +38,11 @@ def test_gradients_match_finite_differences(case):
                                   np.random.default_rng(1), n_dirs=3)
 
 
+@pytest.mark.parametrize("slab_bytes", [None, 1], ids=["one-slab", "plane-slabs"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
-def test_values_and_gradients_match_tensorflow(case):
+def test_values_and_gradients_match_tensorflow(case, slab_bytes, monkeypatch):
+    if slab_bytes is not None:  # the kernel gradient summed over one output plane at a time
+        monkeypatch.setattr(convolution, "SLAB_BYTES", slab_bytes)
     x, w = (tf.constant(a) for a in _inputs(case, seed=2))
     pad = case[1]
 
