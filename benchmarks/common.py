@@ -12,7 +12,8 @@ import resource
 import subprocess
 from pathlib import Path
 
-__all__ = ["RESULTS", "shape_arg", "peak_rss_gib", "machine", "run_worker", "write_report"]
+__all__ = ["RESULTS", "shape_arg", "peak_rss_gib", "machine", "run_worker", "write_report",
+           "mse_grad_step"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,3 +69,20 @@ def write_report(path: str | Path, report: dict, quiet: bool = False) -> Path:
     if not quiet:
         print(f"wrote {path}")
     return path
+
+
+def mse_grad_step(model, mse, grad, optimizer, field: str = "preint_flow"):
+    """One training step of a registration model taking ``{"moving", "fixed"}``: MSE of the
+    warped image + 0.01 Grad of ``outputs[field]``, one `optimizer` update; returns the loss
+    (a plain function: wrap it in ``tf.function`` to compile it)."""
+    import tensorflow as tf
+
+    def step(fixed, moving):
+        with tf.GradientTape() as tape:
+            out = model({"moving": moving, "fixed": fixed}, training=True)
+            loss = mse(fixed, out["warped"]) + 0.01 * grad(None, out[field])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return step

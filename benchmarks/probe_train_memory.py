@@ -132,14 +132,9 @@ def main() -> None:
         fixed = tf.constant(rng.random((1, *shape, 1), np.float32))
         moving = tf.constant(rng.random((1, *shape, 1), np.float32))
 
-        @tf.function
-        def step(f, m):
-            with tf.GradientTape() as tape:
-                out = model({"moving": m, "fixed": f}, training=True)
-                loss = mse(f, out["warped"]) + 0.01 * grad(None, out["preint_flow"])
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
+        from common import mse_grad_step
+
+        step = tf.function(mse_grad_step(model, mse, grad, optimizer))
 
         for i in range(args.steps):
             t0 = time.perf_counter()

@@ -79,15 +79,9 @@ def main() -> None:
     fixed = tf.constant(rng.random((1, *shape, 1), np.float32))
     moving = tf.constant(rng.random((1, *shape, 1), np.float32))
 
-    def step_fn(f, m):
-        with tf.GradientTape() as tape:
-            out = model({"moving": m, "fixed": f}, training=True)
-            loss = mse(f, out["warped"]) + 0.01 * grad(None, out["disp"])
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    from common import mse_grad_step
 
-    step = tf.function(step_fn)
+    step = tf.function(mse_grad_step(model, mse, grad, optimizer, field="disp"))
     ab = {}
     if args.ab_alignment:
         from tfreg.ops import convolution

@@ -133,14 +133,9 @@ def main() -> None:
 
     rows["MSE + Grad, fwd+bwd"] = _time(tf.function(losses), (fixed, moving, vel_half), args.steps)
 
-    def step(f, m):
-        with tf.GradientTape() as tape:
-            out = model({"moving": m, "fixed": f}, training=True)
-            loss = mse(f, out["warped"]) + 0.01 * grad(None, out["preint_flow"])
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    from common import mse_grad_step
 
+    step = mse_grad_step(model, mse, grad, optimizer)
     rows["whole step (default layers)"] = _time(tf.function(step), (fixed, moving), args.steps)
     width = max(len(k) for k in rows)
     print(f"{'part':{width}s}  wall s   cpu s   (load {os.getloadavg()[0]:.1f})")
