@@ -100,14 +100,10 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     fixed = tf.constant(rng.random((1, *shape, 1), np.float32))
     moving = tf.constant(rng.random((1, *shape, 1), np.float32))
 
-    @tf.function(jit_compile=jit)
-    def step(fixed, moving):
-        with tf.GradientTape() as tape:
-            out = model({"moving": moving, "fixed": fixed}, training=True)
-            loss = mse(fixed, out["warped"]) + 0.01 * grad(None, out[field_key])
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    from common import mse_grad_step
+
+    step = tf.function(mse_grad_step(model, mse, grad, optimizer, field=field_key),
+                       jit_compile=jit)
 
     times = []
     for _ in range(warmup + steps):

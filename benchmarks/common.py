@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 __all__ = ["RESULTS", "shape_arg", "peak_rss_gib", "machine", "run_worker", "write_report",
-           "mse_grad_step"]
+           "mse_grad_step", "layer_gradients"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,3 +86,15 @@ def mse_grad_step(model, mse, grad, optimizer, field: str = "preint_flow"):
         return loss
 
     return step
+
+
+def layer_gradients(layer, x):
+    """Gradients of ``sum(layer(x)^2)`` with respect to `x` and the layer's weights: one
+    layer's forward and backward pass, for per-layer timing and memory."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * y)
+    return tape.gradient(loss, [x, *layer.trainable_variables])

@@ -94,6 +94,7 @@ def main() -> None:
     from tfreg.config import method_defaults
     from tfreg.losses import MSE, Grad
     from tfreg.registry import discover
+    from common import layer_gradients
 
     if args.old_conv_gradients:
         _old_conv_gradients()
@@ -110,11 +111,7 @@ def main() -> None:
             x = tf.constant(rng.normal(0, 0.5, (1, *layer.input.shape[1:])).astype(np.float32))
 
             def both(x, layer=layer):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    y = layer(x)
-                    loss = tf.reduce_sum(y * y)
-                return tape.gradient(loss, [x, *layer.trainable_variables])
+                return layer_gradients(layer, x)
 
             for part, fn in (("forward", lambda x, layer=layer: tf.reduce_sum(layer(x))),
                              ("forward+backward", both)):

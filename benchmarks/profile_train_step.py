@@ -60,6 +60,7 @@ def main() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     from tfreg import layers
     from tfreg.config import method_defaults
+    from common import layer_gradients
     from tfreg.losses import MSE, Grad
     from tfreg.registry import discover
 
@@ -115,11 +116,7 @@ def main() -> None:
             x = tf.constant(rng.random((1, *layer.input.shape[1:]), np.float32))
 
             def one(x, layer=layer):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    y = layer(x)
-                    loss = tf.reduce_sum(y * y)
-                return tape.gradient(loss, [x, *layer.trainable_variables])
+                return layer_gradients(layer, x)
 
             size = "x".join(str(n) for n in layer.input.shape[1:-1])
             rows[f"  {layer.name} {size} {layer.input.shape[-1]}->{layer.filters}"] = _time(
