@@ -111,3 +111,22 @@ def test_gradients_match_finite_differences():
     check_directional_derivatives(
         lambda a, b: soft_argmax(local_correlation(a, b, 1, metric="ssd"), 1, 0.5),
         [f, m], rng, n_dirs=3)
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (6, 7, 5)])
+def test_box_smooth_is_the_mean_over_the_window_inside_the_grid(shape):
+    from scipy import ndimage
+
+    from tfreg.layers import BoxSmooth
+
+    x = np.random.default_rng(3).normal(size=(1, *shape, 2)).astype(np.float32)
+    expected = x[0]
+    count = ndimage.uniform_filter(np.ones(shape), 3, mode="constant")
+    for _ in range(2):  # two passes
+        expected = np.stack([ndimage.uniform_filter(expected[..., c].astype(np.float64), 3,
+                                                    mode="constant") / count
+                             for c in range(2)], axis=-1)
+    out = BoxSmooth(3, 2)(x).numpy()[0]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    constant = BoxSmooth(3, 2)(np.full((1, *shape, 1), 2.5, np.float32)).numpy()
+    np.testing.assert_allclose(constant, 2.5, rtol=1e-6)  # no darkening at the border

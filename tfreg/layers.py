@@ -42,7 +42,7 @@ from tfreg.ops.sampling import warp
 from tfreg.ops.correlation import (local_correlation as _local_correlation,
                                    soft_argmax as _soft_argmax, displacements as _displacements)
 from tfreg.ops.mind import mind_ssc as _mind_ssc
-from tfreg.ops.filters import box_sum as _box_sum
+from tfreg.ops.filters import box_mean as _box_mean
 
 __all__ = [
     "warp",
@@ -548,7 +548,7 @@ class SoftArgmax(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tfreg")
 class BoxSmooth(keras.layers.Layer):
-    """Mean over a ``window^N`` box, repeated `passes` times (`tfreg.ops.filters.box_sum`,
+    """Mean over a ``window^N`` box, repeated `passes` times (`tfreg.ops.filters.box_mean`,
     separable); voxels outside the grid are not counted, so a constant stays constant up to the
     border. No weights.
 
@@ -563,9 +563,8 @@ class BoxSmooth(keras.layers.Layer):
     def call(self, x):
         if self.passes == 0 or self.window == 1:
             return x
-        count = _box_sum(keras.ops.ones_like(x[..., :1]), self.window)
         for _ in range(self.passes):
-            x = _box_sum(x, self.window) / count
+            x = _box_mean(x, self.window, inside=True)
         return x
 
     def compute_output_shape(self, input_shape):

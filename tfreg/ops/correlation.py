@@ -24,6 +24,8 @@ import itertools
 import numpy as np
 import tensorflow as tf
 
+from tfreg.ops.filters import edge_pad, shifted
+
 __all__ = ["displacements", "local_correlation", "soft_argmax"]
 
 METRICS = ("dot", "ssd")
@@ -56,12 +58,8 @@ def _pad(x: tf.Tensor, radius: int, padding: str) -> tf.Tensor:
     ndims = len(x.shape) - 2
     if padding == "zero":
         return tf.pad(x, [[0, 0]] + [[radius, radius]] * ndims + [[0, 0]])
-    for d in range(ndims):
-        axis = d + 1
-        n = x.shape[axis]
-        first = tf.repeat(tf.gather(x, [0], axis=axis), radius, axis=axis)
-        last = tf.repeat(tf.gather(x, [n - 1], axis=axis), radius, axis=axis)
-        x = tf.concat([first, x, last], axis=axis)
+    for axis in range(1, ndims + 1):
+        x = edge_pad(x, axis, radius, radius)
     return x
 
 
@@ -90,17 +88,14 @@ def local_correlation(fixed: tf.Tensor, moving: tf.Tensor, radius: int, *, metri
     if padding not in PADDINGS:
         raise ValueError(f"`padding` must be one of {PADDINGS}. Received: padding={padding!r}")
     offsets = displacements(ndims, radius)
-    spatial = f.shape[1:-1]
     padded = _pad(m, int(radius), padding)
     costs = []
     for d in offsets:
-        index = (slice(None),) + tuple(slice(radius + int(o), radius + int(o) + n)
-                                        for o, n in zip(d, spatial)) + (slice(None),)
-        shifted = padded[index]
+        moved = shifted(padded, tuple(int(o) for o in d), int(radius))
         if metric == "dot":
-            costs.append(tf.reduce_mean(f * shifted, axis=-1))
+            costs.append(tf.reduce_mean(f * moved, axis=-1))
         else:
-            costs.append(-tf.reduce_mean(tf.square(f - shifted), axis=-1))
+            costs.append(-tf.reduce_mean(tf.square(f - moved), axis=-1))
     return tf.stack(costs, axis=-1)
 
 

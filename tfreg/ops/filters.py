@@ -1,4 +1,5 @@
-"""Spatial filters of channels-last arrays (2D and 3D): box sums, Gaussian smoothing, pyramid pooling.
+"""Spatial filters of channels-last arrays (2D and 3D): box sums, Gaussian smoothing, pyramid pooling,
+and the replicate padding and shifted crops that MIND-SSC and the cost volume are built from.
 
 All filters are separable (one 1-D pass per axis), use zero padding outside the array unless
 stated, work inside ``tf.function(jit_compile=True)`` and are differentiable. Periodic
@@ -14,7 +15,8 @@ import tensorflow as tf
 
 from tfreg.ops._checks import ndims_of, window
 
-__all__ = ["box_sum", "box_mean", "box_gaussian", "gaussian", "gaussian_kernel", "pool_half"]
+__all__ = ["box_sum", "box_mean", "box_gaussian", "gaussian", "gaussian_kernel", "pool_half",
+           "edge_pad", "shifted"]
 
 
 def _avg_pool(x: tf.Tensor, ksize: list[int], strides: list[int]) -> tf.Tensor:
@@ -55,9 +57,13 @@ def box_sum(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
     return x
 
 
-def box_mean(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
-    """`box_sum` divided by the window size (zero padding counts as zeros)."""
+def box_mean(x: tf.Tensor, win: int | Sequence[int], inside: bool = False) -> tf.Tensor:
+    """`box_sum` divided by the window size (zero padding counts as zeros), or with `inside` by
+    the number of the window's voxels inside the array (a constant stays constant up to the
+    border)."""
     ndims = ndims_of(x, "x")
+    if inside:
+        return box_sum(x, win) / box_sum(tf.ones_like(x[..., :1]), win)
     return box_sum(x, win) * (1.0 / float(np.prod(window(win, ndims))))
 
 
@@ -153,3 +159,27 @@ def pool_half(x: tf.Tensor) -> tf.Tensor:
     ones = tf.ones_like(x[:1, ..., :1])
     count = _avg_pool(tf.pad(ones, paddings), ksize, strides)
     return total / count
+
+
+def edge_pad(x: tf.Tensor, axis: int, before: int, after: int) -> tf.Tensor:
+    """`x` `(batch, *spatial, C)` extended along `axis` by repeating its first slice `before`
+    times and its last slice `after` times (replicate padding)."""
+    n = x.shape[axis]
+    parts = []
+    if before:
+        parts.append(tf.repeat(tf.gather(x, [0], axis=axis), before, axis=axis))
+    parts.append(x)
+    if after:
+        parts.append(tf.repeat(tf.gather(x, [n - 1], axis=axis), after, axis=axis))
+    return tf.concat(parts, axis=axis) if len(parts) > 1 else x
+
+
+def shifted(x: tf.Tensor, offset: tuple[int, ...], pad: int) -> tf.Tensor:
+    """``x(p + offset)`` on the unpadded grid, from `x` padded by `pad` voxels on every side of
+    every spatial axis (a crop; ``|offset| <= pad`` per axis)."""
+    index = [slice(None)]
+    for d, o in enumerate(offset):
+        n = x.shape[d + 1] - 2 * pad
+        index.append(slice(pad + o, pad + o + n))
+    index.append(slice(None))
+    return x[tuple(index)]

@@ -28,6 +28,8 @@ import itertools
 import numpy as np
 import tensorflow as tf
 
+from tfreg.ops.filters import edge_pad, shifted
+
 __all__ = ["ssc_pairs", "gaussian_kernel", "mind_ssc", "mind_distance"]
 
 
@@ -58,28 +60,6 @@ def gaussian_kernel(sigma: float, truncate: float = 2.0) -> np.ndarray:
     return (kernel / kernel.sum()).astype(np.float32)
 
 
-def _edge_pad(x: tf.Tensor, axis: int, before: int, after: int) -> tf.Tensor:
-    """Repeat the first/last slice along `axis` (replicate padding)."""
-    n = x.shape[axis]
-    parts = []
-    if before:
-        parts.append(tf.repeat(tf.gather(x, [0], axis=axis), before, axis=axis))
-    parts.append(x)
-    if after:
-        parts.append(tf.repeat(tf.gather(x, [n - 1], axis=axis), after, axis=axis))
-    return tf.concat(parts, axis=axis) if len(parts) > 1 else x
-
-
-def _shift(x: tf.Tensor, offset: tuple[int, ...], pad: int) -> tf.Tensor:
-    """``x(p + offset)`` from an array padded by `pad` voxels per side (crop of the padded one)."""
-    index = [slice(None)]
-    for d, o in enumerate(offset):
-        n = x.shape[d + 1] - 2 * pad
-        index.append(slice(pad + o, pad + o + n))
-    index.append(slice(None))
-    return x[tuple(index)]
-
-
 def _gaussian_filter(x: tf.Tensor, sigma: float, truncate: float) -> tf.Tensor:
     """Separable Gaussian filter of each channel of `(B, *S, C)`, nearest-border padding.
 
@@ -92,7 +72,7 @@ def _gaussian_filter(x: tf.Tensor, sigma: float, truncate: float) -> tf.Tensor:
     for d in range(ndims):
         axis = d + 1
         n = x.shape[axis]
-        padded = _edge_pad(x, axis, radius, radius)
+        padded = edge_pad(x, axis, radius, radius)
         index = [slice(None)] * (ndims + 2)
         out = None
         for i, weight in enumerate(kernel):
@@ -133,11 +113,11 @@ def mind_ssc(image: tf.Tensor, sigma: float = 0.8, dilation: int = 2,
         x = tf.reduce_mean(x, axis=-1, keepdims=True)
     padded = x
     for d in range(ndims):
-        padded = _edge_pad(padded, d + 1, dilation, dilation)
+        padded = edge_pad(padded, d + 1, dilation, dilation)
     diffs = []
     for a, b in ssc_pairs(ndims):
-        sa = _shift(padded, tuple(dilation * v for v in a), dilation)
-        sb = _shift(padded, tuple(dilation * v for v in b), dilation)
+        sa = shifted(padded, tuple(dilation * v for v in a), dilation)
+        sb = shifted(padded, tuple(dilation * v for v in b), dilation)
         diffs.append(tf.square(sa - sb))
     dist = _gaussian_filter(tf.concat(diffs, axis=-1), sigma, truncate)
     dist = dist - tf.reduce_min(dist, axis=-1, keepdims=True)
