@@ -12,8 +12,12 @@ of that call alone is seen (``ru_maxrss`` only gives the process's lifetime maxi
 gradient over the whole padded volume at once, input gradient through a padded copy of the
 output gradient), for the A/B of `tfreg.ops.convolution`'s slabs.
 
+``--recompute`` builds the model with ``model.recompute: true``. With
+``TF_CPU_ALLOCATOR_USE_BFC=true`` in the environment each step also reports the peak of
+TensorFlow's CPU allocator (the tensors alone, without the C allocator's retained pages).
+
 Usage: ``python benchmarks/probe_train_memory.py --shape 160x192x224 --mode layers|step
-[--steps 1] [--only NAME,...] [--old-conv-gradients]``; one line per measurement, and a JSON
+[--steps 1] [--only NAME,...] [--old-conv-gradients] [--recompute]``; one line per measurement, and a JSON
 report (``--json``, default ``benchmarks/results/probe_train_memory.json``).
 """
 from __future__ import annotations
@@ -96,6 +100,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated layer names (layers mode)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--old-conv-gradients", action="store_true")
+    parser.add_argument("--recompute", action="store_true",
+                        help="model.recompute: true (integration recomputed in the backward pass)")
     parser.add_argument("--json", default=str(HERE / "results" / "probe_train_memory.json"))
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split("x"))
@@ -113,7 +119,9 @@ def main() -> None:
     if args.old_conv_gradients:
         _old_conv_gradients()
     method = discover().get("voxelmorph").method
-    model = method.build_model(method_defaults(method), shape)
+    config = method_defaults(method)
+    config["model"]["recompute"] = args.recompute
+    model = method.build_model(config, shape)
     rng = np.random.default_rng(0)
     rows = []
     if args.mode == "layers":
@@ -164,6 +172,7 @@ def main() -> None:
     with atomic_path(args.json) as out:
         out.write_text(json.dumps({"shape": list(shape), "mode": args.mode,
                                    "old_conv_gradients": args.old_conv_gradients,
+                                   "recompute": args.recompute,
                                    "rows": rows}, indent=2) + "\n")
 
 

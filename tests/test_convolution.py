@@ -62,6 +62,27 @@ def test_values_and_gradients_match_tensorflow(case, slab_bytes, monkeypatch):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+def test_bias_value_and_gradients_match_tensorflow(case):
+    x, w = (tf.constant(a) for a in _inputs(case, seed=5))
+    b = tf.constant(np.random.default_rng(6).normal(size=case[3][1]))
+    pad = case[1]
+
+    def value_and_grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w, b])
+            y = fn(x, w, b)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        return [y, *tape.gradient(loss, [x, w, b])]
+
+    ours = tf.function(lambda: value_and_grads(lambda x, w, b: conv(x, w, pad, bias=b)))()
+    theirs = tf.function(lambda: value_and_grads(
+        lambda x, w, b: tf.nn.convolution(x, w, padding=pad.upper()) + b))()
+    for a, e in zip(ours, theirs):
+        assert a.shape == e.shape
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-10, atol=1e-10)
+
+
 def test_float32_kernel_gradient_in_a_compiled_function():
     x, w = (tf.constant(a, tf.float32) for a in _inputs(CASES[0], seed=3))
 
@@ -116,8 +137,9 @@ def test_layers_match_keras_and_round_trip(ndims, tmp_path):
     for layer in (ours, theirs):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(x) ** 2)
-        grads.append(tape.gradient(loss, layer.kernel))
-    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-3)
+        grads.append(tape.gradient(loss, [layer.kernel, layer.bias]))
+    for ours_grad, their_grad in zip(*grads):
+        np.testing.assert_allclose(ours_grad, their_grad, rtol=1e-4, atol=1e-3)
     # strided: falls back to Keras' convolution
     strided = conv_layer(ndims)(3, 3, strides=2, padding="same")
     assert strided(x).shape == (1, *([(side + 1) // 2] * ndims), 3)

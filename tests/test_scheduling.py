@@ -20,7 +20,8 @@ NO_COPY = {"Identity", "IdentityN", "Reshape", "Placeholder", "NoOp"}
 
 
 def _net(x, k1, k2):
-    return leaky_relu(conv(leaky_relu(conv(x, k1)), k2, "valid"))
+    bias = tf.linspace(-1.0, 1.0, 5)
+    return leaky_relu(conv(leaky_relu(conv(x, k1, bias=bias)), k2, "valid"))
 
 
 def _specs():
@@ -62,7 +63,7 @@ def test_gradient_ops_wait_for_the_incoming_gradient():
     traced = tf.function(backward).get_concrete_function(*_specs(), g_spec).graph
     g_op = [op.name for op in traced.get_operations() if op.type == "Placeholder"][-1]
     assert _large_ops(traced, g_op) == _large_ops(forward)
-    assert _large_ops(forward)["Conv3D"] == 2
+    assert _large_ops(forward)["Conv3D"] == 2 and _large_ops(forward)["AddV2"] == 1
 
 
 def test_after_is_the_value_itself():

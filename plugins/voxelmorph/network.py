@@ -63,6 +63,9 @@ class Architecture:
         bidir: also output the inverse warp of the fixed image.
         fill_value: None = nearest-border outside the moving image; a number = constant.
         probabilistic: mean and log-variance heads, a sampled velocity when training.
+        recompute: the integration layers recompute each squaring in the backward pass instead
+            of keeping its interpolation intermediates (``VecInt(recompute=True)``): same
+            values and gradients, less memory in training.
     """
 
     enc_features: tuple[int, ...]
@@ -76,6 +79,7 @@ class Architecture:
     fill_value: float | None
     probabilistic: bool = False
     matching: str = "unet"
+    recompute: bool = False
 
     @property
     def levels(self) -> int:
@@ -165,6 +169,9 @@ def architecture(config: Mapping[str, Any]) -> Architecture:
     if probabilistic and int_steps == 0:
         raise ConfigError("model.probabilistic: the probabilistic model samples a velocity "
                           "field; it needs int_steps > 0")
+    recompute = model.get("recompute", False)
+    if not isinstance(recompute, bool):
+        raise ConfigError(f"model.recompute: expected true or false, got {recompute!r}")
     matching = model.get("matching", "unet")
     if matching not in MATCHINGS:
         raise ConfigError(f"model.matching: expected one of {', '.join(MATCHINGS)}, got {matching!r}")
@@ -176,7 +183,7 @@ def architecture(config: Mapping[str, Any]) -> Architecture:
             raise ConfigError("model.matching: correlation has no bidir or probabilistic "
                               "variant; set model.bidir and model.probabilistic to false")
     return Architecture(enc, dec, per_level, variant, int_steps, int_res, svf_res, bidir,
-                        None if fill is None else float(fill), probabilistic, matching)
+                        None if fill is None else float(fill), probabilistic, matching, recompute)
 
 
 def divisor(arch: Architecture) -> int:
@@ -335,7 +342,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
 
     pos = flow
     if arch.int_steps > 0:
-        pos = VecInt(arch.int_steps, name="flow_int")(pos)
+        pos = VecInt(arch.int_steps, recompute=arch.recompute, name="flow_int")(pos)
     pos = _resize_to(pos, shape[0], "diffflow")
     warped = SpatialTransformer("linear", arch.fill_value, name="transformer")([moving, pos])
     outputs.update(warped=warped, disp=pos, preint_flow=preint_flow)
@@ -343,7 +350,7 @@ def build(config: Mapping[str, Any], inshape: Sequence[int]) -> keras.Model:
     if arch.bidir:
         neg = keras.layers.Rescaling(-1.0, name="neg_flow", dtype="float32")(flow)
         if arch.int_steps > 0:
-            neg = VecInt(arch.int_steps, name="neg_flow_int")(neg)
+            neg = VecInt(arch.int_steps, recompute=arch.recompute, name="neg_flow_int")(neg)
         neg = _resize_to(neg, shape[0], "neg_diffflow")
         warped_fixed = SpatialTransformer("linear", arch.fill_value,
                                           name="neg_transformer")([fixed, neg])

@@ -166,29 +166,47 @@ def _taps(xp: tf.Tensor, g: tf.Tensor, ks: list[int], cin_rows: int, half: bool)
     return tf.stack(taps)
 
 
-def conv(x: tf.Tensor, kernel: tf.Tensor, padding: str = "same") -> tf.Tensor:
-    """Stride-1 correlation of ``x`` (B, *S, C_in) with ``kernel`` (*K, C_in, C_out).
+def conv(x: tf.Tensor, kernel: tf.Tensor, padding: str = "same",
+         bias: tf.Tensor | None = None) -> tf.Tensor:
+    """Stride-1 correlation of ``x`` (B, *S, C_in) with ``kernel`` (*K, C_in, C_out), plus
+    ``bias`` (C_out,) when given.
 
     ``padding``: "same" (odd kernels) or "valid". Returns (B, *S', C_out), the same values as
-    `tf.nn.convolution`; only the gradients are computed differently (see the module docstring).
+    `tf.nn.convolution` (+ ``bias``); only the gradients are computed differently (see the module
+    docstring). The bias is part of the op so that its gradient (a sum of the output gradient)
+    is taken before the others, and the output gradient is not held for it.
     """
     padding = padding.lower()
     ndims = len(kernel.shape) - 2
     if not supports(ndims, kernel.shape[:ndims], [1] * ndims, [1] * ndims, padding):
         raise ValueError(f"tfreg.ops.conv: unsupported kernel {kernel.shape} with padding {padding!r}")
 
+    def gradients(x, kernel, g):
+        # In a graph the executor would otherwise pad x during the forward pass and put
+        # off the kernel gradient's products while the input gradients run on down the
+        # network, keeping every layer's padded input and output gradient alive at once:
+        # the kernel gradient starts when g exists and finishes before the input gradient.
+        dkernel = _kernel_grad(after(g, x), g, kernel.shape, padding)
+        return _input_grad(after(dkernel, g), kernel, padding), dkernel
+
+    if bias is None:
+        @tf.custom_gradient
+        def _conv(x, kernel):
+            return (tf.nn.convolution(x, kernel, padding=padding.upper()),
+                    lambda g: gradients(x, kernel, g))
+
+        # variables are read first: the custom gradient then sees tensors only
+        return _conv(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel))
+
     @tf.custom_gradient
-    def _conv(x, kernel):
-        y = tf.nn.convolution(x, kernel, padding=padding.upper())
+    def _conv_bias(x, kernel, bias):
+        y = tf.nn.convolution(x, kernel, padding=padding.upper()) + bias
 
         def grad(g):
-            # In a graph the executor would otherwise pad x during the forward pass and put
-            # off the kernel gradient's products while the input gradients run on down the
-            # network, keeping every layer's padded input and output gradient alive at once:
-            # the kernel gradient starts when g exists and finishes before the input gradient.
-            dkernel = _kernel_grad(after(g, x), g, kernel.shape, padding)
-            return _input_grad(after(dkernel, g), kernel, padding), dkernel
+            dbias = tf.reduce_sum(g, axis=list(range(ndims + 1)))
+            dx, dkernel = gradients(x, kernel, after(dbias, g))
+            return dx, dkernel, dbias
         return y, grad
 
-    # variables are read first: the custom gradient then sees tensors only
-    return _conv(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel))
+    return _conv_bias(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel),
+                      tf.convert_to_tensor(bias))
