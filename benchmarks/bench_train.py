@@ -16,6 +16,8 @@ synthetic phantoms through `tfreg.engine.train`, one sample per replica:
 * ``gpu1``: the first GPU, batch 1 (only where TensorFlow sees a GPU);
 * ``gpu1-xla``: the same with ``train.jit_compile: true``.
 
+``--method NAME`` trains another plugin with its default config the same way (e.g. the cascade).
+
 Reported per setting: seconds per step and steps/s over the timed steps (after `--warmup` steps
 that include tracing), samples/s, the first step's time (tracing + first batch), peak resident
 memory of the process (``ru_maxrss``) and, on GPU, TensorFlow's peak GPU memory.
@@ -25,6 +27,7 @@ Usage::
     python benchmarks/bench_train.py                              # 96x112x96, cpu1 + cpu2
     python benchmarks/bench_train.py --shapes 96x112x96,160x192x224 --settings cpu1,cpu2
     python benchmarks/bench_train.py --settings gpu1,gpu1-xla --steps 20
+    python benchmarks/bench_train.py --method cascade --shapes 160x192x224 --settings cpu1
 
 Results: a table on stdout and ``benchmarks/results/bench_train.json`` (``--json`` to change).
 """
@@ -70,7 +73,7 @@ def worker(args: argparse.Namespace) -> dict:
     from tfreg.engine import train
     from tfreg.registry import discover
 
-    loaded = discover().get("voxelmorph")
+    loaded = discover().get(args.method)
     config = method_defaults(loaded.method)
     replicas = strategy.num_replicas_in_sync
     config["train"].update({
@@ -133,6 +136,8 @@ def main() -> None:
                         help=f"comma-separated settings among {', '.join(SETTINGS)}")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (tracing)")
+    parser.add_argument("--method", default="voxelmorph",
+                        help="plugin trained with its default config (default voxelmorph)")
     parser.add_argument("--json", default=str(HERE / "results" / "bench_train.json"),
                         help="where to write the results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -163,7 +168,7 @@ def main() -> None:
                 started = time.perf_counter()
                 command = [sys.executable, __file__, "--worker", "--setting", setting, "--shape",
                            text, "--data", str(spec), "--steps", str(args.steps), "--warmup",
-                           str(args.warmup)]
+                           str(args.warmup), "--method", args.method]
                 row = _run_setting(command, setting)
                 if "error" in row:
                     print(f"{text} {setting}: failed ({row['error']})", flush=True)
@@ -177,7 +182,7 @@ def main() -> None:
                       + (f"  peak GPU {row['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in row
                          else ""), flush=True)
 
-    report = {"benchmark": "bench_train", "method": "voxelmorph (default config)",
+    report = {"benchmark": "bench_train", "method": f"{args.method} (default config)",
               "machine": machine(), "warmup_steps": args.warmup, "results": results}
     write_report(args.json, report)
 

@@ -35,7 +35,8 @@ from tfreg.ops._checks import (ALIGNS as _ALIGNS, ROUNDINGS as _ROUNDINGS,
                                check_steps as _check_steps)
 from tfreg.ops.compile_cache import check_jit as _check_jit
 from tfreg.ops.activations import leaky_relu as _leaky_relu
-from tfreg.ops.convolution import conv as _conv, supports as _conv_supported
+from tfreg.ops.convolution import (conv as _conv, in_xla_compilation as _in_xla_compilation,
+                                   supports as _conv_supported)
 from tfreg.ops.fields import (affine_to_disp, compose, compose_affine, integrate_svf, is_affine,
                               rescale_field, resize, resize_field, resized_shape as _out_shape)
 from tfreg.ops.sampling import warp
@@ -590,14 +591,15 @@ class _FastGradientConv:
 
     The forward values, the weights (``kernel``, ``bias``) and the config are those of the
     Keras layer, so models, ``.h5`` imports and saved files are unchanged; other strides,
-    dilations, groups, ``channels_first`` or volumes below `tfreg.ops.convolution.MIN_VOXELS`
-    voxels fall back to Keras' convolution.
+    dilations, groups, ``channels_first``, volumes below `tfreg.ops.convolution.MIN_VOXELS`
+    voxels and functions being XLA-compiled (`tfreg.ops.convolution.in_xla_compilation`) fall
+    back to Keras' convolution.
     """
 
     def _fast(self, inputs) -> bool:
         return self.data_format == "channels_last" and _conv_supported(
             self.rank, self.kernel_size, self.strides, self.dilation_rate, self.padding,
-            self.groups, spatial_shape=inputs.shape[1:-1])
+            self.groups, spatial_shape=inputs.shape[1:-1]) and not _in_xla_compilation()
 
     def call(self, inputs):
         if not self._fast(inputs):

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from tfreg.ops.scheduling import after
 
-__all__ = ["conv", "supports", "MIN_VOXELS"]
+__all__ = ["conv", "supports", "in_xla_compilation", "MIN_VOXELS"]
 
 #: byte alignment under which TensorFlow shares a first-axis slice's buffer (Eigen's maximum)
 ALIGN_BYTES = 64
@@ -61,6 +61,20 @@ def supports(ndims: int, kernel_size: Sequence[int], strides: Sequence[int],
     return (ndims in (2, 3) and groups == 1 and padding in ("same", "valid") and not small
             and all(int(s) == 1 for s in strides) and all(int(d) == 1 for d in dilation_rate)
             and (padding == "valid" or all(int(k) % 2 == 1 for k in kernel_size)))
+
+
+def in_xla_compilation() -> bool:
+    """Whether ops are being traced into an XLA-compiled function (``jit_compile=True``, also
+    through enclosing functions).
+
+    XLA drops control dependencies and copies every shifted slice, so `conv`'s kernel gradient
+    would hold one padded copy of the input per kernel tap for every layer at once (a 92 GiB
+    buffer for the default VoxelMorph step at 160x192x224); XLA's own convolution gradients do
+    without. `tfreg.layers.Conv2D`/`Conv3D` use TensorFlow's convolution there.
+    """
+    from tensorflow.python.ops import control_flow_util  # no public equivalent
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def _pads(kernel_shape: Sequence[int], padding: str) -> list[int]:
