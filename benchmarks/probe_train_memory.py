@@ -12,12 +12,14 @@ of that call alone is seen (``ru_maxrss`` only gives the process's lifetime maxi
 gradient over the whole padded volume at once, input gradient through a padded copy of the
 output gradient), for the A/B of `tfreg.ops.convolution`'s slabs.
 
-``--recompute`` builds the model with ``model.recompute: true``. With
+``--recompute`` builds the model with ``model.recompute: true``; ``--jit`` XLA-compiles the step
+(``--fast-conv-in-xla``: with tfreg's convolution gradients inside XLA, as before 2026-12-01). With
 ``TF_CPU_ALLOCATOR_USE_BFC=true`` in the environment each step also reports the peak of
 TensorFlow's CPU allocator (the tensors alone, without the C allocator's retained pages).
 
 Usage: ``python benchmarks/probe_train_memory.py --shape 160x192x224 --mode layers|step
-[--steps 1] [--only NAME,...] [--old-conv-gradients] [--recompute]``; one line per measurement, and a JSON
+[--steps 1] [--only NAME,...] [--old-conv-gradients] [--recompute] [--jit
+[--fast-conv-in-xla]]``; one line per measurement, and a JSON
 report (``--json``, default ``benchmarks/results/probe_train_memory.json``).
 """
 from __future__ import annotations
@@ -100,6 +102,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated layer names (layers mode)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--old-conv-gradients", action="store_true")
+    parser.add_argument("--jit", action="store_true", help="XLA-compile the whole step")
+    parser.add_argument("--fast-conv-in-xla", action="store_true",
+                        help="with --jit: keep tfreg's convolution gradients inside XLA (the "
+                             "behaviour before 2026-12-01) instead of XLA's own")
     parser.add_argument("--recompute", action="store_true",
                         help="model.recompute: true (integration recomputed in the backward pass)")
     parser.add_argument("--json", default=str(HERE / "results" / "probe_train_memory.json"))
@@ -118,6 +124,10 @@ def main() -> None:
 
     if args.old_conv_gradients:
         _old_conv_gradients()
+    if args.fast_conv_in_xla:
+        import tfreg.layers
+
+        tfreg.layers._in_xla_compilation = lambda: False
     method = discover().get("voxelmorph").method
     config = method_defaults(method)
     config["model"]["recompute"] = args.recompute
@@ -153,7 +163,7 @@ def main() -> None:
 
         from common import mse_grad_step
 
-        step = tf.function(mse_grad_step(model, mse, grad, optimizer))
+        step = tf.function(mse_grad_step(model, mse, grad, optimizer), jit_compile=args.jit)
 
         for i in range(args.steps):
             t0 = time.perf_counter()
@@ -172,7 +182,8 @@ def main() -> None:
     with atomic_path(args.json) as out:
         out.write_text(json.dumps({"shape": list(shape), "mode": args.mode,
                                    "old_conv_gradients": args.old_conv_gradients,
-                                   "recompute": args.recompute,
+                                   "recompute": args.recompute, "jit": args.jit,
+                                   "fast_conv_in_xla": args.fast_conv_in_xla,
                                    "rows": rows}, indent=2) + "\n")
 
 
