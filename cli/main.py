@@ -158,7 +158,8 @@ def main() -> None:
                     pass
             os._exit(done.code)
         code = 0 if done.code is None else done.code
-        if isinstance(code, int) and "tensorflow" in sys.modules:
+        # (not under a profiler: it writes its results after the interpreter's own exit)
+        if isinstance(code, int) and "tensorflow" in sys.modules and sys.getprofile() is None:
             lean_start.exit_now(code)
         raise
 

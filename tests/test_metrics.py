@@ -147,6 +147,12 @@ def test_hd95_matches_brute_force_on_blobs(shape, spacing):
     assert sorted(got) == [1, 2]
     for lab in (1, 2):
         assert got[lab] == pytest.approx(_brute_force_hd(a == lab, b == lab, spacing), rel=1e-9)
+    # several voxel sizes at once (the report's mm and voxels)
+    in_mm, in_voxels = metrics.hd95_spacings(a, b, [spacing, 1.0])
+    for lab in (1, 2):
+        assert in_mm[lab] == got[lab]
+        assert in_voxels[lab] == pytest.approx(
+            _brute_force_hd(a == lab, b == lab, (1.0,) * a.ndim), rel=1e-9)
 
 
 def test_hd95_small_labels_far_apart_match_brute_force():
