@@ -80,11 +80,22 @@ def _report_runtime(work: Path, name: str) -> float | None:
 ANTS_WORKER = """
 import json, sys, time
 import ants
+import numpy as np
 fixed, moving = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2])
 start = time.perf_counter()
 iterations = tuple(int(v) for v in sys.argv[3].split(",")) if len(sys.argv) > 3 else (40, 20, 0)
-ants.registration(fixed, moving, type_of_transform="SyN", reg_iterations=iterations)
-print(json.dumps({"registration_s": time.perf_counter() - start}))
+result = ants.registration(fixed, moving, type_of_transform="SyN", reg_iterations=iterations)
+seconds = time.perf_counter() - start
+out = {"registration_s": seconds}
+if len(sys.argv) > 5:  # label maps: mean Dice over the fixed map's labels (as tfreg reports it)
+    fixed_labels = ants.image_read(sys.argv[4]).numpy().astype(int)
+    warped = ants.apply_transforms(fixed, ants.image_read(sys.argv[5]), result["fwdtransforms"],
+                                   interpolator="genericLabel").numpy().astype(int)
+    dice = [2.0 * np.sum((fixed_labels == k) & (warped == k))
+            / (np.sum(fixed_labels == k) + np.sum(warped == k))
+            for k in np.unique(fixed_labels) if k != 0]
+    out["dice"] = float(np.mean(dice))
+print(json.dumps(out))
 """
 
 
@@ -136,7 +147,7 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
                                "--preset", preset, "-q", "--fixed-labels", f["fixed_labels"],
                                "--moving-labels", f["moving_labels"])
             ants_cmd = [ants_python, "-c", ANTS_WORKER, f["fixed"], f["moving"],
-                        ANTS_ITERATIONS[preset]]
+                        ANTS_ITERATIONS[preset], f["fixed_labels"], f["moving_labels"]]
             order = [("tfreg", tfreg_cmd), ("ants", ants_cmd)]
             for name, cmd in (order if index % 2 == 0 else order[::-1]):
                 load = os.getloadavg()[0]
@@ -150,8 +161,10 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
                         row.update(runtime_s=data["runtime_seconds"], dice=data.get("mean_dice"),
                                    cache="cold" if index == 0 else "warm")
                 elif proc.returncode == 0:
-                    row["registration_s"] = round(json.loads(
-                        proc.stdout.strip().splitlines()[-1])["registration_s"], 2)
+                    done = json.loads(proc.stdout.strip().splitlines()[-1])
+                    row["registration_s"] = round(done["registration_s"], 2)
+                    if "dice" in done:
+                        row["dice"] = round(done["dice"], 5)
                 else:
                     row["error"] = proc.stderr.strip().splitlines()[-1:]
                 rows.append(row)
@@ -172,7 +185,8 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
                      "output": proc.stdout.strip().splitlines()[-2:]})
         print(json.dumps(rows[-1]), flush=True)
     summary = {}
-    for tool, key in (("tfreg", "wall_s"), ("ants", "registration_s")):
+    for tool, key in (("tfreg", "wall_s"), ("ants", "registration_s"), ("tfreg", "dice"),
+                      ("ants", "dice")):
         values = [r[key] for r in rows if r["tool"] == tool and key in r]
         summary[f"{tool} mean {key}"] = round(float(np.mean(values)), 2) if values else None
     warm = [r["wall_s"] for r in rows if r.get("cache") == "warm"]
