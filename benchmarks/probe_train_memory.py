@@ -55,6 +55,20 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_gib())
 
 
+def _tensor_peak_gib(reset: bool = False) -> float | None:
+    """Peak bytes of TensorFlow's CPU allocator since the last reset (GiB), when it keeps
+    statistics (``TF_CPU_ALLOCATOR_USE_BFC=true``); else None."""
+    import tensorflow as tf
+
+    try:
+        if reset:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            return None
+        return round(tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30, 2)
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        return None
+
+
 def _old_conv_gradients() -> None:
     import tensorflow as tf
 
@@ -135,12 +149,16 @@ def main() -> None:
 
         for i in range(args.steps):
             t0 = time.perf_counter()
+            tensors = _tensor_peak_gib(reset=True)
             with PeakRSS() as p:
                 float(step(fixed, moving))
+            tensors = _tensor_peak_gib()
             rows.append({"step": i, "s": round(time.perf_counter() - t0, 1),
-                         "base_gib": round(p.base, 2), "peak_gib": round(p.peak, 2)})
-            print(f"step {i}: {rows[-1]['s']} s, peak {p.peak:.2f} GiB (base {p.base:.2f})",
-                  flush=True)
+                         "base_gib": round(p.base, 2), "peak_gib": round(p.peak, 2),
+                         "tensor_peak_gib": tensors})
+            extra = "" if tensors is None else f", tensors' peak {tensors:.2f} GiB"
+            print(f"step {i}: {rows[-1]['s']} s, peak {p.peak:.2f} GiB (base {p.base:.2f})"
+                  f"{extra}", flush=True)
     from tfreg.io import atomic_path
 
     with atomic_path(args.json) as out:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfreg.ops.scheduling import after
+
 __all__ = ["leaky_relu"]
 
 
@@ -27,7 +29,7 @@ def leaky_relu(z: tf.Tensor, slope: float = 0.2) -> tf.Tensor:
         y = tf.maximum(z, tf.constant(slope, z.dtype) * z)  # slope <= 1
 
         def grad(g):
-            return g * tf.where(y > 0, tf.ones((), g.dtype), tf.constant(slope, g.dtype))
+            return g * tf.where(after(g, y) > 0, tf.ones((), g.dtype), tf.constant(slope, g.dtype))
         return y, grad
 
     return _leaky(tf.convert_to_tensor(z))

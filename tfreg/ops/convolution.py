@@ -22,6 +22,13 @@ one-product-per-tap form costs more than TensorFlow's single kernel (24^3, 8 cha
 against 0.054 s), so `supports` declines inputs below `MIN_VOXELS` voxels. Under mixed precision
 the kernel gradient's products accumulate in float32.
 Values match TensorFlow's own gradients to float32 rounding (tests/test_convolution.py).
+
+In a traced step the gradient's work is ordered with `tfreg.ops.scheduling.after`: the padded
+input is made only once the output gradient exists, the kernel gradient's slabs and taps run one
+after the other, and the input gradient waits for the kernel gradient. Without this the
+executor padded every layer's input during the forward pass and postponed the kernel gradients
+while the input gradients ran on down the network: at 160x192x224 the default VoxelMorph
+training step peaked at 13.9 GiB resident, with it at 8.8 GiB (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from tfreg.ops.scheduling import after
 
 __all__ = ["conv", "supports", "MIN_VOXELS"]
 
@@ -115,7 +124,8 @@ def _kernel_grad(x: tf.Tensor, g: tf.Tensor, kernel_shape: Sequence[int],
             b = min(out0, a + planes)
             # output planes [a, b) read padded planes [a, b + k0 - 1), i.e. x planes [lo, hi)
             lo, hi = a - pads[0], b + ks[0] - 1 - pads[0]
-            xs = x[:, max(lo, 0):min(hi, n0)]
+            # one slab after the other: its padded copy is made once the previous one is used
+            xs = (x if total is None else after(total, x))[:, max(lo, 0):min(hi, n0)]
             xp = tf.pad(xs, [[0, 0], [max(0, -lo), max(0, hi - n0)]] + other)
             part = _taps(xp, g if (a, b) == (0, out0) else g[:, a:b], ks, cin_rows, half)
             total = part if total is None else total + part
@@ -150,7 +160,9 @@ def _taps(xp: tf.Tensor, g: tf.Tensor, ks: list[int], cin_rows: int, half: bool)
     taps = []
     for tap in np.ndindex(*ks):
         offset = sum(t * s for t, s in zip(tap, strides))
-        taps.append(tf.matmul(x_flat[offset:offset + rows], g_flat, transpose_a=True))
+        # a misaligned slice is a copy: take it once the previous tap's product is done
+        source = after(taps[-1], x_flat) if taps else x_flat
+        taps.append(tf.matmul(source[offset:offset + rows], g_flat, transpose_a=True))
     return tf.stack(taps)
 
 
@@ -170,8 +182,12 @@ def conv(x: tf.Tensor, kernel: tf.Tensor, padding: str = "same") -> tf.Tensor:
         y = tf.nn.convolution(x, kernel, padding=padding.upper())
 
         def grad(g):
-            return (_input_grad(g, kernel, padding),
-                    _kernel_grad(x, g, kernel.shape, padding))
+            # In a graph the executor would otherwise pad x during the forward pass and put
+            # off the kernel gradient's products while the input gradients run on down the
+            # network, keeping every layer's padded input and output gradient alive at once:
+            # the kernel gradient starts when g exists and finishes before the input gradient.
+            dkernel = _kernel_grad(after(g, x), g, kernel.shape, padding)
+            return _input_grad(after(dkernel, g), kernel, padding), dkernel
         return y, grad
 
     # variables are read first: the custom gradient then sees tensors only
