@@ -29,7 +29,8 @@ later ones load) and ANTs SyN with antspyx defaults (against `accurate`: SyN(100
 fresh process of a separate environment
 (`--ants-python`, default `/tmp/antsenv/bin/python`: `python -m venv /tmp/antsenv &&
 /tmp/antsenv/bin/pip install antspyx`), timing its registration call only. Then
-`tfreg register --pairs` registers the same pairs in one process (seconds per pair). Results:
+`tfreg register --pairs` registers the same pairs in one process, then with `--jobs N` (`--jobs`,
+default 2) in N worker processes (seconds per pair). Results:
 `benchmarks/results/bench_cli_vs_ants.json` (`..._accurate.json`).
 
 Results: a table on stdout and `benchmarks/results/bench_cli.json`.
@@ -80,11 +81,22 @@ def _report_runtime(work: Path, name: str) -> float | None:
 ANTS_WORKER = """
 import json, sys, time
 import ants
+import numpy as np
 fixed, moving = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2])
 start = time.perf_counter()
 iterations = tuple(int(v) for v in sys.argv[3].split(",")) if len(sys.argv) > 3 else (40, 20, 0)
-ants.registration(fixed, moving, type_of_transform="SyN", reg_iterations=iterations)
-print(json.dumps({"registration_s": time.perf_counter() - start}))
+result = ants.registration(fixed, moving, type_of_transform="SyN", reg_iterations=iterations)
+seconds = time.perf_counter() - start
+out = {"registration_s": seconds}
+if len(sys.argv) > 5:  # label maps: mean Dice over the fixed map's labels (as tfreg reports it)
+    fixed_labels = ants.image_read(sys.argv[4]).numpy().astype(int)
+    warped = ants.apply_transforms(fixed, ants.image_read(sys.argv[5]), result["fwdtransforms"],
+                                   interpolator="genericLabel").numpy().astype(int)
+    dice = [2.0 * np.sum((fixed_labels == k) & (warped == k))
+            / (np.sum(fixed_labels == k) + np.sum(warped == k))
+            for k in np.unique(fixed_labels) if k != 0]
+    out["dice"] = float(np.mean(dice))
+print(json.dumps(out))
 """
 
 
@@ -107,7 +119,8 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Complete
 ANTS_ITERATIONS = {"fast": "40,20,0", "accurate": "100,70,50"}
 
 
-def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None:
+def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast", jobs_max: int = 2
+            ) -> None:
     """Whole `tfreg register` calls and a `--pairs` batch next to ANTs SyN (module docstring)."""
     import csv
 
@@ -136,7 +149,7 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
                                "--preset", preset, "-q", "--fixed-labels", f["fixed_labels"],
                                "--moving-labels", f["moving_labels"])
             ants_cmd = [ants_python, "-c", ANTS_WORKER, f["fixed"], f["moving"],
-                        ANTS_ITERATIONS[preset]]
+                        ANTS_ITERATIONS[preset], f["fixed_labels"], f["moving_labels"]]
             order = [("tfreg", tfreg_cmd), ("ants", ants_cmd)]
             for name, cmd in (order if index % 2 == 0 else order[::-1]):
                 load = os.getloadavg()[0]
@@ -150,8 +163,10 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
                         row.update(runtime_s=data["runtime_seconds"], dice=data.get("mean_dice"),
                                    cache="cold" if index == 0 else "warm")
                 elif proc.returncode == 0:
-                    row["registration_s"] = round(json.loads(
-                        proc.stdout.strip().splitlines()[-1])["registration_s"], 2)
+                    done = json.loads(proc.stdout.strip().splitlines()[-1])
+                    row["registration_s"] = round(done["registration_s"], 2)
+                    if "dice" in done:
+                        row["dice"] = round(done["dice"], 5)
                 else:
                     row["error"] = proc.stderr.strip().splitlines()[-1:]
                 rows.append(row)
@@ -162,17 +177,22 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
             for pid in pair_ids:
                 writer.writerow([files[pid][k] for k in ("fixed", "moving", "fixed_labels",
                                                          "moving_labels")] + [pid])
-        load = os.getloadavg()[0]
-        batch_cmd = _tfreg("register", "--pairs", str(work / "pairs.csv"), "-o",
-                           str(work / "batch"), "--preset", preset, "-q")
-        proc, wall, cpu = _timed(batch_cmd, env)
-        rows.append({"pair": "all", "tool": "tfreg --pairs", "exit": proc.returncode,
-                     "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                     "per_pair_s": round(wall / len(pair_ids), 2), "load_before": round(load, 2),
-                     "output": proc.stdout.strip().splitlines()[-2:]})
-        print(json.dumps(rows[-1]), flush=True)
+        for jobs in sorted({1, jobs_max}):
+            load = os.getloadavg()[0]
+            batch_cmd = _tfreg("register", "--pairs", str(work / "pairs.csv"), "-o",
+                               str(work / f"batch{jobs}"), "--preset", preset, "-q",
+                               "--jobs", str(jobs))
+            proc, wall, cpu = _timed(batch_cmd, env)
+            rows.append({"pair": "all", "tool": "tfreg --pairs" + (
+                             f" --jobs {jobs}" if jobs > 1 else ""),
+                         "exit": proc.returncode, "wall_s": round(wall, 2),
+                         "cpu_s": round(cpu, 2), "per_pair_s": round(wall / len(pair_ids), 2),
+                         "load_before": round(load, 2),
+                         "output": proc.stdout.strip().splitlines()[-2:]})
+            print(json.dumps(rows[-1]), flush=True)
     summary = {}
-    for tool, key in (("tfreg", "wall_s"), ("ants", "registration_s")):
+    for tool, key in (("tfreg", "wall_s"), ("ants", "registration_s"), ("tfreg", "dice"),
+                      ("ants", "dice")):
         values = [r[key] for r in rows if r["tool"] == tool and key in r]
         summary[f"{tool} mean {key}"] = round(float(np.mean(values)), 2) if values else None
     warm = [r["wall_s"] for r in rows if r.get("cache") == "warm"]
@@ -183,8 +203,10 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast") -> None
         if warm:
             summary["ANTs registration / tfreg whole command, warm cache"] = round(
                 summary["ants mean registration_s"] / summary["tfreg warm-cache mean wall_s"], 3)
-        summary["ANTs registration / tfreg --pairs per pair"] = round(
-            summary["ants mean registration_s"] / rows[-1]["per_pair_s"], 3)
+        for row in rows:
+            if row["tool"].startswith("tfreg --pairs"):
+                summary[f"ANTs registration / {row['tool']} per pair"] = round(
+                    summary["ants mean registration_s"] / row["per_pair_s"], 3)
     for name, value in summary.items():
         print(f"{name}: {value}")
     info = {"cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
@@ -207,12 +229,14 @@ def main() -> None:
                         help="whole tfreg register calls and --pairs next to ANTs SyN")
     parser.add_argument("--pairs", default="01-02,03-04,05-06", help="with --vs-ants")
     parser.add_argument("--ants-python", default="/tmp/antsenv/bin/python", help="with --vs-ants")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="with --vs-ants: also `--pairs --jobs N` (1: only one process)")
     parser.add_argument("--preset", default="fast", choices=sorted(ANTS_ITERATIONS),
                         help="with --vs-ants: tfreg's preset; ANTs SyN runs antspyx's default "
                              "iterations (40, 20, 0) against fast, (100, 70, 50) against accurate")
     args = parser.parse_args()
     if args.vs_ants:
-        vs_ants(args.pairs.split(","), args.ants_python, args.preset)
+        vs_ants(args.pairs.split(","), args.ants_python, args.preset, args.jobs)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,10 @@ MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
 * ``tf-lapirn-unaligned``: ``tf-lapirn`` with the kernel gradient's flat input left at 28
   channels (112-byte rows, so TensorFlow copies every tap's slice): the A/B of the 64-byte row
   alignment in `tfreg.ops.convolution`;
+* ``tf-ncc``, ``tf-ncc-plain``: ``tf`` with local NCC (window 9, voxelmorph's squared form)
+  instead of MSE as the image term, the NCC compiled as its own XLA function (the default,
+  ``jit="auto"``) or as plain graph ops (``jit=False``, as before that default): what the image
+  loss costs in a step;
 * ``tf-cascade``: the recursive cascade with ``base: voxelmorph`` (affine stem + three VoxelMorph
   U-Nets), the same loss (needs sizes divisible by 32, e.g. 96x128x96);
 * ``torch-match``: voxelmorph-torch's ``VxmPairwise`` with features ``(f, 2f, 2f, 2f)``, ``f``
@@ -95,6 +99,11 @@ def worker_tf(shape: tuple[int, ...], steps: int, warmup: int, threads: int, jit
     model = method.build_model(config, shape)
     field_key = "preint_flow" if name == "voxelmorph" else "disp"
     mse, grad = MSE(), Grad("l2")
+    if side in ("tf-ncc", "tf-ncc-plain"):
+        from tfreg.ops.similarity import local_ncc
+
+        jit_ncc = "auto" if side == "tf-ncc" else False
+        mse = lambda a, b: -local_ncc(a, b, 9, jit=jit_ncc)  # noqa: E731
     optimizer = keras.optimizers.Adam(1e-4)
     rng = np.random.default_rng(0)
     fixed = tf.constant(rng.random((1, *shape, 1), np.float32))
@@ -168,8 +177,8 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int,
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
-SIDES = ("tf", "tf-pairwise", "tf-native-conv", "tf-keras-act", "tf-lapirn",
-         "tf-lapirn-unaligned", "tf-cascade", "torch", "torch-match")
+SIDES = ("tf", "tf-ncc", "tf-ncc-plain", "tf-pairwise", "tf-native-conv", "tf-keras-act",
+         "tf-lapirn", "tf-lapirn-unaligned", "tf-cascade", "torch", "torch-match")
 
 
 def _run(python: str, side: str, args: argparse.Namespace, shape: str,

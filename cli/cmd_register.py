@@ -166,6 +166,10 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
 @click.option("--shard", metavar="K/N",
               help="With --pairs: register only share K of N (every N-th row from row K), so "
                    "that N processes split the CSV; each rewrites summary.csv when it ends.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --pairs: register N pairs at a time in N worker processes (each "
+                   "optimisation runs on one CPU core, so up to the number of cores; memory "
+                   "N times one registration's).")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),
@@ -223,7 +227,7 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="Where to compute (default: a GPU if TensorFlow sees one, else the CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, only the summary.")
 @user_errors
-def register(fixed, moving, out_dir, pairs_csv, shard, moving_labels, fixed_labels,
+def register(fixed, moving, out_dir, pairs_csv, shard, jobs, moving_labels, fixed_labels,
              fixed_keypoints, moving_keypoints, model, finetune, init, init_affine, inverse, itk,
              recursions, preset,
              iterations, levels, lam, learning_rate, similarity, no_affine, affine_iterations,
@@ -238,8 +242,10 @@ def register(fixed, moving, out_dir, pairs_csv, shard, moving_labels, fixed_labe
     """
     from tfreg.errors import ConfigError
 
+    if jobs > 1 and pairs_csv is None:
+        raise ConfigError("--jobs: needs --pairs")
     if pairs_csv is not None or shard is not None:
-        return _register_pairs(pairs_csv, shard, out_dir, fixed=fixed, moving=moving,
+        return _register_pairs(pairs_csv, shard, out_dir, jobs, fixed=fixed, moving=moving,
                                per_pair={"--moving-labels": moving_labels,
                                          "--fixed-labels": fixed_labels,
                                          "--fixed-keypoints": fixed_keypoints,
@@ -317,8 +323,8 @@ def method_config(model, init, reg_method, preset, iterations, levels, lam, lear
                         affine_iterations, xla)
 
 
-def _register_pairs(pairs_csv, shard, out_dir, *, fixed, moving, per_pair, model, finetune,
-                    recursions, inverse, itk, device, quiet, method_args):
+def _register_pairs(pairs_csv, shard, out_dir, jobs, *, fixed, moving, per_pair, model,
+                    finetune, recursions, inverse, itk, device, quiet, method_args):
     """``register --pairs``: checks, then `tfreg.batch_register` with one progress bar."""
     from tfreg import batch_register
     from tfreg.errors import ConfigError, InputError
@@ -361,10 +367,13 @@ def _register_pairs(pairs_csv, shard, out_dir, *, fixed, moving, per_pair, model
     try:
         if not quiet:
             bar.__enter__()
-        rows = batch_register.register_pairs(todo, out_dir, on_pair=on_pair, config=cfg,
-                                             model=model, finetune=finetune,
-                                             recursions=recursions, device=device,
-                                             inverse=inverse, itk=itk)
+        options = dict(config=cfg, model=model, finetune=finetune, recursions=recursions,
+                       device=device, inverse=inverse, itk=itk)
+        if jobs > 1:
+            rows = batch_register.register_pairs_parallel(todo, out_dir, jobs, on_pair=on_pair,
+                                                          **options)
+        else:
+            rows = batch_register.register_pairs(todo, out_dir, on_pair=on_pair, **options)
     finally:
         if not quiet:
             bar.__exit__(None, None, None)

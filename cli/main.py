@@ -134,12 +134,15 @@ def _verbose(argv: list[str]) -> bool:
 def main() -> None:
     """Console-script entry point: a quiet start (`tfreg_cli.quiet`), Ctrl-C that ends the
     command within about a second (`tfreg_cli.interrupt`), the persistent XLA compilation cache
-    (`tfreg.xla_cache`), then the command. After a signal
+    (`tfreg.xla_cache`), then the command. TensorFlow imports without the notebook and plotting
+    packages Keras would load, and a command that imported TensorFlow ends without the
+    interpreter's teardown (`tfreg_cli.lean_start`). After a signal
     (exit 130, 143) the process ends at once, without waiting for TensorFlow's threads."""
-    from tfreg_cli import interrupt, quiet
+    from tfreg_cli import interrupt, lean_start, quiet
 
     quiet.install(verbose=_verbose(sys.argv[1:]))
     interrupt.install()
+    lean_start.install()
     if not {"-h", "--help", "--version"} & set(sys.argv[1:]):
         from tfreg import xla_cache
 
@@ -154,6 +157,10 @@ def main() -> None:
                 except (OSError, ValueError):
                     pass
             os._exit(done.code)
+        code = 0 if done.code is None else done.code
+        # (not under a profiler: it writes its results after the interpreter's own exit)
+        if isinstance(code, int) and "tensorflow" in sys.modules and sys.getprofile() is None:
+            lean_start.exit_now(code)
         raise
 
 

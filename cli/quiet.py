@@ -39,6 +39,10 @@ NOISE = [re.compile(p) for p in (
     r"This TensorFlow binary is optimized to use available CPU instructions",
     r"To enable the following instructions: .* rebuild TensorFlow",
     r"Could not find cuda drivers on your machine",
+    # a warm persistent XLA cache (`tfreg.xla_cache`): TensorFlow tries each entry as text
+    # before reading it as the binary it is, and logs the failed first try
+    r"^E\d{4} [\d:. ]+\d+ text_format\.cc:\d+\] Error parsing text-format "
+    r"tensorflow\.XlaSerializedCacheEntry",
     # XLA's "slow operation" alarm (compilation under load) and its continuation lines
     r"^E\d{4} [\d:. ]+\d+ slow_operation_alarm\.cc:\d+\]",
     r"^Constant folding an instruction is taking",

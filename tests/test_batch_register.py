@@ -109,6 +109,24 @@ def test_shards_split_the_rows_and_failures_are_recorded(pairs_csv, tmp_path):
     assert (out / "bad" / "error.txt").is_file() and not (out / "bad" / "report.json").exists()
 
 
+def test_jobs_register_in_worker_processes(pairs_csv, tmp_path):
+    out = tmp_path / "jobs"
+    result = _run(["register", "--pairs", pairs_csv, "-o", out, "--jobs", "2", *QUICK])
+    assert result.exit_code == 0, result.output
+    assert "3 registered" in result.output
+    rows = _summary(out)
+    assert sorted(rows) == ["0001-f0-m0", "0002-f1-m1", "0003-f2-m2"]
+    for i, (name, row) in enumerate(sorted(rows.items())):
+        assert row["status"] == "done"
+        warped = np.asarray(nib.load(str(out / name / "warped_labels.nii.gz")).dataobj)
+        fixed = np.asarray(nib.load(str(pairs_csv.parent / f"fl{i}.nii.gz")).dataobj)
+        assert float(row["mean_dice"]) == pytest.approx(
+            mean_dice(dice(fixed.astype(np.int32), warped.astype(np.int32))), abs=1e-4)
+        assert float(row["similarity"]) > float(row["similarity_before"])
+    bad = _run(["register", "a.nii.gz", "b.nii.gz", "--jobs", "2", "-o", tmp_path / "x"])
+    assert bad.exit_code != 0 and "--jobs: needs --pairs" in bad.output
+
+
 def test_read_pairs_rejects_bad_csvs_in_one_line(pairs_csv, tmp_path):
     def write(text: str) -> Path:
         path = tmp_path / "p.csv"

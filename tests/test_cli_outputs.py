@@ -384,9 +384,12 @@ def test_noise_filter_patterns():
         "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
         "I0000 00:00:1.2 1 port.cc:153] oneDNN custom operations are on. You may see slightly "
         "different numerical results",
+        "E0000 00:00:1796104913.442809    5939 text_format.cc:378] Error parsing text-format "
+        "tensorflow.XlaSerializedCacheEntry: 2:1: Expected identifier, got: 5",
     ]
     keep = ["Error: missing.nii.gz: file not found",
             "E0000 00:00:1.2 1 op_kernel.cc:1830] OP_REQUIRES failed: out of memory",
+            "E0000 00:00:1.2 1 text_format.cc:378] Error parsing text-format tfreg.Other: 1:1",
             "Fatal Python error: Segmentation fault"]
     assert all(is_noise(line) for line in noise)
     assert not any(is_noise(line) for line in keep)

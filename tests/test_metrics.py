@@ -42,6 +42,32 @@ def test_dice_3d_shifted_box():
     assert metrics.dice(fixed, warped) == {1: pytest.approx(0.75)}
 
 
+def test_dice_matches_per_label_counts_with_sparse_and_negative_labels():
+    """Label values far apart (FreeSurfer-like 2035), labels missing from one map, a requested
+    label in neither, and negative labels: the same values as counting each label's masks."""
+    rng = np.random.default_rng(3)
+    values = np.array([0, 2, 41, 2035, 17, -4])
+    a, b = values[rng.integers(0, 5, (9, 10, 8))], values[rng.integers(0, 6, (9, 10, 8))]
+    a[0, 0, 0] = 77                  # only in a: Dice 0
+    wanted = [2, 41, 2035, 17, 77, -4, 5000]
+    got = metrics.dice(a, b, labels=wanted)
+    assert list(got) == wanted
+    for lab in wanted:
+        size = (a == lab).sum() + (b == lab).sum()
+        want = np.nan if size == 0 else 2.0 * ((a == lab) & (b == lab)).sum() / size
+        assert got[lab] == pytest.approx(want, nan_ok=True)
+    assert got[77] == 0.0 and np.isnan(got[5000]) and got[-4] == 0.0  # -4 only in b
+
+
+def test_hd95_negative_labels_match_brute_force():
+    a, b = np.zeros((14, 12), np.int32), np.zeros((14, 12), np.int32)
+    a[2:6, 3:8], b[3:7, 2:8] = -1, -1
+    a[8:12, 1:5], b[9:13, 6:10] = 3, 3
+    got = metrics.hd95(a, b, (0.8, 1.3), labels=[-1, 3])
+    for lab in (-1, 3):
+        assert got[lab] == pytest.approx(_brute_force_hd(a == lab, b == lab, (0.8, 1.3)), rel=1e-9)
+
+
 def test_dice_bad_input():
     with pytest.raises(InputError, match=r"^warped_labels: shape \(4, 5\) does not match fixed_labels shape \(4, 4\)$"):
         metrics.dice(np.zeros((4, 4), int), np.zeros((4, 5), int))
@@ -121,6 +147,12 @@ def test_hd95_matches_brute_force_on_blobs(shape, spacing):
     assert sorted(got) == [1, 2]
     for lab in (1, 2):
         assert got[lab] == pytest.approx(_brute_force_hd(a == lab, b == lab, spacing), rel=1e-9)
+    # several voxel sizes at once (the report's mm and voxels)
+    in_mm, in_voxels = metrics.hd95_spacings(a, b, [spacing, 1.0])
+    for lab in (1, 2):
+        assert in_mm[lab] == got[lab]
+        assert in_voxels[lab] == pytest.approx(
+            _brute_force_hd(a == lab, b == lab, (1.0,) * a.ndim), rel=1e-9)
 
 
 def test_hd95_small_labels_far_apart_match_brute_force():

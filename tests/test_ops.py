@@ -128,6 +128,36 @@ def test_signed_local_ncc_by_hand():
     assert float(cc[0, 1, 1, 0]) == pytest.approx(r, abs=1e-5)
 
 
+@pytest.mark.parametrize("shape,win", [((1, 20, 18, 2), 5), ((2, 10, 12, 9, 1), (3, 5, 3))])
+@pytest.mark.parametrize("squared,eps_mode", [(True, "clamp"), (False, "add")])
+def test_local_ncc_compiled_matches_plain_graph(monkeypatch, shape, win, squared, eps_mode):
+    """With ``jit="auto"`` a large enough NCC runs as its own XLA function even inside a plain
+    (non-XLA) graph such as a training step; values and gradients equal the plain graph's."""
+    monkeypatch.setattr(compile_cache, "AUTO_MIN_VOXELS", 64)  # these tiny images count as large
+    compile_cache.clear()
+    rng = np.random.default_rng(8)
+    fixed = tf.constant(rng.random(shape, np.float32))
+    moving = tf.Variable(rng.random(shape, np.float32))
+
+    def value_and_grad(jit):
+        @tf.function  # a plain graph, as the training step is
+        def step():
+            with tf.GradientTape() as tape:
+                loss = similarity.local_ncc(fixed, moving, win, squared=squared, eps=1e-3,
+                                            eps_mode=eps_mode, contrast_floor=0.05, jit=jit)
+            return loss, tape.gradient(loss, moving)
+        return step()
+
+    plain_loss, plain_grad = value_and_grad(False)
+    assert compile_cache.size() == 0
+    auto_loss, auto_grad = value_and_grad("auto")
+    assert compile_cache.size() == 1  # the compiled NCC
+    assert float(auto_loss) == pytest.approx(float(plain_loss), rel=1e-5)
+    scale = float(tf.reduce_max(tf.abs(plain_grad)))
+    assert scale > 0
+    np.testing.assert_allclose(auto_grad.numpy(), plain_grad.numpy(), atol=1e-4 * scale)
+
+
 def test_contrast_weighting_ignores_flat_windows():
     rng = np.random.default_rng(6)
     fixed = np.zeros((1, 32, 32, 1), "float32")

@@ -60,6 +60,30 @@ def test_folder_choice_and_off(monkeypatch, tmp_path):
     assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_persistent_cache_directory=/elsewhere"
 
 
+def test_a_child_process_gets_its_own_private_folder(monkeypatch, tmp_path):
+    shared = tmp_path / "shared"
+    parent_private = shared / ".proc-parent"
+    parent_private.mkdir(parents=True)
+    (shared / "entry.pb").write_bytes(b"compiled")
+    monkeypatch.setattr(xla_cache, "_work", None)  # as in a fresh child process
+    monkeypatch.setenv("TF_XLA_FLAGS", f"--other=1 --tf_xla_persistent_cache_directory="
+                                       f"{parent_private}")
+    own = xla_cache.enable_in_child()
+    try:
+        assert own is not None and own.parent == shared and own != parent_private
+        assert (own / "entry.pb").read_bytes() == b"compiled"  # the shared entries, linked
+        flags = os.environ["TF_XLA_FLAGS"].split()
+        assert "--other=1" in flags
+        assert [f for f in flags if "cache_directory" in f] == \
+            [f"--tf_xla_persistent_cache_directory={own}"]
+    finally:
+        xla_cache.publish()
+    assert not own.exists()
+    # a folder the user named (not a private one of this module) is left alone
+    monkeypatch.setenv("TF_XLA_FLAGS", f"--tf_xla_persistent_cache_directory={tmp_path}")
+    assert xla_cache.enable_in_child() is None
+
+
 def test_prune_removes_stale_private_folders_and_oldest_files(tmp_path):
     stale, fresh = tmp_path / ".proc-old", tmp_path / ".proc-new"
     stale.mkdir()

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["ENV", "MAX_BYTES", "shared_dir", "enable", "publish", "prune"]
+__all__ = ["ENV", "MAX_BYTES", "shared_dir", "enable", "enable_in_child", "publish", "prune"]
 
 #: environment variable: the cache folder, or ``off``/``0`` to disable the cache
 ENV = "TFREG_XLA_CACHE"
@@ -106,6 +106,22 @@ def enable(folder: str | Path | None = None) -> Path | None:
     os.environ["TF_XLA_FLAGS"] = f"{flags} {_FLAG}={work}".strip()
     atexit.register(publish)
     return work
+
+
+def enable_in_child() -> Path | None:
+    """`enable` in a process started by one that enabled the cache: the inherited
+    ``TF_XLA_FLAGS`` names the parent's private folder, where two processes must not write; this
+    process gets a private folder of its own beside it. Does nothing when the parent's flag
+    names no private folder of this module (the cache is off, or set by the user)."""
+    flags = os.environ.get("TF_XLA_FLAGS", "").split()
+    inherited = [f for f in flags if f.startswith(_FLAG + "=")]
+    if not inherited:
+        return None
+    folder = Path(inherited[-1].split("=", 1)[1])
+    if not folder.name.startswith(_PRIVATE_PREFIX):
+        return None
+    os.environ["TF_XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith(_FLAG + "="))
+    return enable(folder.parent)
 
 
 def publish() -> int:

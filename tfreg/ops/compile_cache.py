@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = ["MAX_ENTRIES", "AUTO_MIN_VOXELS", "cached", "compiled", "jit_function", "check_jit",
-           "use_jit", "clear", "size"]
+           "use_jit", "static_voxels", "clear", "size"]
 
 MAX_ENTRIES = max(1, int(os.environ.get("TFREG_COMPILE_CACHE", "64")))
 
@@ -89,6 +89,14 @@ def check_jit(jit) -> bool | str:
     if isinstance(jit, str) and jit == "auto":
         return jit
     raise ValueError(f"`jit` must be True, False or 'auto'. Received: jit={jit!r}")
+
+
+def static_voxels(x: tf.Tensor) -> int:
+    """Static number of voxels of a `(batch, *spatial, channels)` tensor (0 when unknown)."""
+    spatial = x.shape[1:-1] if x.shape.rank is not None and x.shape.rank > 2 else None
+    if spatial is None or any(s is None for s in spatial):
+        return 0
+    return int(np.prod(spatial))
 
 
 def use_jit(jit: bool | str, voxels: int) -> bool:

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tfreg.ops import compile_cache
 from tfreg.ops._checks import (as_float, check_align, check_factor, check_steps, common_float,
                                static_spatial)
-from tfreg.ops.sampling import _voxels, grid, warp
+from tfreg.ops.sampling import grid, warp
 
 __all__ = ["is_affine", "centred_grid", "apply_affine", "affine_to_disp", "affine_after_disp",
            "integrate_svf", "compose", "compose_affine", "resize", "rescale_field",
@@ -142,7 +142,7 @@ def integrate_svf(velocity, steps: int = 7, *, jit: bool | str = "auto", recompu
     jit = compile_cache.check_jit(jit)
     if jit is not False:
         velocity = tf.convert_to_tensor(velocity)
-        if compile_cache.use_jit(jit, _voxels(velocity)):
+        if compile_cache.use_jit(jit, compile_cache.static_voxels(velocity)):
             fn = compile_cache.compiled(("integrate_svf", steps, bool(recompute), bool(loop)),
                                         lambda v: integrate_svf(v, steps, recompute=recompute,
                                                                 loop=loop, jit=False))
@@ -177,7 +177,7 @@ def compose(first, second, interp: str = "linear", *, jit: bool | str = "auto") 
     jit = compile_cache.check_jit(jit)
     if jit is not False:
         first, second = tf.convert_to_tensor(first), tf.convert_to_tensor(second)
-        if compile_cache.use_jit(jit, _voxels(second)):
+        if compile_cache.use_jit(jit, compile_cache.static_voxels(second)):
             fn = compile_cache.compiled(("compose", interp),
                                         lambda a, b: compose(a, b, interp, jit=False))
             return fn(first, second)

@@ -58,13 +58,6 @@ def check_batch(image: tf.Tensor, disp: tf.Tensor, image_name: str = "image",
 
 
 # --------------------------------------------------------------------------------- internals
-def _voxels(x: tf.Tensor) -> int:
-    """Static number of voxels of a `(batch, *spatial, channels)` tensor (0 when unknown)."""
-    spatial = x.shape[1:-1] if x.shape.rank is not None and x.shape.rank > 2 else None
-    if spatial is None or any(s is None for s in spatial):
-        return 0
-    return int(np.prod(spatial))
-
 
 def _axis_coords(disp: tf.Tensor) -> list[tf.Tensor]:
     """``x_d + disp_d`` per axis, ``(B, *So)`` each; ``x_d`` is broadcast along its axis."""
@@ -202,7 +195,7 @@ def warp(image, disp, interp: str = "linear", fill_value: float | None = None, *
     jit = compile_cache.check_jit(jit)
     if jit is not False:
         image, disp = tf.convert_to_tensor(image), tf.convert_to_tensor(disp)
-        if compile_cache.use_jit(jit, _voxels(disp)):
+        if compile_cache.use_jit(jit, compile_cache.static_voxels(disp)):
             check_batch(image, disp)
             fn = compile_cache.compiled(
                 ("warp", interp, fill_value, rounding),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfreg.ops import compile_cache
 from tfreg.ops._checks import ndims_of, window
 from tfreg.ops.filters import box_sum
 
@@ -28,7 +29,8 @@ def _pair(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def local_ncc_map(y_true, y_pred, win: int | Sequence[int] = 9, *, squared: bool = True,
-                  eps: float = 1e-5, eps_mode: str = "clamp") -> tuple[tf.Tensor, tf.Tensor]:
+                  eps: float = 1e-5, eps_mode: str = "clamp", jit: bool | str = "auto"
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-voxel local normalised cross-correlation over a sliding box window.
 
     For each voxel ``p`` the window sums ``S_I, S_J, S_II, S_JJ, S_IJ`` over the ``n`` voxels of
@@ -53,6 +55,10 @@ def local_ncc_map(y_true, y_pred, win: int | Sequence[int] = 9, *, squared: bool
         squared: squared (voxelmorph) or signed correlation.
         eps: stabiliser (units: intensity^2 summed over the window).
         eps_mode: ``"clamp"`` or ``"add"``.
+        jit: True, False or ``"auto"`` (`tfreg.ops.compile_cache.use_jit`): run as its own XLA
+            function. Outside XLA, TensorFlow's CPU average pooling that the window sums use is
+            slow, its gradient very slow (a window-9 NCC loss at 96x112x96: 16 s forward and
+            backward in a graph on one core, 0.2 s compiled; `benchmarks/README.md`).
 
     Returns:
         ``(cc, var_true)``: each `(batch, *spatial, 1)` float32.
@@ -62,6 +68,13 @@ def local_ncc_map(y_true, y_pred, win: int | Sequence[int] = 9, *, squared: bool
     i, j = _pair(y_true, y_pred)
     ndims = ndims_of(j, "y_pred")
     win = window(win, ndims)
+    jit = compile_cache.check_jit(jit)
+    if jit is not False and compile_cache.use_jit(jit, compile_cache.static_voxels(j)):
+        fn = compile_cache.compiled(
+            ("local_ncc_map", tuple(win), bool(squared), float(eps), eps_mode),
+            lambda a, b: local_ncc_map(a, b, win, squared=squared, eps=eps, eps_mode=eps_mode,
+                                       jit=False))
+        return fn(i, j)
     n = float(np.prod(win) * j.shape[-1])
     c = i.shape[-1]
     sums = box_sum(tf.concat([i, j, i * i, j * j, i * j], axis=-1), win)
@@ -97,15 +110,16 @@ def contrast_weights(var_true: tf.Tensor, window_size: float, floor: float) -> t
 
 def local_ncc(y_true, y_pred, win: int | Sequence[int] = 9, *, squared: bool = True,
               eps: float = 1e-5, eps_mode: str = "clamp", contrast_floor: float = 0.0,
-              stop_weight_gradient: bool = True) -> tf.Tensor:
+              stop_weight_gradient: bool = True, jit: bool | str = "auto") -> tf.Tensor:
     """Mean of `local_ncc_map` over voxels and batch (higher is more similar), float32 scalar.
 
     With ``contrast_floor > 0`` the mean is weighted by `contrast_weights` of ``y_true``
     (``sum(w cc) / sum(w)``; the weights are constants for the gradient unless
     ``stop_weight_gradient=False``): flat background does not dilute the figure, and local NCC
-    cannot be raised by pulling edges into flat windows.
+    cannot be raised by pulling edges into flat windows. `jit` as in `local_ncc_map`.
     """
-    cc, var_true = local_ncc_map(y_true, y_pred, win, squared=squared, eps=eps, eps_mode=eps_mode)
+    cc, var_true = local_ncc_map(y_true, y_pred, win, squared=squared, eps=eps, eps_mode=eps_mode,
+                                 jit=jit)
     if not contrast_floor > 0:
         return tf.reduce_mean(cc)
     ndims = len(cc.shape) - 2
