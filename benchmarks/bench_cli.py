@@ -119,30 +119,73 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Complete
 ANTS_ITERATIONS = {"fast": "40,20,0", "accurate": "100,70,50"}
 
 
-def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast", jobs_max: int = 2
-            ) -> None:
-    """Whole `tfreg register` calls and a `--pairs` batch next to ANTs SyN (module docstring)."""
-    import csv
-
+def _write_pairs(pair_ids: list[str], work: Path) -> dict[str, dict[str, str]]:
+    """The benchmark pairs of `bench_register.py` as NIfTI files in `work` and `pairs.csv`."""
     import nibabel as nib
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_register import build_pair
 
+    files: dict[str, dict[str, str]] = {}
+    lines = ["fixed,moving,fixed_labels,moving_labels,id"]
+    for pid in pair_ids:
+        pair = build_pair(*pid.split("-"))
+        affine = np.diag(list(pair["spacing"]) + [1.0])
+        files[pid] = {}
+        for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            path = work / f"{pid}_{key}.nii.gz"
+            nib.save(nib.Nifti1Image(pair[key], affine), str(path))
+            files[pid][key] = str(path)
+        lines.append(",".join([files[pid][k] for k in ("fixed", "moving", "fixed_labels",
+                                                       "moving_labels")] + [pid]))
+    (work / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return files
+
+
+def pairs_jobs(pair_ids: list[str], jobs_list: list[int], preset: str = "fast",
+               repeats: int = 2) -> None:
+    """`tfreg register --pairs` with each `--jobs` value, alternated `repeats` times after one
+    run that fills the XLA cache: seconds per pair (`results/bench_pairs_jobs.json`)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env = {**os.environ, "TFREG_XLA_CACHE": str(work / "xla")}
-        files = {}
-        for pid in pair_ids:
-            pair = build_pair(*pid.split("-"))
-            affine = np.diag(list(pair["spacing"]) + [1.0])
-            files[pid] = {}
-            for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
-                path = work / f"{pid}_{key}.nii.gz"
-                nib.save(nib.Nifti1Image(pair[key], affine), str(path))
-                files[pid][key] = str(path)
+        _write_pairs(pair_ids, work)
+
+        def batch(folder: str, jobs: int) -> list[str]:
+            return _tfreg("register", "--pairs", str(work / "pairs.csv"), "-o",
+                          str(work / folder), "--preset", preset, "-q", "--jobs", str(jobs))
+
+        _timed(batch("warm", 1), env)
+        for repeat in range(repeats):
+            for jobs in (jobs_list if repeat % 2 == 0 else jobs_list[::-1]):
+                load = os.getloadavg()[0]
+                proc, wall, cpu = _timed(batch(f"run{repeat}-{jobs}", jobs), env)
+                rows.append({"jobs": jobs, "repeat": repeat, "exit": proc.returncode,
+                             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                             "per_pair_s": round(wall / len(pair_ids), 2),
+                             "load_before": round(load, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    info = {"cpus": len(os.sched_getaffinity(0)),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset": preset,
+            "pairs": pair_ids, "rows": rows}
+    from tfreg.io import atomic_path
+
+    with atomic_path(RESULTS / "bench_pairs_jobs.json") as out:
+        out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast", jobs_max: int = 2
+            ) -> None:
+    """Whole `tfreg register` calls and a `--pairs` batch next to ANTs SyN (module docstring)."""
+    import numpy as np
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "TFREG_XLA_CACHE": str(work / "xla")}
+        files = _write_pairs(pair_ids, work)
         for index, pid in enumerate(pair_ids):
             f = files[pid]
             tfreg_cmd = _tfreg("register", f["fixed"], f["moving"], "-o", str(work / pid),
@@ -171,12 +214,6 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast", jobs_ma
                     row["error"] = proc.stderr.strip().splitlines()[-1:]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        with open(work / "pairs.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels", "id"])
-            for pid in pair_ids:
-                writer.writerow([files[pid][k] for k in ("fixed", "moving", "fixed_labels",
-                                                         "moving_labels")] + [pid])
         for jobs in sorted({1, jobs_max}):
             load = os.getloadavg()[0]
             batch_cmd = _tfreg("register", "--pairs", str(work / "pairs.csv"), "-o",
@@ -227,16 +264,23 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--vs-ants", action="store_true",
                         help="whole tfreg register calls and --pairs next to ANTs SyN")
-    parser.add_argument("--pairs", default="01-02,03-04,05-06", help="with --vs-ants")
+    parser.add_argument("--pairs", default="01-02,03-04,05-06",
+                        help="with --vs-ants or --pairs-jobs")
     parser.add_argument("--ants-python", default="/tmp/antsenv/bin/python", help="with --vs-ants")
     parser.add_argument("--jobs", type=int, default=2,
                         help="with --vs-ants: also `--pairs --jobs N` (1: only one process)")
+    parser.add_argument("--pairs-jobs", default=None, metavar="1,2",
+                        help="only time `--pairs` with each of these --jobs values")
     parser.add_argument("--preset", default="fast", choices=sorted(ANTS_ITERATIONS),
                         help="with --vs-ants: tfreg's preset; ANTs SyN runs antspyx's default "
                              "iterations (40, 20, 0) against fast, (100, 70, 50) against accurate")
     args = parser.parse_args()
     if args.vs_ants:
         vs_ants(args.pairs.split(","), args.ants_python, args.preset, args.jobs)
+        return
+    if args.pairs_jobs:
+        pairs_jobs(args.pairs.split(","), [int(v) for v in args.pairs_jobs.split(",")],
+                   args.preset)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
