@@ -167,9 +167,9 @@ def build_config(preset: str, iterations, levels, lam, learning_rate, similarity
               help="With --pairs: register only share K of N (every N-th row from row K), so "
                    "that N processes split the CSV; each rewrites summary.csv when it ends.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --pairs: register N pairs at a time in N worker processes (each "
-                   "optimisation runs on one CPU core, so up to the number of cores; memory "
-                   "N times one registration's).")
+              help="With --pairs: register N pairs at a time in N worker processes (one "
+                   "process keeps about 1.6 cores busy, so use it on machines with more cores; "
+                   "memory N times one registration's).")
 @click.option("--moving-labels", type=click.Path(dir_okay=False),
               help="Label map of MOVING: warped with nearest neighbour to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(dir_okay=False),

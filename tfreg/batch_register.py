@@ -14,8 +14,8 @@ that n processes (or machines sharing the folder) split the work. A pair that fa
 or not, with its figures (`SUMMARY_COLUMNS`); each process rewrites it when it ends.
 
 `register_pairs_parallel` runs several such processes from one (``tfreg register --pairs
---jobs N``): XLA runs each optimisation step on one CPU core, so on a machine with N cores N
-pairs registered side by side finish about N times sooner than one after the other.
+--jobs N``): XLA runs each optimisation step on one CPU core and one process keeps about 1.6
+cores busy on average, so several jobs pay on machines with more cores than that.
 """
 from __future__ import annotations
 
