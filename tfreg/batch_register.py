@@ -227,7 +227,7 @@ def register_pairs_parallel(pairs: Sequence[Pair], out_dir: str | Path, jobs: in
 
     Raises:
         InputError: a worker ended without finishing its share (its pairs stay pending: rerun
-            to resume); Interrupted on Ctrl-C (the workers are stopped).
+            to resume). On any exception here (e.g. Ctrl-C) the workers are stopped.
     """
     import multiprocessing
     import os
