@@ -97,6 +97,33 @@ def test_box_sum_matches_reference_3d():
                                _np_box_sum(x, (4, 3, 1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["box_sum", "pool_half"])
+def test_box_sum_and_pool_half_compiled_match_reference_with_gradients(op):
+    # XLA-compiled (box_sum: pooling ops) and plain (shifted slices) formulations: same values
+    # as NumPy, and the same gradient of a weighted sum (the adjoint of the filter)
+    x = tf.constant(_rand((7, 6, 5), seed=5, channels=2))
+    weights = tf.constant(_rand((7, 6, 5) if op == "box_sum" else (4, 3, 3), seed=6, channels=2))
+    fn = (lambda t: losses.box_sum(t, (4, 3, 5))) if op == "box_sum" else losses.avg_pool_half
+    want = _np_box_sum(x.numpy(), (4, 3, 5)) if op == "box_sum" else _np_pool_half(x.numpy())
+
+    def value_and_grad(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = fn(t)
+            loss = tf.reduce_sum(y * weights)
+        return y, tape.gradient(loss, t)
+
+    plain = value_and_grad(x)
+    xla = tf.function(value_and_grad, jit_compile=True)(x)
+    for got in (plain, xla):
+        np.testing.assert_allclose(got[0].numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(xla[1].numpy(), plain[1].numpy(), atol=1e-5)
+    # a linear filter's gradient is its adjoint: <x, grad> = <F x, w>
+    assert float(tf.reduce_sum(x * plain[1])) == pytest.approx(float(np.sum(want * weights)),
+                                                               rel=1e-5)
+    assert float(tf.reduce_max(tf.abs(plain[1]))) > 0.1
+
+
 @pytest.mark.parametrize("ndims", [2, 3])
 def test_ncc_xla_and_gradient(ndims):
     i = tf.constant(_rand(SHAPES[ndims], seed=5))

@@ -155,6 +155,19 @@ def test_hd95_matches_brute_force_on_blobs(shape, spacing):
             _brute_force_hd(a == lab, b == lab, (1.0,) * a.ndim), rel=1e-9)
 
 
+def test_hd95_isotropic_mm_and_voxels_scale_from_one_search():
+    # isotropic 1.5 mm voxels: the voxel distances are found once and scaled; both sets must
+    # still equal brute force (a wrong factor or a reused anisotropic result would not)
+    field = ndimage.gaussian_filter(np.random.default_rng(4).normal(size=(12, 13, 11)), 2.0)
+    a = np.digitize(field, np.quantile(field, [0.5])).astype(np.int32)
+    b = np.roll(a, 2, axis=1)
+    in_mm, in_voxels, aniso = metrics.hd95_spacings(a, b, [1.5, 1.0, (1.0, 1.0, 3.0)])
+    assert in_mm[1] == pytest.approx(_brute_force_hd(a == 1, b == 1, (1.5,) * 3), rel=1e-9)
+    assert in_voxels[1] == pytest.approx(_brute_force_hd(a == 1, b == 1, (1.0,) * 3), rel=1e-9)
+    assert aniso[1] == pytest.approx(_brute_force_hd(a == 1, b == 1, (1.0, 1.0, 3.0)), rel=1e-9)
+    assert in_mm[1] == pytest.approx(1.5 * in_voxels[1], rel=1e-12) and in_voxels[1] > 0
+
+
 def test_hd95_small_labels_far_apart_match_brute_force():
     """Small structures in a large grid, one on the array border, one whose two masks lie far
     apart: hd95 measures each label inside its bounding box, which must not change a distance."""

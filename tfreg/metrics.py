@@ -207,6 +207,7 @@ def hd95_spacings(a_labels, b_labels, spacings: Sequence[Sequence[float] | float
         raise InputError(f"percentile: expected a value in [0, 100], got {percentile}")
     outs: list[dict[int, float]] = [{} for _ in sps]
     wanted = _labels(a, labels)
+    scale_of = _proportional(sps)
     boxes = _label_boxes(a, b, wanted, margin=1)
     tree = dict(leafsize=32, balanced_tree=False, compact_nodes=False)  # faster to build
     for lab in wanted:
@@ -225,12 +226,32 @@ def hd95_spacings(a_labels, b_labels, spacings: Sequence[Sequence[float] | float
         only_a, only_b = np.argwhere(surf_a & ~both), np.argwhere(surf_b & ~both)
         all_a, all_b = np.argwhere(surf_a), np.argwhere(surf_b)
         zeros = np.zeros(int(both.sum()))
-        for out, sp in zip(outs, sps):
+        for k, (out, sp) in enumerate(zip(outs, sps)):
+            if scale_of[k] is not None:  # a multiple of an earlier spacing: the same neighbours
+                first, factor = scale_of[k]
+                out[lab] = outs[first][lab] * factor
+                continue
             a_to_b = spatial.cKDTree(all_b * sp, **tree).query(only_a * sp)[0]
             b_to_a = spatial.cKDTree(all_a * sp, **tree).query(only_b * sp)[0]
             out[lab] = float(max(np.percentile(np.concatenate([zeros, a_to_b]), percentile),
                                  np.percentile(np.concatenate([zeros, b_to_a]), percentile)))
     return outs
+
+
+def _proportional(spacings: list[np.ndarray]) -> list[tuple[int, float] | None]:
+    """For each spacing, ``(index, factor)`` of an earlier one it is a multiple of (``sp = factor *
+    spacings[index]``: every distance, nearest neighbour and percentile scales by `factor`), or
+    None. Isotropic data measured in mm and in voxels are measured once."""
+    out: list[tuple[int, float] | None] = []
+    for k, sp in enumerate(spacings):
+        match = None
+        for j in range(k):
+            factor = float(sp[0] / spacings[j][0])
+            if out[j] is None and np.allclose(sp, factor * spacings[j], rtol=1e-12, atol=0):
+                match = (j, factor)
+                break
+        out.append(match)
+    return out
 
 
 def _field(disp, name: str = "disp") -> np.ndarray:

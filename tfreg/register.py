@@ -948,13 +948,16 @@ def register_files(fixed: str | Path, moving: str | Path, out_dir: str | Path, *
                   fixed_labels=_relative_to(fixed_labels, out_dir),
                   moving_labels=_relative_to(moving_labels, out_dir),
                   paths_relative_to="report")
-    written = {}
-    written["warped"] = save_volume(out_dir / OUTPUTS["warped"], result.warped, fixed_v.affine,
-                                    fixed_v.header)
-    written["disp"] = save_volume(out_dir / OUTPUTS["disp"], result.disp, fixed_v.affine)
+    # the volumes are compressed in parallel threads (zlib releases the GIL): the field alone
+    # takes ~0.4 s at 96x112x96
+    volumes = {"warped": (result.warped, fixed_v.header), "disp": (result.disp, None)}
     if result.warped_labels is not None:
-        written["warped_labels"] = save_volume(out_dir / OUTPUTS["warped_labels"],
-                                               result.warped_labels, fixed_v.affine, fixed_v.header)
+        volumes["warped_labels"] = (result.warped_labels, fixed_v.header)
+    with concurrent.futures.ThreadPoolExecutor(len(volumes), thread_name_prefix="tfreg-write"
+                                               ) as pool:
+        pending = {name: pool.submit(save_volume, out_dir / OUTPUTS[name], data, fixed_v.affine,
+                                     header) for name, (data, header) in volumes.items()}
+        written = {name: job.result() for name, job in pending.items()}
     written.update(_write_transforms(out_dir, result, fixed_v, moving_v, itk=itk))
     for name, array in result.maps.items():   # a method's per-voxel maps (RegisterReport.maps)
         if name in OUTPUTS or name in written:

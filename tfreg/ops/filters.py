@@ -33,9 +33,13 @@ def _avg_pool(x: tf.Tensor, ksize: list[int], strides: list[int]) -> tf.Tensor:
 def box_sum(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
     """Sum over a sliding box window with zero padding ('same' output size), per channel.
 
-    One 1-D stride-1 average pool per axis (separable), fast with and without XLA, unlike a dense
-    ``conv3d`` whose gradient is very slow under XLA on CPU. For an even window the extra padded
-    voxel goes after the sample, as TensorFlow's ``'SAME'`` padding does.
+    Separable, one pass per axis: inside an XLA compilation a 1-D stride-1 average pool (XLA's
+    reduce-window), elsewhere the sum of the window's shifted slices (TensorFlow's own CPU pooling
+    kernels and their gradients are several times slower: 0.70 s against 0.08 s for a window of
+    3 on 4 x 48 x 56 x 48 x 12 voxels, one thread; under XLA the pools are 1.5-2x faster for
+    windows of 5-9). For an even window the extra padded voxel goes after the sample, as
+    TensorFlow's ``'SAME'`` padding does. Never a dense ``conv3d``, whose gradient is very slow
+    under XLA on CPU.
 
     Args:
         x: `(batch, *spatial, channels)` float tensor, 2 or 3 spatial axes.
@@ -45,16 +49,38 @@ def box_sum(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
         Tensor of the shape of `x`: ``out[p] = sum of x over the window centred at p``.
     """
     ndims = ndims_of(x, "x")
+    pools = _in_xla_compilation()
     for axis, w in enumerate(window(win, ndims)):
         if w == 1:
             continue
         before = (w - 1) // 2
         paddings = [[0, 0]] * (ndims + 2)
         paddings[axis + 1] = [before, w - 1 - before]
-        ksize = [1] * (ndims + 2)
-        ksize[axis + 1] = w
-        x = _avg_pool(tf.pad(x, paddings), ksize, [1] * (ndims + 2)) * float(w)
+        padded = tf.pad(x, paddings)
+        if pools:
+            ksize = [1] * (ndims + 2)
+            ksize[axis + 1] = w
+            x = _avg_pool(padded, ksize, [1] * (ndims + 2)) * float(w)
+        else:
+            x = tf.add_n([_strided(padded, axis, k, x.shape[axis + 1], 1) for k in range(w)])
     return x
+
+
+def _in_xla_compilation() -> bool:
+    from tfreg.ops.convolution import in_xla_compilation
+
+    return in_xla_compilation()
+
+
+def _strided(x: tf.Tensor, axis: int, start: int, count: int, step: int) -> tf.Tensor:
+    """`count` slices of `x` along spatial `axis` (0-based), from `start` every `step` voxels."""
+    begin = [0] * len(x.shape)
+    end = list(x.shape)
+    strides = [1] * len(x.shape)
+    begin[axis + 1] = start
+    end[axis + 1] = start + step * (count - 1) + 1
+    strides[axis + 1] = step
+    return tf.strided_slice(x, begin, end, strides)
 
 
 def box_mean(x: tf.Tensor, win: int | Sequence[int], inside: bool = False) -> tf.Tensor:
@@ -144,6 +170,8 @@ def pool_half(x: tf.Tensor) -> tf.Tensor:
     The pyramid downsampling of tfreg: output voxel ``q`` averages the input voxels
     ``2q-1, 2q, 2q+1`` that lie inside the volume (per axis), so it sits at input voxel ``2q``
     (PyTorch's ``avg_pool3d(3, 2, padding=1, count_include_pad=False)``, used by LapIRN).
+    Separable: per axis, the sum of three strided slices times the inverse count (6-13x faster
+    than a pooling op, forward and backward, under XLA and eagerly on this CPU).
 
     Args:
         x: `(batch, *spatial, channels)` float tensor.
@@ -152,13 +180,20 @@ def pool_half(x: tf.Tensor) -> tf.Tensor:
         `(batch, *ceil(spatial / 2), channels)`.
     """
     ndims = len(x.shape) - 2
-    paddings = [[0, 0]] + [[1, 1]] * ndims + [[0, 0]]
-    ksize = [1] + [3] * ndims + [1]
-    strides = [1] + [2] * ndims + [1]
-    total = _avg_pool(tf.pad(x, paddings), ksize, strides)
-    ones = tf.ones_like(x[:1, ..., :1])
-    count = _avg_pool(tf.pad(ones, paddings), ksize, strides)
-    return total / count
+    for axis in range(ndims):
+        n = x.shape[axis + 1]
+        out = -(-n // 2)
+        paddings = [[0, 0]] * (ndims + 2)
+        paddings[axis + 1] = [1, 2 * out - n]
+        padded = tf.pad(x, paddings)
+        total = tf.add_n([_strided(padded, axis, k, out, 2) for k in range(3)])
+        # how many of the voxels 2q-1, 2q, 2q+1 lie inside [0, n)
+        count = np.array([sum(0 <= i < n for i in (2 * q - 1, 2 * q, 2 * q + 1))
+                          for q in range(out)], np.float64)
+        shape = [1] * (ndims + 2)
+        shape[axis + 1] = out
+        x = total * tf.constant((1.0 / count).reshape(shape), x.dtype)
+    return x
 
 
 def edge_pad(x: tf.Tensor, axis: int, before: int, after: int) -> tf.Tensor:
