@@ -177,7 +177,9 @@ PRESETS: dict[str, InstanceConfig] = {
     # contrast floor 0.1, Adam floor 1 and smoothness weight 1 (the defaults' 0.03, 0 and 0.5 folded
     # 0.14% of the real OASIS pair at 1 mm; these 0.024%, same mean Dice on the benchmark pairs)
     "accurate": InstanceConfig(lam=1.0, ncc_floor=0.1, adam_floor=1.0),
-    "fast": InstanceConfig(levels=(1,), iterations=(90,), learning_rate=(0.25,), ncc_win=(5,),
+    # 40 steps of 0.4 (90 of 0.25 before): mean Dice 0.594 against 0.597 on the six benchmark
+    # pairs, 0.665 against 0.667 on the OASIS pair, smoother fields, 1.6x faster steps
+    "fast": InstanceConfig(levels=(1,), iterations=(40,), learning_rate=(0.4,), ncc_win=(5,),
                            affine_iterations=60),
     # the velocity lives at full resolution in the last stage, with ANTs' CC window (radius 4);
     # smoothness weight 2: the weight is what sets the field's regularity; contrast floor 0.1 and
