@@ -22,6 +22,9 @@ CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
     # input channels padded to 64-byte rows inside the kernel gradient (float64: 6 -> 8, 12 -> 16)
     ((3, 3, 3), "same", (1, 5, 6, 7), (6, 2)),
     ((3, 3), "same", (2, 9, 10), (12, 3)),
+    # more output channels than (padded) input rows: the kernel gradient's products keep their
+    # order (fewer: the narrower operand, the output gradient, goes first)
+    ((3, 3), "same", (1, 9, 10), (2, 9)),
 ]
 
 
