@@ -56,17 +56,8 @@ def central_differences(x: tf.Tensor) -> list[tf.Tensor]:
     return out
 
 
-def jacobian(disp: tf.Tensor, mode: str = "central") -> tf.Tensor:
-    """Jacobian ``J[..., c, d] = delta_cd + du_c / dx_d`` of ``x -> x + u(x)``.
-
-    Args:
-        disp: `(B, *S, N)` displacement in voxels, N = 2 or 3.
-        mode: ``"central"`` (`central_differences`, output on the whole grid) or ``"forward"``
-            (`forward_differences` on the grid cropped by one voxel at the far end of every axis).
-
-    Returns:
-        `(B, *S', N, N)` in the dtype of `disp` (float32 unless float64 is given).
-    """
+def _derivatives(disp, mode: str) -> list[tf.Tensor]:
+    """``[du/dx_d for each spatial axis d]``, each `(B, *S', N)` (see `jacobian`)."""
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
     disp = tf.convert_to_tensor(disp)
@@ -81,6 +72,22 @@ def jacobian(disp: tf.Tensor, mode: str = "central") -> tf.Tensor:
         crop = (slice(None),) + (slice(0, -1),) * ndims + (slice(None),)
         grads = [g[crop[:d + 1] + (slice(None),) + crop[d + 2:]] for d, g in
                  enumerate(forward_differences(disp))]
+    return grads
+
+
+def jacobian(disp: tf.Tensor, mode: str = "central") -> tf.Tensor:
+    """Jacobian ``J[..., c, d] = delta_cd + du_c / dx_d`` of ``x -> x + u(x)``.
+
+    Args:
+        disp: `(B, *S, N)` displacement in voxels, N = 2 or 3.
+        mode: ``"central"`` (`central_differences`, output on the whole grid) or ``"forward"``
+            (`forward_differences` on the grid cropped by one voxel at the far end of every axis).
+
+    Returns:
+        `(B, *S', N, N)` in the dtype of `disp` (float32 unless float64 is given).
+    """
+    grads = _derivatives(disp, mode)
+    ndims = len(grads)
     # grads[d][..., c] = du_c / dx_d  ->  J[..., c, d]
     jac = tf.stack(grads, axis=-1)
     return jac + tf.eye(ndims, dtype=jac.dtype)
@@ -95,10 +102,14 @@ def jacobian_determinant(disp: tf.Tensor, mode: str = "central") -> tf.Tensor:
     Returns:
         `(B, *S')` determinant.
     """
-    jac = jacobian(disp, mode)
-    j = lambda c, d: jac[..., c, d]  # noqa: E731
-    if jac.shape[-1] == 2:
-        return j(0, 0) * j(1, 1) - j(0, 1) * j(1, 0)
-    return (j(0, 0) * (j(1, 1) * j(2, 2) - j(1, 2) * j(2, 1))
-            - j(0, 1) * (j(1, 0) * j(2, 2) - j(1, 2) * j(2, 0))
-            + j(0, 2) * (j(1, 0) * j(2, 1) - j(1, 1) * j(2, 0)))
+    grads = _derivatives(disp, mode)
+    ndims = len(grads)
+    # J[c][d] = delta_cd + du_c/dx_d, one component at a time (no (..., N, N) tensor: 4x faster
+    # eagerly at 96x112x96 in float64)
+    j = [[grads[d][..., c] + 1.0 if c == d else grads[d][..., c] for d in range(ndims)]
+         for c in range(ndims)]
+    if ndims == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
