@@ -97,6 +97,17 @@ def test_box_sum_matches_reference_3d():
                                _np_box_sum(x, (4, 3, 1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("known", ["batch unknown", "all unknown"])
+def test_box_sum_and_pool_half_in_graphs_of_unknown_shape(known):
+    # a model traced with an unknown batch (a SavedModel signature) or unknown spatial sizes
+    x = _rand((7, 6, 5), seed=7, channels=2)
+    spec = tf.TensorSpec([None, 7, 6, 5, 2] if known == "batch unknown" else [None] * 5)
+    box = tf.function(lambda t: losses.box_sum(t, (4, 3, 5)), input_signature=[spec])
+    pool = tf.function(losses.avg_pool_half, input_signature=[spec])
+    np.testing.assert_allclose(box(tf.constant(x)).numpy(), _np_box_sum(x, (4, 3, 5)), atol=1e-5)
+    np.testing.assert_allclose(pool(tf.constant(x)).numpy(), _np_pool_half(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("op", ["box_sum", "pool_half"])
 def test_box_sum_and_pool_half_compiled_match_reference_with_gradients(op):
     # XLA-compiled (box_sum: pooling ops) and plain (shifted slices) formulations: same values

@@ -49,7 +49,8 @@ def box_sum(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
         Tensor of the shape of `x`: ``out[p] = sum of x over the window centred at p``.
     """
     ndims = ndims_of(x, "x")
-    pools = _in_xla_compilation()
+    # spatial sizes unknown until run time (a model traced without them): pools as well
+    pools = _in_xla_compilation() or any(n is None for n in x.shape[1:-1])
     for axis, w in enumerate(window(win, ndims)):
         if w == 1:
             continue
@@ -74,13 +75,9 @@ def _in_xla_compilation() -> bool:
 
 def _strided(x: tf.Tensor, axis: int, start: int, count: int, step: int) -> tf.Tensor:
     """`count` slices of `x` along spatial `axis` (0-based), from `start` every `step` voxels."""
-    begin = [0] * len(x.shape)
-    end = list(x.shape)
-    strides = [1] * len(x.shape)
-    begin[axis + 1] = start
-    end[axis + 1] = start + step * (count - 1) + 1
-    strides[axis + 1] = step
-    return tf.strided_slice(x, begin, end, strides)
+    index = [slice(None)] * len(x.shape)
+    index[axis + 1] = slice(start, start + step * (count - 1) + 1, step)
+    return x[tuple(index)]
 
 
 def box_mean(x: tf.Tensor, win: int | Sequence[int], inside: bool = False) -> tf.Tensor:
@@ -180,6 +177,11 @@ def pool_half(x: tf.Tensor) -> tf.Tensor:
         `(batch, *ceil(spatial / 2), channels)`.
     """
     ndims = len(x.shape) - 2
+    if any(n is None for n in x.shape[1:-1]):  # sizes known only at run time: pooling ops
+        paddings = [[0, 0]] + [[1, 1]] * ndims + [[0, 0]]
+        ksize, strides = [1] + [3] * ndims + [1], [1] + [2] * ndims + [1]
+        count = _avg_pool(tf.pad(tf.ones_like(x[:1, ..., :1]), paddings), ksize, strides)
+        return _avg_pool(tf.pad(x, paddings), ksize, strides) / count
     for axis in range(ndims):
         n = x.shape[axis + 1]
         out = -(-n // 2)
