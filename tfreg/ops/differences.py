@@ -104,8 +104,8 @@ def jacobian_determinant(disp: tf.Tensor, mode: str = "central") -> tf.Tensor:
     """
     grads = _derivatives(disp, mode)
     ndims = len(grads)
-    # J[c][d] = delta_cd + du_c/dx_d, one component at a time (no (..., N, N) tensor: 4x faster
-    # eagerly at 96x112x96 in float64)
+    # J[c][d] = delta_cd + du_c/dx_d, one component at a time (no (..., N, N) tensor: 2.6x faster
+    # eagerly and 4x under XLA at 96x112x96 in float64)
     j = [[grads[d][..., c] + 1.0 if c == d else grads[d][..., c] for d in range(ndims)]
          for c in range(ndims)]
     if ndims == 2:
