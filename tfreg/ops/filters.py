@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfreg.ops._checks import ndims_of, window
+from tfreg.ops.convolution import in_xla_compilation
 
 __all__ = ["box_sum", "box_mean", "box_gaussian", "gaussian", "gaussian_kernel", "pool_half",
            "edge_pad", "shifted"]
@@ -50,7 +51,7 @@ def box_sum(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
     """
     ndims = ndims_of(x, "x")
     # spatial sizes unknown until run time (a model traced without them): pools as well
-    pools = _in_xla_compilation() or any(n is None for n in x.shape[1:-1])
+    pools = in_xla_compilation() or any(n is None for n in x.shape[1:-1])
     for axis, w in enumerate(window(win, ndims)):
         if w == 1:
             continue
@@ -65,12 +66,6 @@ def box_sum(x: tf.Tensor, win: int | Sequence[int]) -> tf.Tensor:
         else:
             x = tf.add_n([_strided(padded, axis, k, x.shape[axis + 1], 1) for k in range(w)])
     return x
-
-
-def _in_xla_compilation() -> bool:
-    from tfreg.ops.convolution import in_xla_compilation
-
-    return in_xla_compilation()
 
 
 def _strided(x: tf.Tensor, axis: int, start: int, count: int, step: int) -> tf.Tensor:
