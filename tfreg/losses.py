@@ -36,7 +36,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from tfreg.ops import mk_lncc as _mk_lncc
 from tfreg.ops import similarity as _sim
@@ -68,7 +67,7 @@ __all__ = [
 
 def _f32(x) -> tf.Tensor:
     """Cast to float32 (losses never run in float16)."""
-    return ops.cast(x, "float32")
+    return tf.cast(x, tf.float32)
 
 
 def _pair(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:

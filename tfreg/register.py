@@ -169,7 +169,7 @@ def _sample_moving(moving: np.ndarray, disp: np.ndarray, to_moving: np.ndarray |
     """
     import tensorflow as tf
 
-    from tfreg import layers
+    from tfreg.ops.sampling import warp
 
     n = disp.shape[-1]
     if to_moving is not None:
@@ -177,7 +177,7 @@ def _sample_moving(moving: np.ndarray, disp: np.ndarray, to_moving: np.ndarray |
                                     indexing="ij"), axis=-1)
         points = grid + disp
         coords = points @ to_moving[:n, :n].T + to_moving[:n, n]
-        # layers.warp adds the output grid: pass coordinates relative to it
+        # warp adds the output grid: pass coordinates relative to it
         disp = (coords - grid).astype(np.float32)
     image = moving[None, ..., None]
     fill = None
@@ -186,7 +186,7 @@ def _sample_moving(moving: np.ndarray, disp: np.ndarray, to_moving: np.ndarray |
         fill = 0 if to_moving is not None else None
     elif to_moving is not None:
         fill = float(moving.min())
-    out = layers.warp(tf.constant(image), tf.constant(disp[None], tf.float32), interp=interp,
+    out = warp(tf.constant(image), tf.constant(disp[None], tf.float32), interp=interp,
                       fill_value=fill)
     return out.numpy()[0, ..., 0]
 
@@ -323,7 +323,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
     """
     import tensorflow as tf
 
-    from tfreg import contrast, instance, layers
+    from tfreg import contrast, instance
+    from tfreg.ops.fields import compose
     from tfreg.ops.lddmm import LddmmConfig
 
     _check_image(fixed)
@@ -376,7 +377,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, fixed_labels: Volume | No
                 report.update(method=f"model {model_info['method']}", model=str(model),
                               model_inshape=list(model_info["inshape"]))
                 if start_disp is not None:   # moving(a(y)) with y = x + u_net(x)
-                    disp = layers.compose(tf.constant(start_disp[None]),
+                    disp = compose(tf.constant(start_disp[None]),
                                           tf.constant(disp[None], tf.float32)).numpy()[0]
                 else:
                     affine = model_info.get("affine")      # the method's affine part, or None
@@ -478,9 +479,10 @@ def _affine_warp(moving: Volume, fixed: Volume, affine: np.ndarray) -> np.ndarra
     `(N, N+1)` affine on the fixed grid), sampled once from its own grid."""
     import tensorflow as tf
 
-    from tfreg import initialise, layers
+    from tfreg import initialise
+    from tfreg.ops.fields import affine_to_disp
 
-    disp = layers.affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
+    disp = affine_to_disp(tf.constant(np.asarray(affine, np.float32)[None]),
                                  fixed.shape)
     to_moving = None if same_grid(fixed, moving) else _fixed_to_moving(fixed, moving)
     return _sample_moving(initialise.normalise(moving.data), np.asarray(disp)[0], to_moving,
@@ -885,7 +887,8 @@ def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, 
 
     import tensorflow as tf
 
-    from tfreg import instance, layers
+    from tfreg import instance
+    from tfreg.ops.fields import compose
 
     level = cfg.levels[-1] if cfg.levels else 1
     index = len(cfg.levels) - 1 if cfg.levels else 0
@@ -895,7 +898,7 @@ def _finetune(fixed_n: np.ndarray, moving_n: np.ndarray, disp: np.ndarray, cfg, 
         ncc_win=(cfg.ncc_win[index] if cfg.levels else 5,), affine=False)
     prewarped = _sample_moving(moving_n, disp, None, "linear")
     result = instance.register_arrays(fixed_n, prewarped, ft, progress=progress)
-    total = layers.compose(tf.constant(disp[None]), tf.constant(result.disp[None]))
+    total = compose(tf.constant(disp[None]), tf.constant(result.disp[None]))
     return total.numpy()[0], {k: round(v, 3) for k, v in result.stage_seconds.items()}
 
 
