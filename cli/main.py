@@ -134,7 +134,7 @@ def _verbose(argv: list[str]) -> bool:
 def main() -> None:
     """Console-script entry point: a quiet start (`tfreg_cli.quiet`), Ctrl-C that ends the
     command within about a second (`tfreg_cli.interrupt`), the persistent XLA compilation cache
-    (`tfreg.xla_cache`), then the command. TensorFlow imports without the notebook and plotting
+    (`tfreg.xla_cache`) and store of traced steps (`tfreg.trace_store`), then the command. TensorFlow imports without the notebook and plotting
     packages Keras would load, and a command that imported TensorFlow ends without the
     interpreter's teardown (`tfreg_cli.lean_start`). After a signal
     (exit 130, 143) the process ends at once, without waiting for TensorFlow's threads."""
@@ -144,9 +144,10 @@ def main() -> None:
     interrupt.install()
     lean_start.install()
     if not {"-h", "--help", "--version"} & set(sys.argv[1:]):
-        from tfreg import xla_cache
+        from tfreg import trace_store, xla_cache
 
         xla_cache.enable()  # compiled steps persist across calls ($TFREG_XLA_CACHE, off to disable)
+        trace_store.enable()  # and their traced graphs ($TFREG_TRACE_CACHE, off to disable)
     try:
         cli(prog_name="tfreg")
     except SystemExit as done:

@@ -222,7 +222,8 @@ def register_pairs_parallel(pairs: Sequence[Pair], out_dir: str | Path, jobs: in
     process, as their pairs finish.
 
     Each worker starts Python and TensorFlow (a few seconds) and keeps its own compiled steps;
-    the persistent XLA cache is shared (`tfreg.xla_cache`). Memory: `jobs` times one
+    the persistent XLA cache (`tfreg.xla_cache`) and the store of traced steps
+    (`tfreg.trace_store`) are shared. Memory: `jobs` times one
     registration's.
 
     Raises:
@@ -238,10 +239,14 @@ def register_pairs_parallel(pairs: Sequence[Pair], out_dir: str | Path, jobs: in
     if len(shares) <= 1:
         return register_pairs(pairs, out_dir, on_pair=on_pair, **options)
     threads = max(1, len(os.sched_getaffinity(0)) // len(shares))
+    from tfreg import trace_store
+
+    stored = trace_store.folder()
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     workers = [context.Process(target=_pairs_worker, name=f"tfreg-pairs-{k}", daemon=True,
-                               args=(messages, k, share, str(out_dir), options, threads))
+                               args=(messages, k, share, str(out_dir), options, threads,
+                                     None if stored is None else str(stored.parent)))
                for k, share in enumerate(shares, 1)]
     by_id = {pair.id: pair for pair in pairs}
     rows: list[dict[str, Any]] = []
@@ -275,16 +280,18 @@ def register_pairs_parallel(pairs: Sequence[Pair], out_dir: str | Path, jobs: in
 
 
 def _pairs_worker(messages, k: int, pairs: Sequence[Pair], out_dir: str, options: dict,
-                  threads: int) -> None:
-    """One worker of `register_pairs_parallel` (a fresh process): its own XLA cache folder and
-    thread count, then `register_pairs`, each row sent back as ``("row", k, row)``."""
+                  threads: int, trace_folder: str | None = None) -> None:
+    """One worker of `register_pairs_parallel` (a fresh process): its own XLA cache folder, the
+    parent's trace store (`trace_folder`, None: off) and thread count, then `register_pairs`, each row sent back as ``("row", k, row)``."""
     import os
 
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
-    from tfreg import xla_cache
+    from tfreg import trace_store, xla_cache
 
     xla_cache.enable_in_child()
+    if trace_folder is not None:  # the parent's store of traced steps (`tfreg.trace_store`)
+        trace_store.enable(trace_folder)
     try:
         register_pairs(pairs, out_dir, on_pair=lambda pair, row: messages.put(("row", k, row)),
                        **options)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from tfreg import losses
+from tfreg import losses, trace_store
 from tfreg.errors import ConfigError, InputError
 from tfreg.ops import compile_cache, fields, filters, intensity, sampling
 
@@ -461,14 +461,31 @@ class _Optimiser:
 
     BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-9
 
-    def __init__(self, shape: tuple[int, ...], loss_fn: Callable, jit: bool, floor: float = 0.0):
+    def __init__(self, shape: tuple[int, ...], loss_fn: Callable, jit: bool, floor: float = 0.0,
+                 key: tuple = ()):
         self.param = tf.Variable(tf.zeros(shape, tf.float32), trainable=True)
         self.moment1 = tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
         self.moment2 = tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
         self.count = tf.Variable(0.0, trainable=False)
         self.floor = float(floor)
         self.loss_fn = loss_fn
+        self.key = key  # everything the traced step depends on besides the argument shapes
         self.step = compile_cache.jit_function(self._step, jit)
+        self.stored = False
+
+    def prepare(self, args: tuple) -> None:
+        """Make `step` ready for `args` without compiling it: the stored graph of this step
+        (`tfreg.trace_store`, when enabled; traced and stored if missing), else a trace."""
+        if self.stored:
+            return
+        variables = (self.param, self.moment1, self.moment2, self.count)
+        key = self.key + (tuple((a.dtype.name, tuple(a.shape)) for a in args),)
+        stored = trace_store.load(key, variables) if self.key else None
+        if stored is None:
+            concrete = self.step.get_concrete_function(*args)
+            stored = trace_store.store(key, concrete, variables) if self.key else None
+        if stored is not None:
+            self.step, self.stored = stored, True
 
     def _step(self, lr, fixed, moving, affine):
         with tf.GradientTape() as tape:
@@ -551,8 +568,9 @@ def _svf_loss_fn(cfg: InstanceConfig, shapes: list[tuple[int, ...]], level: int,
 def _optimiser(key: tuple, shape: tuple[int, ...], build_loss: Callable[[], Callable],
                jit: bool, floor: float = 0.0) -> _Optimiser:
     """The cached `_Optimiser` of `key` (shapes and static settings; `floor` is Adam's)."""
-    return compile_cache.cached(("instance",) + key + (jit, floor),
-                                lambda: _Optimiser(shape, build_loss(), jit, floor))
+    full_key = ("instance",) + key + (jit, floor)
+    return compile_cache.cached(full_key,
+                                lambda: _Optimiser(shape, build_loss(), jit, floor, full_key))
 
 
 def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[tuple[int, ...]],
@@ -584,12 +602,15 @@ def _precompile(stages: list, f_pyr: list, m_pyr: list, affine: tf.Tensor
         except Exception:  # noqa: BLE001 - the main thread's own call reports it
             return
 
-    # trace every stage's step here, in stage order, before any thread starts: the names
-    # TensorFlow gives traced functions come from a process-wide counter, and they are part of
-    # the persistent XLA cache's key (`tfreg.xla_cache`); traced concurrently, they would differ
-    # from process to process and the cache would miss
+    # trace (or load, `tfreg.trace_store`) every stage's step here, in stage order, before any
+    # thread starts: the names TensorFlow gives traced functions come from a process-wide
+    # counter, and they are part of the persistent XLA cache's key (`tfreg.xla_cache`); traced
+    # concurrently, they would differ from process to process and the cache would miss. What
+    # is traced after this point gets the same names whether the steps were traced or loaded.
     for _, lvl, _, _, _, opt in stages:
-        opt.step.get_concrete_function(tf.constant(0.0), f_pyr[lvl], m_pyr[lvl], affine)
+        opt.prepare((tf.constant(0.0), f_pyr[lvl], m_pyr[lvl], affine))
+    if trace_store.folder() is not None:
+        trace_store.align_names()
     threads = {}
     for index, (_, lvl, _, _, _, opt) in enumerate(stages):
         if index == 0:

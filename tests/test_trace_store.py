@@ -1,0 +1,185 @@
+"""tfreg.trace_store: traced steps stored on disk, loaded by later processes instead of traced."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfreg import trace_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    folder = trace_store.enable(tmp_path / "traces")
+    assert folder is not None and folder.parent == tmp_path / "traces"
+    yield folder
+    trace_store.disable()
+
+
+def _adam_like_step():
+    """A small stateful function of the kind instance optimisation stores: variables captured,
+    a gradient inside, a loop (a nested function in the graph)."""
+    param = tf.Variable(tf.zeros((4, 5)))
+    count = tf.Variable(0.0)
+
+    def step(lr, target):
+        with tf.GradientTape() as tape:
+            smooth = tf.while_loop(lambda i, x: i < 3, lambda i, x: (i + 1, 0.5 * (x + param)),
+                                   (0, param))[1]
+            loss = tf.reduce_sum(tf.square(smooth - target))
+        grad = tape.gradient(loss, param)
+        count.assign_add(1.0)
+        param.assign_sub(lr * grad / tf.sqrt(count))
+        return loss
+
+    return param, count, tf.function(step, autograph=False)
+
+
+def test_a_stored_function_computes_what_the_traced_one_did(store):
+    target = tf.constant(np.arange(20, dtype=np.float32).reshape(4, 5) / 10)
+    param, count, traced = _adam_like_step()
+    losses_traced = [float(traced(tf.constant(0.1), target)) for _ in range(4)]
+    after_traced = param.numpy()
+
+    param.assign(tf.zeros_like(param))
+    count.assign(0.0)
+    key = ("test", "adam-like", 1)
+    concrete = traced.get_concrete_function(tf.constant(0.1), target)
+    stored = trace_store.store(key, concrete, [param, count])
+    assert stored is not None and trace_store.entry_path(key).is_file()
+    assert stored.name.startswith("tfreg_")
+    losses_stored = [float(stored(tf.constant(0.1), target)) for _ in range(4)]
+    np.testing.assert_array_equal(losses_stored, losses_traced)
+    np.testing.assert_array_equal(param.numpy(), after_traced)
+    assert float(count) == 4.0
+
+    # loaded again, bound to other variables of the same shapes (a later process's)
+    other, other_count = tf.Variable(tf.zeros((4, 5))), tf.Variable(0.0)
+    again = trace_store.load(key, [other, other_count])
+    assert again is not None
+    assert [float(again(tf.constant(0.1), target)) for _ in range(4)] == losses_traced
+    np.testing.assert_array_equal(other.numpy(), after_traced)
+    assert not np.array_equal(after_traced, 0)  # the steps did move the parameter
+
+
+def test_missing_unreadable_and_foreign_entries_give_none(store):
+    param, count, traced = _adam_like_step()
+    target = tf.zeros((4, 5))
+    assert trace_store.load(("nothing", "here"), [param, count]) is None
+    key = ("test", "damaged")
+    trace_store.entry_path(key).write_bytes(b"not a stored function")
+    assert trace_store.load(key, [param, count]) is None
+    assert not trace_store.entry_path(key).exists()  # removed, to be traced and stored again
+    concrete = traced.get_concrete_function(tf.constant(0.1), target)
+    assert trace_store.store(key, concrete, [param, count]) is not None
+    # an entry whose header names another key (e.g. a digest collision) is not used
+    path = trace_store.entry_path(key)
+    path.write_bytes(path.read_bytes().replace(b"damaged", b"changed", 1))
+    assert trace_store.load(key, [param, count]) is None
+
+
+def test_a_function_capturing_a_tensor_constant_is_not_stored(store):
+    weights = tf.constant(np.linspace(0, 1, 5, dtype=np.float32))  # captured, not a variable
+    param = tf.Variable(tf.ones((5,)))
+    fn = tf.function(lambda x: tf.reduce_sum(param * weights * x), autograph=False)
+    concrete = fn.get_concrete_function(tf.ones((5,)))
+    assert trace_store.store(("test", "constant"), concrete, [param]) is None
+    assert not trace_store.entry_path(("test", "constant")).exists()
+
+
+def test_off_and_folder_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv(trace_store.ENV, "off")
+    assert trace_store.enable() is None and trace_store.folder() is None
+    assert trace_store.entry_path(("k",)) is None
+    monkeypatch.setenv(trace_store.ENV, str(tmp_path / "t"))
+    try:
+        folder = trace_store.enable()
+        assert folder is not None and folder.parent == tmp_path / "t"
+    finally:
+        trace_store.disable()
+
+
+def test_old_versions_are_pruned(tmp_path):
+    base = tmp_path / "traces"
+    for k in range(5):
+        (base / f"old{k}").mkdir(parents=True)
+        os.utime(base / f"old{k}", (1000 + k, 1000 + k))
+    try:
+        current = trace_store.enable(base)
+    finally:
+        trace_store.disable()
+    left = sorted(p.name for p in base.iterdir())
+    assert current.name in left
+    assert len(left) == trace_store.KEEP_VERSIONS
+    assert {"old4", "old3"} <= set(left) - {current.name}
+
+
+def test_align_names_moves_the_counter_to_the_next_multiple():
+    from tensorflow.python.framework import ops
+
+    ops.uid()
+    trace_store.align_names()
+    first = ops.uid()  # the counter stopped on a multiple: the next number is one past it
+    assert first % trace_store.NAME_STEP == 1
+    trace_store.align_names()
+    second = ops.uid()
+    assert second == first + trace_store.NAME_STEP
+
+
+REGISTER = """
+import sys, json
+import numpy as np
+from scipy import ndimage
+from tfreg import instance, trace_store, xla_cache
+xla_cache.enable(sys.argv[2])
+if sys.argv[1] != "off":
+    trace_store.enable(sys.argv[1])
+rng = np.random.default_rng(0)
+fixed = ndimage.gaussian_filter(rng.random((48, 48)), 2).astype(np.float32)
+moving = np.roll(fixed, 2, axis=0)
+cfg = instance.InstanceConfig(levels=(2, 1), iterations=(3, 3), learning_rate=(0.1, 0.1),
+                              ncc_win=(3, 3), affine_iterations=2, affine_level=1,
+                              min_level_size=4, min_affine_size=4, jit=True,
+                              lam=float(sys.argv[3]))
+result = instance.register_arrays(fixed, moving, cfg)
+np.save(sys.argv[4], result.disp)
+"""
+
+
+def _register(tmp_path: Path, store: str, lam: float, out: str) -> tuple[np.ndarray, str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0",
+           "TF_CPP_VMODULE": "device_executable_persistor=1"}
+    env.pop("TF_XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", REGISTER, store, str(tmp_path / "xla"),
+                           str(lam), str(tmp_path / out)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(tmp_path / out), proc.stderr
+
+
+def test_registration_processes_store_then_load_the_same_steps(tmp_path):
+    """The first process stores its three steps (affine, two levels); the second loads them,
+    finds their XLA executables, and computes exactly what a process without the store does."""
+    traces = tmp_path / "traces"
+    plain, _ = _register(tmp_path, "off", 1.0, "plain.npy")
+    first, _ = _register(tmp_path, str(traces), 1.0, "first.npy")
+    entries = {p.name: p.stat().st_ino for p in traces.rglob("*.fn")}
+    assert len(entries) == 3
+    second, log = _register(tmp_path, str(traces), 1.0, "second.npy")
+    # loaded, not stored again (a store writes a new file in place of the old one)
+    assert {p.name: p.stat().st_ino for p in traces.rglob("*.fn")} == entries
+    assert "Loading cached entry" in log                            # XLA executables found
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+    assert np.abs(plain).max() > 0.5  # the registration moved something
+    # another smoothness weight is another graph: three new entries (the settings are part of
+    # every step's key)
+    other, _ = _register(tmp_path, str(traces), 2.0, "other.npy")
+    assert len(list(traces.rglob("*.fn"))) == 6
+    assert not np.array_equal(other, plain)
