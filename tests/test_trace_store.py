@@ -163,6 +163,12 @@ def _register(tmp_path: Path, store: str, lam: float, out: str) -> tuple[np.ndar
     return np.load(tmp_path / out), proc.stderr
 
 
+def _steps(folder: Path) -> int:
+    """Entries of instance-optimisation steps (their key, in the header, starts so)."""
+    return sum(p.read_bytes().split(b"\n", 2)[1].startswith(b'{"key": "(\'instance\'')
+               for p in folder.rglob("*.fn"))
+
+
 def test_registration_processes_store_then_load_the_same_steps(tmp_path):
     """The first process stores its three steps (affine, two levels); the second loads them,
     finds their XLA executables, and computes exactly what a process without the store does."""
@@ -170,7 +176,7 @@ def test_registration_processes_store_then_load_the_same_steps(tmp_path):
     plain, _ = _register(tmp_path, "off", 1.0, "plain.npy")
     first, _ = _register(tmp_path, str(traces), 1.0, "first.npy")
     entries = {p.name: p.stat().st_ino for p in traces.rglob("*.fn")}
-    assert len(entries) == 3
+    assert _steps(traces) == 3  # besides the compiled ops it ran eagerly (`compiled`)
     second, log = _register(tmp_path, str(traces), 1.0, "second.npy")
     # loaded, not stored again (a store writes a new file in place of the old one)
     assert {p.name: p.stat().st_ino for p in traces.rglob("*.fn")} == entries
@@ -181,5 +187,39 @@ def test_registration_processes_store_then_load_the_same_steps(tmp_path):
     # another smoothness weight is another graph: three new entries (the settings are part of
     # every step's key)
     other, _ = _register(tmp_path, str(traces), 2.0, "other.npy")
-    assert len(list(traces.rglob("*.fn"))) == 6
+    assert _steps(traces) == 6
     assert not np.array_equal(other, plain)
+
+
+def test_compiled_ops_called_eagerly_use_the_store(store):
+    """`compile_cache.compiled` functions (the warps, integration, ... that run as their own
+    XLA functions) are stored per argument shapes, and give what the traced function gives."""
+    from tfreg.ops import compile_cache
+
+    compile_cache.clear()
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.random((2, 9, 7)).astype(np.float32))
+    y = tf.constant(rng.random((2, 9, 7)).astype(np.float32))
+    fn = compile_cache.compiled(("test.pair", 1),
+                                lambda a, b: (tf.reduce_sum(a * b, axis=-1), tf.sin(a) - b))
+    first = fn(x, y)
+    assert isinstance(first, tuple) and len(first) == 2
+    entries = {p.name: p.stat().st_ino for p in store.glob("*.fn")}
+    assert len(entries) == 1
+    expected = (np.sum(x.numpy() * y.numpy(), axis=-1), np.sin(x.numpy()) - y.numpy())
+    for got, want in zip(first, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    # another process (the in-memory cache cleared) loads the entry instead of storing again
+    compile_cache.clear()
+    fn = compile_cache.compiled(("test.pair", 1),
+                                lambda a, b: (tf.reduce_sum(a * b, axis=-1), tf.sin(a) - b))
+    again = fn(x, y)
+    assert {p.name: p.stat().st_ino for p in store.glob("*.fn")} == entries
+    for got, want in zip(again, first):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    fn(x[:1], y[:1])  # another shape: another entry
+    assert len(list(store.glob("*.fn"))) == 2
+    # inside a traced function it is the tf.function (no stored call in a graph)
+    outer = tf.function(lambda a, b: fn(a, b)[0] * 2.0)
+    np.testing.assert_allclose(outer(x, y).numpy(), 2 * expected[0], rtol=1e-5)
+    compile_cache.clear()

@@ -376,25 +376,56 @@ def simplex_determinants(disp) -> np.ndarray:
         the identity.
     """
     u = _field(disp)
-    ndims = u.shape[-1]
-    shape = u.shape[:-1]
-    padded = np.pad(u, [(1, 1)] * ndims + [(0, 0)], mode="edge")
+    padded = np.pad(u, [(1, 1)] * u.shape[-1] + [(0, 0)], mode="edge")
+    return _slab_determinants(u, padded, 0, u.shape[0])
 
+
+def _slab_determinants(u: np.ndarray, padded: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """`simplex_determinants` of the rows ``start:stop`` (first axis) of `u`, given `u` padded
+    by one voxel (edge values) on every spatial side: `(stop - start, *S[1:], K)` float64."""
+    ndims = u.shape[-1]
+    u = u[start:stop]
+    padded = padded[start:stop + 2]
+    shape = u.shape[:-1]
     simplices = _simplices(ndims)
     edges = {}  # phi(x + e) - phi(x) per edge offset e, component by component: each once
     for offset in sorted({e for simplex in simplices for e in simplex}):
         window = tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, shape))
         edges[offset] = [padded[window + (c,)] - u[..., c] + offset[c] for c in range(ndims)]
     dets = np.empty((*shape, len(simplices)), np.float64)
+    crosses = {}  # b x c per pair of edge offsets: the corner tetrahedra share them
     for k, simplex in enumerate(simplices):
-        a, b, *rest = (edges[e] for e in simplex)
         if ndims == 2:
+            a, b = (edges[e] for e in simplex)
             dets[..., k] = a[0] * b[1] - a[1] * b[0]
-        else:
-            c = rest[0]
-            dets[..., k] = (a[0] * (b[1] * c[2] - b[2] * c[1]) + a[1] * (b[2] * c[0] - b[0] * c[2])
-                            + a[2] * (b[0] * c[1] - b[1] * c[0]))
+            continue
+        simplex, sign = _axis_order(simplex)
+        a, (b_off, c_off) = edges[simplex[0]], simplex[1:]
+        if (b_off, c_off) not in crosses:
+            b, c = edges[b_off], edges[c_off]
+            crosses[b_off, c_off] = (b[1] * c[2] - b[2] * c[1], b[2] * c[0] - b[0] * c[2],
+                                     b[0] * c[1] - b[1] * c[0])
+        bc = crosses[b_off, c_off]
+        dets[..., k] = a[0] * bc[0] + a[1] * bc[1] + a[2] * bc[2]
+        if sign < 0:
+            np.negative(dets[..., k], out=dets[..., k])
     return dets
+
+
+def _axis_order(simplex: tuple) -> tuple[tuple, int]:
+    """A corner simplex's edges (one along each axis) in axis order, and the sign that keeps its
+    determinant (-1 for an odd reordering); other simplices unchanged with sign 1."""
+    axes = [int(np.flatnonzero(e)[0]) if np.count_nonzero(e) == 1 else -1 for e in simplex]
+    if sorted(axes) != list(range(len(simplex))):
+        return simplex, 1
+    order = sorted(range(len(simplex)), key=lambda i: axes[i])
+    inversions = sum(order[i] > order[j] for i in range(len(order))
+                     for j in range(i + 1, len(order)))
+    return tuple(simplex[i] for i in order), (-1 if inversions % 2 else 1)
+
+
+#: `ndv` works on slabs of about this many voxels
+_SLAB_VOXELS = 2**14
 
 
 def _mask(mask, shape: tuple[int, ...]) -> np.ndarray:
@@ -426,9 +457,16 @@ def ndv(disp, mask=None) -> float:
     u = _field(disp)
     ndims = u.shape[-1]
     inside = _mask(mask, u.shape[:-1])
-    folded = np.maximum(-simplex_determinants(u), 0.0).sum(axis=-1)
-    per_voxel = folded / (2.0 * (6.0 if ndims == 3 else 2.0))
-    return float(per_voxel[inside].sum())
+    padded = np.pad(u, [(1, 1)] * ndims + [(0, 0)], mode="edge")
+    # a few rows at a time: the temporaries (12 edge vectors, 10 determinants per voxel) stay
+    # small and in cache (0.48-1.2 s -> 0.2 s at 96x112x96, mostly fresh-memory page faults)
+    rows = max(1, _SLAB_VOXELS // max(int(np.prod(u.shape[1:-1])), 1))
+    total = 0.0
+    for start in range(0, u.shape[0], rows):
+        stop = min(start + rows, u.shape[0])
+        folded = np.maximum(-_slab_determinants(u, padded, start, stop), 0.0).sum(axis=-1)
+        total += float(folded[inside[start:stop]].sum())
+    return total / (2.0 * (6.0 if ndims == 3 else 2.0))
 
 
 def ndv_percent(disp, mask=None) -> float:

@@ -139,27 +139,28 @@ def entry_path(key: Any) -> Path | None:
 
 class StoredFunction:
     """A stored graph bound to the caller's variables: ``fn(*tensors)`` returns its output
-    (one tensor) or outputs (a list), exactly as the traced function did.
+    tensor, or its tuple of output tensors, as the traced function did.
 
     Attributes:
         name: the function's name in TensorFlow's runtime.
     """
 
     def __init__(self, name: str, variables: Sequence[tf.Variable], captures: list[int],
-                 num_outputs: int):
+                 num_outputs: int, as_tuple: bool = False):
         self.name = name
         self._handles = [variables[i].handle for i in captures]
         self._num_outputs = num_outputs
+        self._tuple = as_tuple
         from tensorflow.python.eager import context
 
         self._context = context.context()
 
-    def __call__(self, *args) -> tf.Tensor | list[tf.Tensor]:
+    def __call__(self, *args) -> tf.Tensor | tuple[tf.Tensor, ...]:
         import tensorflow as tf
 
         inputs = [tf.convert_to_tensor(a) for a in args] + self._handles
         outputs = self._context.call_function(self.name.encode(), inputs, self._num_outputs)
-        return outputs[0] if self._num_outputs == 1 else list(outputs)
+        return tuple(outputs) if self._tuple else outputs[0]
 
 
 def _rename(library, prefix: str) -> str:
@@ -192,13 +193,20 @@ def _register(library) -> None:
 def store(key: Any, concrete, variables: Sequence[tf.Variable]) -> StoredFunction | None:
     """Write the graph of `concrete` (a traced ``ConcreteFunction``) under `key` and return it
     loaded (`load`). `variables`: every variable the function captures; a function that captures
-    anything else (a tensor constant) is not stored. Returns None when the store is off or the
+    anything else (a tensor constant), or returns anything but a tensor or a flat tuple of
+    tensors, is not stored. Returns None when the store is off or the
     function cannot be stored; the caller keeps using `concrete`."""
     path = entry_path(key)
     if path is None:
         return None
+    import tensorflow as tf
     from tensorflow.core.framework import function_pb2
 
+    outputs = concrete.structured_outputs
+    as_tuple = isinstance(outputs, tuple)
+    flat = list(outputs) if as_tuple else [outputs]
+    if not flat or not all(isinstance(t, tf.Tensor) for t in flat):
+        return None  # only a tensor or a flat tuple of tensors
     captures = []
     for captured in concrete.captured_inputs:
         match = [i for i, var in enumerate(variables) if captured is var.handle]
@@ -210,7 +218,8 @@ def store(key: Any, concrete, variables: Sequence[tf.Variable]) -> StoredFunctio
     library.function.extend(concrete.graph.as_graph_def().library.function)
     name = _rename(library, f"tfreg_{path.stem}")
     header = json.dumps({"key": repr(key), "name": name, "captures": captures,
-                         "outputs": len(concrete.outputs), "written": time.time()}).encode()
+                         "outputs": len(flat), "tuple": as_tuple,
+                         "written": time.time()}).encode()
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as fh:
             fh.write(_MAGIC + header + b"\n" + library.SerializeToString())
@@ -246,7 +255,8 @@ def load(key: Any, variables: Sequence[tf.Variable]) -> StoredFunction | None:
     except Exception:  # noqa: BLE001 - a damaged entry: trace again and replace it
         path.unlink(missing_ok=True)
         return None
-    return StoredFunction(meta["name"], variables, meta["captures"], int(meta["outputs"]))
+    return StoredFunction(meta["name"], variables, meta["captures"], int(meta["outputs"]),
+                          bool(meta.get("tuple", False)))
 
 
 def align_names() -> None:

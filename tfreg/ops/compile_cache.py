@@ -73,13 +73,44 @@ def jit_function(fn: Callable, jit: bool = True) -> Callable:
     return tf.function(traced, jit_compile=bool(jit), autograph=False)
 
 
+class _Compiled:
+    """A `jit_function` that, called eagerly with tensors while the store of traced functions
+    (`tfreg.trace_store`) is enabled, runs the stored graph for the arguments' shapes (loaded,
+    or traced and stored on first use) instead of tracing it in this process. Anywhere else
+    (inside a traced function, other arguments, the store off) it is the `tf.function`."""
+
+    def __init__(self, key: Hashable, fn: Callable, jit: bool):
+        self.key = key
+        self.jit = jit
+        self.function = jit_function(fn, jit)
+        self._by_shapes: dict[tuple, Callable] = {}
+
+    def __call__(self, *args, **kwargs):
+        from tfreg import trace_store
+
+        if (kwargs or trace_store.folder() is None or not tf.executing_eagerly()
+                or not all(isinstance(a, tf.Tensor) for a in args)):
+            return self.function(*args, **kwargs)
+        shapes = tuple((a.dtype.name, tuple(a.shape)) for a in args)
+        fn = self._by_shapes.get(shapes)
+        if fn is None:
+            key = ("compiled", self.key, self.jit, shapes)
+            fn = trace_store.load(key, [])
+            if fn is None:
+                fn = trace_store.store(key, self.function.get_concrete_function(*args), []) \
+                    or self.function
+            self._by_shapes[shapes] = fn
+        return fn(*args)
+
+
 def compiled(key: Hashable, fn: Callable, *, jit: bool = True) -> Callable:
-    """`jit_function` ``(fn, jit)``, one per `key` (and `jit`).
+    """`jit_function` ``(fn, jit)``, one per `key` (and `jit`); called eagerly, it uses the
+    store of traced functions when that is enabled (see `_Compiled`).
 
     `key` must name everything `fn` closes over that changes what it computes (static options,
     shapes of captured constants); the arguments' shapes are handled by `tf.function` retracing.
     """
-    return cached(("tf.function", key, bool(jit)), lambda: jit_function(fn, bool(jit)))
+    return cached(("tf.function", key, bool(jit)), lambda: _Compiled(key, fn, bool(jit)))
 
 
 def check_jit(jit) -> bool | str:
