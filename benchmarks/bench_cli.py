@@ -24,8 +24,8 @@ Usage::
 `--vs-ants` builds the 96x112x96 benchmark pairs of `bench_register.py`, then alternates, pair by
 pair, a whole `tfreg register F M -o OUT --preset fast` (or `--preset accurate`, the default
 preset) with both label maps (process start to
-exit, a fresh process each time; the XLA cache starts empty, so the first call compiles and the
-later ones load) and ANTs SyN with antspyx defaults (against `accurate`: SyN(100, 70, 50)) in a
+exit, a fresh process each time; the XLA cache and the store of traced steps start empty, so the
+first call traces and compiles and the later ones load) and ANTs SyN with antspyx defaults (against `accurate`: SyN(100, 70, 50)) in a
 fresh process of a separate environment
 (`--ants-python`, default `/tmp/antsenv/bin/python`: `python -m venv /tmp/antsenv &&
 /tmp/antsenv/bin/pip install antspyx`), timing its registration call only. Then
@@ -184,7 +184,9 @@ def vs_ants(pair_ids: list[str], ants_python: str, preset: str = "fast", jobs_ma
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {**os.environ, "TFREG_XLA_CACHE": str(work / "xla")}
+        # both persistent caches start empty: the first call traces, stores and compiles
+        env = {**os.environ, "TFREG_XLA_CACHE": str(work / "xla"),
+               "TFREG_TRACE_CACHE": str(work / "traces")}
         files = _write_pairs(pair_ids, work)
         for index, pid in enumerate(pair_ids):
             f = files[pid]
