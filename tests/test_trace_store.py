@@ -84,6 +84,16 @@ def test_missing_unreadable_and_foreign_entries_give_none(store):
     assert trace_store.load(key, [param, count]) is None
 
 
+def test_a_removed_folder_means_tracing_not_an_error(store):
+    import shutil
+
+    param, count, traced = _adam_like_step()
+    concrete = traced.get_concrete_function(tf.constant(0.1), tf.zeros((4, 5)))
+    shutil.rmtree(store)  # e.g. pruned by a process of another tfreg version
+    assert trace_store.store(("test", "gone"), concrete, [param, count]) is None
+    assert trace_store.load(("test", "gone"), [param, count]) is None
+
+
 def test_a_function_capturing_a_tensor_constant_is_not_stored(store):
     weights = tf.constant(np.linspace(0, 1, 5, dtype=np.float32))  # captured, not a variable
     param = tf.Variable(tf.ones((5,)))
@@ -177,7 +187,10 @@ def test_registration_processes_store_then_load_the_same_steps(tmp_path):
     first, _ = _register(tmp_path, str(traces), 1.0, "first.npy")
     entries = {p.name: p.stat().st_ino for p in traces.rglob("*.fn")}
     assert _steps(traces) == 3  # besides the compiled ops it ran eagerly (`compiled`)
+    compiled = sorted(p.name for p in (tmp_path / "xla").glob("*.pb"))
     second, log = _register(tmp_path, str(traces), 1.0, "second.npy")
+    # every XLA executable it ran was found under the stored functions' names: nothing new
+    assert sorted(p.name for p in (tmp_path / "xla").glob("*.pb")) == compiled
     # loaded, not stored again (a store writes a new file in place of the old one)
     assert {p.name: p.stat().st_ino for p in traces.rglob("*.fn")} == entries
     assert "Loading cached entry" in log                            # XLA executables found
@@ -191,6 +204,15 @@ def test_registration_processes_store_then_load_the_same_steps(tmp_path):
     assert not np.array_equal(other, plain)
 
 
+def _pair_fn():
+    """A two-output function that passes for tfreg's own code (`_Compiled` stores only that)."""
+    def pair(a, b):
+        return tf.reduce_sum(a * b, axis=-1), tf.sin(a) - b
+
+    pair.__module__ = "tfreg.test_pair"
+    return pair
+
+
 def test_compiled_ops_called_eagerly_use_the_store(store):
     """`compile_cache.compiled` functions (the warps, integration, ... that run as their own
     XLA functions) are stored per argument shapes, and give what the traced function gives."""
@@ -200,8 +222,7 @@ def test_compiled_ops_called_eagerly_use_the_store(store):
     rng = np.random.default_rng(3)
     x = tf.constant(rng.random((2, 9, 7)).astype(np.float32))
     y = tf.constant(rng.random((2, 9, 7)).astype(np.float32))
-    fn = compile_cache.compiled(("test.pair", 1),
-                                lambda a, b: (tf.reduce_sum(a * b, axis=-1), tf.sin(a) - b))
+    fn = compile_cache.compiled(("test.pair", 1), _pair_fn())
     first = fn(x, y)
     assert isinstance(first, tuple) and len(first) == 2
     entries = {p.name: p.stat().st_ino for p in store.glob("*.fn")}
@@ -211,8 +232,7 @@ def test_compiled_ops_called_eagerly_use_the_store(store):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     # another process (the in-memory cache cleared) loads the entry instead of storing again
     compile_cache.clear()
-    fn = compile_cache.compiled(("test.pair", 1),
-                                lambda a, b: (tf.reduce_sum(a * b, axis=-1), tf.sin(a) - b))
+    fn = compile_cache.compiled(("test.pair", 1), _pair_fn())
     again = fn(x, y)
     assert {p.name: p.stat().st_ino for p in store.glob("*.fn")} == entries
     for got, want in zip(again, first):
@@ -222,4 +242,16 @@ def test_compiled_ops_called_eagerly_use_the_store(store):
     # inside a traced function it is the tf.function (no stored call in a graph)
     outer = tf.function(lambda a, b: fn(a, b)[0] * 2.0)
     np.testing.assert_allclose(outer(x, y).numpy(), 2 * expected[0], rtol=1e-5)
+    compile_cache.clear()
+
+
+def test_compiled_functions_from_outside_tfreg_are_not_stored(store):
+    """Entries are valid for one version of tfreg's code; a plugin's own function is not
+    covered, so it is traced in every process instead of stored."""
+    from tfreg.ops import compile_cache
+
+    compile_cache.clear()
+    fn = compile_cache.compiled(("test.outside",), lambda a: a * 3.0)  # defined in this test
+    assert float(fn(tf.constant(2.0))) == 6.0
+    assert not list(store.glob("*.fn"))
     compile_cache.clear()

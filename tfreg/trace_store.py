@@ -220,12 +220,15 @@ def store(key: Any, concrete, variables: Sequence[tf.Variable]) -> StoredFunctio
     header = json.dumps({"key": repr(key), "name": name, "captures": captures,
                          "outputs": len(flat), "tuple": as_tuple,
                          "written": time.time()}).encode()
+    temporary = None
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as fh:
+            temporary = Path(fh.name)
             fh.write(_MAGIC + header + b"\n" + library.SerializeToString())
-        os.replace(fh.name, path)
-    except OSError:
-        Path(fh.name).unlink(missing_ok=True)
+        os.replace(temporary, path)
+    except OSError:  # e.g. the folder was removed meanwhile (another version's prune)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         return None
     return load(key, variables)
 

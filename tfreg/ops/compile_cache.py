@@ -84,11 +84,15 @@ class _Compiled:
         self.jit = jit
         self.function = jit_function(fn, jit)
         self._by_shapes: dict[tuple, Callable] = {}
+        # the store's entries are valid for one version of tfreg's code (`trace_store`): code
+        # from elsewhere (a plugin's function) is traced in every process
+        self._storable = str(getattr(fn, "__module__", None) or "").startswith("tfreg.")
 
     def __call__(self, *args, **kwargs):
         from tfreg import trace_store
 
-        if (kwargs or trace_store.folder() is None or not tf.executing_eagerly()
+        if (kwargs or not self._storable or trace_store.folder() is None
+                or not tf.executing_eagerly()
                 or not all(isinstance(a, tf.Tensor) for a in args)):
             return self.function(*args, **kwargs)
         shapes = tuple((a.dtype.name, tuple(a.shape)) for a in args)
