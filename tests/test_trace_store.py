@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from registerproc import register_in_process
 from tfreg import trace_store
 
 
@@ -142,35 +141,8 @@ def test_align_names_moves_the_counter_to_the_next_multiple():
     assert second == first + trace_store.NAME_STEP
 
 
-REGISTER = """
-import sys, json
-import numpy as np
-from scipy import ndimage
-from tfreg import instance, trace_store, xla_cache
-xla_cache.enable(sys.argv[2])
-if sys.argv[1] != "off":
-    trace_store.enable(sys.argv[1])
-rng = np.random.default_rng(0)
-fixed = ndimage.gaussian_filter(rng.random((48, 48)), 2).astype(np.float32)
-moving = np.roll(fixed, 2, axis=0)
-cfg = instance.InstanceConfig(levels=(2, 1), iterations=(3, 3), learning_rate=(0.1, 0.1),
-                              ncc_win=(3, 3), affine_iterations=2, affine_level=1,
-                              min_level_size=4, min_affine_size=4, jit=True,
-                              lam=float(sys.argv[3]))
-result = instance.register_arrays(fixed, moving, cfg)
-np.save(sys.argv[4], result.disp)
-"""
-
-
 def _register(tmp_path: Path, store: str, lam: float, out: str) -> tuple[np.ndarray, str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0",
-           "TF_CPP_VMODULE": "device_executable_persistor=1"}
-    env.pop("TF_XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", REGISTER, store, str(tmp_path / "xla"),
-                           str(lam), str(tmp_path / out)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(tmp_path / out), proc.stderr
+    return register_in_process(tmp_path / "xla", store, tmp_path / out, lam)
 
 
 def _steps(folder: Path) -> int:

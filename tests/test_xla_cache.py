@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from registerproc import register_in_process
 from tfreg import xla_cache
 
 SCRIPT = """
@@ -99,40 +100,13 @@ def test_prune_removes_stale_private_folders_and_oldest_files(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.pb")) == ["e2.pb", "e3.pb"]
 
 
-REGISTER = """
-import sys
-from tfreg import xla_cache
-xla_cache.enable(sys.argv[1])
-import numpy as np
-from scipy import ndimage
-from tfreg import instance
-rng = np.random.default_rng(0)
-fixed = ndimage.gaussian_filter(rng.random((48, 48)), 2).astype(np.float32)
-moving = np.roll(fixed, 2, axis=0)
-cfg = instance.InstanceConfig(levels=(2, 1), iterations=(2, 2), learning_rate=(0.1, 0.1),
-                              ncc_win=(3, 3), affine_iterations=2, affine_level=1,
-                              min_level_size=4, min_affine_size=4, jit=True)
-instance.register_arrays(fixed, moving, cfg)
-"""
-
-
 def test_a_second_registration_process_compiles_nothing(tmp_path):
     # the step functions of later stages compile in background threads; their traced names
     # (part of the cache key) must not depend on how those threads interleave
     shared = tmp_path / "xla"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0",
-           "TF_CPP_VMODULE": "device_executable_persistor=1"}
-    env.pop("TF_XLA_FLAGS", None)
-
-    def run():
-        proc = subprocess.run([sys.executable, "-c", REGISTER, str(shared)], capture_output=True,
-                              text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stderr
-
-    run()
+    register_in_process(shared, "off", tmp_path / "first.npy")
     files = sorted(p.name for p in shared.glob("*.pb"))
     assert len(files) >= 3  # the affine step and the two levels' steps at least
-    second = run()
+    _, second = register_in_process(shared, "off", tmp_path / "second.npy")
     assert "Loading cached entry" in second
     assert sorted(p.name for p in shared.glob("*.pb")) == files
