@@ -128,6 +128,49 @@ def test_signed_local_ncc_by_hand():
     assert float(cc[0, 1, 1, 0]) == pytest.approx(r, abs=1e-5)
 
 
+@pytest.mark.parametrize("shape,win", [((1, 14, 12, 2), 5), ((2, 9, 10, 8, 1), (3, 5, 3))])
+@pytest.mark.parametrize("squared,eps_mode", [(True, "clamp"), (False, "add"), (False, "clamp")])
+@pytest.mark.parametrize("jit", [False, True])
+def test_local_ncc_with_precomputed_fixed_stats(shape, win, squared, eps_mode, jit):
+    """`fixed_window_stats` computed once give the same map, weights and gradient (with respect
+    to the moving image) as the five window sums of every call, plain and compiled; the fixed
+    image's statistics equal NumPy's window sums."""
+    rng = np.random.default_rng(11)
+    fixed = tf.constant(rng.random(shape, np.float32))
+    moving = tf.constant(rng.random(shape, np.float32))
+    stats = similarity.fixed_window_stats(fixed, win)
+    ndims = len(shape) - 2
+    wins = (win,) * ndims if isinstance(win, int) else win
+    f64 = fixed.numpy().astype(np.float64)
+    pad = [(0, 0)] + [((w - 1) // 2, w // 2) for w in wins] + [(0, 0)]
+    s_i = ndimage.uniform_filter(np.pad(f64, pad), (1, *wins, 1), mode="constant")
+    s_ii = ndimage.uniform_filter(np.pad(f64 ** 2, pad), (1, *wins, 1), mode="constant")
+    crop = (slice(None),) + tuple(slice((w - 1) // 2, (w - 1) // 2 + n)
+                                  for w, n in zip(wins, shape[1:-1])) + (slice(None),)
+    n = float(np.prod(wins) * shape[-1])
+    s_i = s_i[crop].sum(-1) * np.prod(wins)
+    s_ii = s_ii[crop].sum(-1) * np.prod(wins)
+    np.testing.assert_allclose(stats[..., 0].numpy(), s_i, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(stats[..., 1].numpy(), s_ii - s_i ** 2 / n, rtol=1e-4, atol=1e-3)
+
+    def value_and_grad(fixed_stats):
+        with tf.GradientTape() as tape:
+            tape.watch(moving)
+            cc, var = similarity.local_ncc_map(fixed, moving, win, squared=squared, eps=1e-3,
+                                               eps_mode=eps_mode, jit=jit,
+                                               fixed_stats=fixed_stats)
+            loss = similarity.local_ncc(fixed, moving, win, squared=squared, eps=1e-3,
+                                        eps_mode=eps_mode, contrast_floor=0.05, jit=jit,
+                                        fixed_stats=fixed_stats)
+        return cc, var, loss, tape.gradient(loss, moving)
+
+    plain, pre = value_and_grad(None), value_and_grad(stats)
+    for a, b in zip(plain, pre):
+        scale = float(tf.reduce_max(tf.abs(a))) + 1e-6
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5 * scale)
+    assert float(tf.reduce_max(tf.abs(plain[3]))) > 0
+
+
 @pytest.mark.parametrize("shape,win", [((1, 20, 18, 2), 5), ((2, 10, 12, 9, 1), (3, 5, 3))])
 @pytest.mark.parametrize("squared,eps_mode", [(True, "clamp"), (False, "add")])
 def test_local_ncc_compiled_matches_plain_graph(monkeypatch, shape, win, squared, eps_mode):

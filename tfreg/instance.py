@@ -354,9 +354,28 @@ def _apply_affine(points: tf.Tensor, affine: tf.Tensor, centre: Sequence[float])
     return fields.apply_affine(affine, points) + tf.constant(np.asarray(centre, np.float32))
 
 
+def _ncc(cfg: InstanceConfig, win: int, floor: float) -> losses.NCC:
+    return losses.NCC(win=win, squared=False, eps=cfg.ncc_eps, eps_mode="add",
+                      contrast_floor=floor)
+
+
+def _prepare_fixed(cfg: InstanceConfig, win: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``prepare(fixed)``: what a stage's steps get as the fixed image, computed once per stage.
+
+    The image itself, or for NCC the image `(1, *S, C)` followed by its window statistics
+    (`tfreg.losses.NCC.fixed_stats`: two more channels), so that each step computes three window
+    sums of the warped image instead of five (`tfreg.ops.similarity.fixed_window_stats`).
+    """
+    if cfg.similarity != "ncc":
+        return lambda f: f
+    ncc = _ncc(cfg, win, 0.0)  # the statistics do not depend on the contrast floor
+    return lambda f: tf.concat([f, ncc.fixed_stats(f)], axis=-1)
+
+
 def _similarity_fn(cfg: InstanceConfig, win: int, floor: float
                    ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """``loss(fixed, warped)`` (lower is better) for images `(1, *S, 1)`.
+    """``loss(fixed, warped)`` (lower is better), `fixed` as `_prepare_fixed` gives it, `warped`
+    `(1, *S, C)`.
 
     NCC is `tfreg.losses.NCC` (signed, ``eps`` added, window `win`); a `floor` > 0 weights the
     windows by the fixed image's contrast (see `InstanceConfig.ncc_floor`), 0 gives the plain mean.
@@ -374,8 +393,8 @@ def _similarity_fn(cfg: InstanceConfig, win: int, floor: float
             normalized_mutual_information(f, w, bins=32, value_range=(0.0, 1.0)))
     if cfg.similarity == "mk_lncc":
         return losses.MKLNCC()   # windows from the level's shape (tfreg.ops.mk_lncc.auto_windows)
-    return losses.NCC(win=win, squared=False, eps=cfg.ncc_eps, eps_mode="add",
-                      contrast_floor=floor)
+    ncc = _ncc(cfg, win, floor)
+    return lambda f, w: -ncc.similarity(f[..., :-2], w, fixed_stats=f[..., -2:])
 
 
 def local_ncc(fixed: np.ndarray, warped: np.ndarray, win: int = REPORT_NCC["win"],
@@ -586,8 +605,7 @@ def _move_to_level(w: tf.Tensor | None, src: int | None, dst: int, shapes: list[
     return w
 
 
-def _precompile(stages: list, f_pyr: list, m_pyr: list, affine: tf.Tensor
-                ) -> dict[int, threading.Thread]:
+def _precompile(stages: list, m_pyr: list, affine: tf.Tensor) -> dict[int, threading.Thread]:
     """Compile the steps of later stages in background threads while the first stage runs.
 
     XLA compiles each function on one core, and the optimisation steps of these small problems
@@ -595,10 +613,10 @@ def _precompile(stages: list, f_pyr: list, m_pyr: list, affine: tf.Tensor
     compilation. Each step runs once with step size 0 (the stage resets its optimiser before
     use); errors are left to the real call. Returns the thread of each stage index.
     """
-    def work(lvl: int, opt: _Optimiser) -> None:
+    def work(lvl: int, opt: _Optimiser, fixed: tf.Tensor) -> None:
         try:
             opt.reset(tf.zeros_like(opt.param))
-            opt.step(tf.constant(0.0), f_pyr[lvl], m_pyr[lvl], affine)
+            opt.step(tf.constant(0.0), fixed, m_pyr[lvl], affine)
         except Exception:  # noqa: BLE001 - the main thread's own call reports it
             return
 
@@ -607,15 +625,15 @@ def _precompile(stages: list, f_pyr: list, m_pyr: list, affine: tf.Tensor
     # counter, and they are part of the persistent XLA cache's key (`tfreg.xla_cache`); traced
     # concurrently, they would differ from process to process and the cache would miss. What
     # is traced after this point gets the same names whether the steps were traced or loaded.
-    for _, lvl, _, _, _, opt in stages:
-        opt.prepare((tf.constant(0.0), f_pyr[lvl], m_pyr[lvl], affine))
+    for _, lvl, _, _, _, opt, fixed in stages:
+        opt.prepare((tf.constant(0.0), fixed, m_pyr[lvl], affine))
     if trace_store.folder() is not None:
         trace_store.align_names()
     threads = {}
-    for index, (_, lvl, _, _, _, opt) in enumerate(stages):
+    for index, (_, lvl, _, _, _, opt, fixed) in enumerate(stages):
         if index == 0:
             continue
-        threads[index] = threading.Thread(target=work, args=(lvl, opt), daemon=True,
+        threads[index] = threading.Thread(target=work, args=(lvl, opt, fixed), daemon=True,
                                           name=f"tfreg-precompile-{lvl}")
         threads[index].start()
     return threads
@@ -680,14 +698,16 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
 
     static = dataclasses.replace(cfg, iterations=(), learning_rate=(), ncc_win=(), levels=(),
                                  affine_iterations=0, affine_lr=0.0, lr_decay=1.0)
-    # (name, image level, velocity level or None for the affine stage, steps, step size, optimiser)
+    # (name, image level, velocity level or None for the affine stage, steps, step size,
+    #  optimiser, the fixed image as its steps get it: `_prepare_fixed`)
     stages = []
     if cfg.affine and cfg.affine_iterations > 0:
         lvl = cfg.affine_level
         win = cfg.ncc_win[0] if cfg.levels else 5
         opt = _optimiser(("affine", shapes[lvl], lvl, win, centre, scale, static), theta.shape,
                          lambda: _affine_loss_fn(cfg, shapes[lvl], lvl, win, centre, scale), jit)
-        stages.append(("affine", lvl, None, cfg.affine_iterations, cfg.affine_lr, opt))
+        stages.append(("affine", lvl, None, cfg.affine_iterations, cfg.affine_lr, opt,
+                       _prepare_fixed(cfg, win)(f_pyr[lvl])))
     for index, lvl in enumerate(cfg.levels):
         win = cfg.ncc_win[index]
         vlevel = min(max(lvl, cfg.field_level), depth)
@@ -698,12 +718,14 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
                          lambda lvl=lvl, vlevel=vlevel, win=win, floor=floor: _svf_loss_fn(
                              cfg, shapes, lvl, vlevel, win, centre, floor), jit, cfg.adam_floor)
         stages.append((f"level {index + 1}/{len(cfg.levels)}", lvl, vlevel,
-                       cfg.iterations[index], cfg.learning_rate[index], opt))
+                       cfg.iterations[index], cfg.learning_rate[index], opt,
+                       _prepare_fixed(cfg, win)(f_pyr[lvl]) if cfg.iterations[index] > 0
+                       else None))
     stages = [stage for stage in stages if stage[3] > 0]
-    warmup = _precompile(stages, f_pyr, m_pyr, affine)
+    warmup = _precompile(stages, m_pyr, affine)
 
     w, w_level = None, None
-    for index, (name, lvl, vlevel, total, lr0, opt) in enumerate(stages):
+    for index, (name, lvl, vlevel, total, lr0, opt, fixed_in) in enumerate(stages):
         if index in warmup:
             warmup[index].join()
         t0 = time.perf_counter()
@@ -721,7 +743,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: InstanceConfig |
             context = affine
         for it in range(total):
             lr = lr0 * (1.0 - (1.0 - cfg.lr_decay) * it / max(total - 1, 1))
-            loss = opt.step(tf.constant(lr, tf.float32), f_pyr[lvl], m_pyr[lvl], context)
+            loss = opt.step(tf.constant(lr, tf.float32), fixed_in, m_pyr[lvl], context)
             if it % 10 == 0 or it == total - 1:
                 report(label, it + 1, total, float(loss))
         if vlevel is None:

@@ -145,10 +145,17 @@ class NCC:
         return _sim.local_ncc_map(y_true, y_pred, self.win, squared=self.squared, eps=self.eps,
                                   eps_mode=self.eps_mode)[0]
 
-    def similarity(self, y_true, y_pred) -> tf.Tensor:
-        """Mean (or contrast-weighted mean) local correlation, higher is better: ``-loss``."""
+    def similarity(self, y_true, y_pred, fixed_stats: tf.Tensor | None = None) -> tf.Tensor:
+        """Mean (or contrast-weighted mean) local correlation, higher is better: ``-loss``.
+        `fixed_stats`: `fixed_stats` of `y_true` (the same value, computed once for many calls)."""
         return _sim.local_ncc(y_true, y_pred, self.win, squared=self.squared, eps=self.eps,
-                              eps_mode=self.eps_mode, contrast_floor=self.contrast_floor)
+                              eps_mode=self.eps_mode, contrast_floor=self.contrast_floor,
+                              fixed_stats=fixed_stats)
+
+    def fixed_stats(self, y_true) -> tf.Tensor:
+        """What `similarity` needs of `y_true` alone (`tfreg.ops.similarity.fixed_window_stats`
+        with this window), to pass to it when `y_true` stays the same over many calls."""
+        return _sim.fixed_window_stats(y_true, self.win)
 
     def __call__(self, y_true, y_pred) -> tf.Tensor:
         return -self.similarity(y_true, y_pred)
