@@ -134,10 +134,11 @@ def _verbose(argv: list[str]) -> bool:
 def main() -> None:
     """Console-script entry point: a quiet start (`tfreg_cli.quiet`), Ctrl-C that ends the
     command within about a second (`tfreg_cli.interrupt`), the persistent XLA compilation cache
-    (`tfreg.xla_cache`) and store of traced steps (`tfreg.trace_store`), then the command. TensorFlow imports without the notebook and plotting
-    packages Keras would load, and a command that imported TensorFlow ends without the
-    interpreter's teardown (`tfreg_cli.lean_start`). After a signal
-    (exit 130, 143) the process ends at once, without waiting for TensorFlow's threads."""
+    (`tfreg.xla_cache`) and store of traced steps (`tfreg.trace_store`), then the command.
+    TensorFlow imports without Keras (imported later by what needs it) and without the notebook
+    and plotting packages Keras would load, and a command that imported TensorFlow ends without
+    the interpreter's teardown (`tfreg_cli.lean_start`). After a signal (exit 130, 143) the
+    process ends at once, without waiting for TensorFlow's threads."""
     from tfreg_cli import interrupt, lean_start, quiet
 
     quiet.install(verbose=_verbose(sys.argv[1:]))

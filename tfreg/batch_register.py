@@ -282,7 +282,8 @@ def register_pairs_parallel(pairs: Sequence[Pair], out_dir: str | Path, jobs: in
 def _pairs_worker(messages, k: int, pairs: Sequence[Pair], out_dir: str, options: dict,
                   threads: int, trace_folder: str | None = None) -> None:
     """One worker of `register_pairs_parallel` (a fresh process): its own XLA cache folder, the
-    parent's trace store (`trace_folder`, None: off) and thread count, then `register_pairs`, each row sent back as ``("row", k, row)``."""
+    parent's trace store (`trace_folder`, None: off) and thread count, then `register_pairs`,
+    each row sent back as ``("row", k, row)``."""
     import os
 
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)

@@ -7,6 +7,7 @@ convention, 2D (`N = 2`) or 3D (`N = 3`). Every function works on one pair (no b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -387,19 +388,18 @@ def _slab_determinants(u: np.ndarray, padded: np.ndarray, start: int, stop: int)
     u = u[start:stop]
     padded = padded[start:stop + 2]
     shape = u.shape[:-1]
-    simplices = _simplices(ndims)
+    simplices = _oriented_simplices(ndims)
     edges = {}  # phi(x + e) - phi(x) per edge offset e, component by component: each once
-    for offset in sorted({e for simplex in simplices for e in simplex}):
+    for offset in sorted({e for simplex, _ in simplices for e in simplex}):
         window = tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, shape))
         edges[offset] = [padded[window + (c,)] - u[..., c] + offset[c] for c in range(ndims)]
     dets = np.empty((*shape, len(simplices)), np.float64)
     crosses = {}  # b x c per pair of edge offsets: the corner tetrahedra share them
-    for k, simplex in enumerate(simplices):
+    for k, (simplex, sign) in enumerate(simplices):
         if ndims == 2:
             a, b = (edges[e] for e in simplex)
-            dets[..., k] = a[0] * b[1] - a[1] * b[0]
+            dets[..., k] = a[0] * b[1] - a[1] * b[0]  # sign 1: no reordering in 2D
             continue
-        simplex, sign = _axis_order(simplex)
         a, (b_off, c_off) = edges[simplex[0]], simplex[1:]
         if (b_off, c_off) not in crosses:
             b, c = edges[b_off], edges[c_off]
@@ -412,16 +412,21 @@ def _slab_determinants(u: np.ndarray, padded: np.ndarray, start: int, stop: int)
     return dets
 
 
-def _axis_order(simplex: tuple) -> tuple[tuple, int]:
-    """A corner simplex's edges (one along each axis) in axis order, and the sign that keeps its
+@functools.lru_cache(maxsize=None)
+def _oriented_simplices(ndims: int) -> tuple[tuple[tuple, int], ...]:
+    """`_simplices` as ``(edges, sign)``: a 3D corner simplex's edges (one along each axis) in axis
+    order, so that the corner tetrahedra share cross products, with the sign that keeps its
     determinant (-1 for an odd reordering); other simplices unchanged with sign 1."""
-    axes = [int(np.flatnonzero(e)[0]) if np.count_nonzero(e) == 1 else -1 for e in simplex]
-    if sorted(axes) != list(range(len(simplex))):
-        return simplex, 1
-    order = sorted(range(len(simplex)), key=lambda i: axes[i])
-    inversions = sum(order[i] > order[j] for i in range(len(order))
-                     for j in range(i + 1, len(order)))
-    return tuple(simplex[i] for i in order), (-1 if inversions % 2 else 1)
+    out = []
+    for simplex in _simplices(ndims):
+        axes = [int(np.flatnonzero(e)[0]) if np.count_nonzero(e) == 1 else -1 for e in simplex]
+        if ndims != 3 or sorted(axes) != list(range(ndims)):
+            out.append((simplex, 1))
+            continue
+        order = sorted(range(ndims), key=lambda i: axes[i])
+        inversions = sum(order[i] > order[j] for i in range(ndims) for j in range(i + 1, ndims))
+        out.append((tuple(simplex[i] for i in order), -1 if inversions % 2 else 1))
+    return tuple(out)
 
 
 #: `ndv` works on slabs of about this many voxels
@@ -459,7 +464,8 @@ def ndv(disp, mask=None) -> float:
     inside = _mask(mask, u.shape[:-1])
     padded = np.pad(u, [(1, 1)] * ndims + [(0, 0)], mode="edge")
     # a few rows at a time: the temporaries (12 edge vectors, 10 determinants per voxel) stay
-    # small and in cache (0.48-1.2 s -> 0.2 s at 96x112x96, mostly fresh-memory page faults)
+    # small (first call in a process at 96x112x96: 0.51-1.59 s -> 0.39-0.55 s; the whole-grid
+    # temporaries were fresh memory, page faults)
     rows = max(1, _SLAB_VOXELS // max(int(np.prod(u.shape[1:-1])), 1))
     total = 0.0
     for start in range(0, u.shape[0], rows):

@@ -107,20 +107,12 @@ def local_ncc_map(y_true, y_pred, win: int | Sequence[int] = 9, *, squared: bool
         return fn(i, j, tf.cast(fixed_stats, tf.float32))
     n = float(np.prod(win) * j.shape[-1])
     c = i.shape[-1]
-    if fixed_stats is None:
-        sums = box_sum(tf.concat([i, j, i * i, j * j, i * j], axis=-1), win)
-        s_i, s_j, s_ii, s_jj, s_ij = (tf.reduce_sum(sums[..., k * c:(k + 1) * c], axis=-1,
-                                                    keepdims=True) for k in range(5))
-        mean_i = s_i / n
-        var_i = s_ii - 2.0 * mean_i * s_i + mean_i * mean_i * n
-    else:
-        sums = box_sum(tf.concat([j, j * j, i * j], axis=-1), win)
-        s_j, s_jj, s_ij = (tf.reduce_sum(sums[..., k * c:(k + 1) * c], axis=-1, keepdims=True)
-                           for k in range(3))
-        stats = tf.cast(fixed_stats, tf.float32)
-        s_i, var_i = stats[..., :1], stats[..., 1:2]
-        mean_i = s_i / n
-    mean_j = s_j / n
+    stats = fixed_window_stats(i, win) if fixed_stats is None else tf.cast(fixed_stats, tf.float32)
+    s_i, var_i = stats[..., :1], stats[..., 1:2]
+    sums = box_sum(tf.concat([j, j * j, i * j], axis=-1), win)
+    s_j, s_jj, s_ij = (tf.reduce_sum(sums[..., k * c:(k + 1) * c], axis=-1, keepdims=True)
+                       for k in range(3))
+    mean_i, mean_j = s_i / n, s_j / n
     cross = s_ij - mean_j * s_i - mean_i * s_j + mean_i * mean_j * n
     var_j = s_jj - 2.0 * mean_j * s_j + mean_j * mean_j * n
     if eps_mode == "clamp":
