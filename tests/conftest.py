@@ -11,6 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFREG_XLA_CACHE", "off")  # commands run by tests leave ~/.cache alone
 os.environ.setdefault("TFREG_TRACE_CACHE", "off")
 
+import tfreg  # noqa: E402,F401  (sets TensorFlow's switches before any test module imports it)
+
 #: tests marked ``@pytest.mark.slow`` (learning checks of a minute or more) run only with
 #: ``TFREG_SLOW_TESTS=1``, so that the default suite stays under 15 minutes on two CPU cores.
 RUN_SLOW = os.environ.get("TFREG_SLOW_TESTS") == "1"

@@ -3,6 +3,8 @@ float64 finite differences and against TensorFlow's own convolution gradients; t
 built on it keep Keras' weights and save/load."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +12,8 @@ import tensorflow as tf
 from gradcheck import check_directional_derivatives
 from tfreg.layers import Conv2D, Conv3D, conv_layer
 from tfreg.ops import convolution
-from tfreg.ops.convolution import MIN_VOXELS, _aligned_channels, conv, supports
+from tfreg.ops.convolution import (MIN_VOXELS, ONEDNN_MIN_CHANNELS, _aligned_channels, conv,
+                                   supports)
 
 CASES = [  # kernel, padding, input shape (batch, *spatial), channels in -> out
     ((3, 3, 3), "same", (2, 7, 8, 9), (3, 4)),
@@ -122,12 +125,37 @@ def test_supports():
         conv(tf.zeros((1, 4, 4, 1)), tf.zeros((2, 2, 1, 1)), "same")
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_supports_leaves_few_channels_to_onednn(onednn, monkeypatch):
+    monkeypatch.setattr(convolution, "_ONEDNN", onednn)
+    args = (3, (3, 3, 3), (1,) * 3, (1,) * 3, "same")
+    assert supports(*args, in_channels=ONEDNN_MIN_CHANNELS)
+    assert supports(*args, in_channels=ONEDNN_MIN_CHANNELS - 1) is not onednn
+    assert supports(*args, in_channels=2) is not onednn
+
+
+def test_tfreg_turns_onednn_on_unless_the_user_set_it():
+    """Importing tfreg before TensorFlow turns TensorFlow's oneDNN kernels on (off by default
+    on CPUs without AVX-512 VNNI/AMX, where they make 3D convolutions 2-3x faster); a value the
+    user set wins."""
+    import subprocess
+    import sys
+
+    code = ("import tfreg, tensorflow; from tfreg.ops.convolution import onednn_enabled; "
+            "print(onednn_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    seen = [subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), check=True,
+                           capture_output=True, text=True).stdout.split()[-1]
+            for extra in ({}, {"TF_ENABLE_ONEDNN_OPTS": "0"})]
+    assert seen == ["True", "False"]
+
+
 @pytest.mark.parametrize("ndims", [2, 3])
 def test_layers_match_keras_and_round_trip(ndims, tmp_path):
     import keras
     assert conv_layer(ndims) is (Conv2D if ndims == 2 else Conv3D)
     side = int(np.ceil(MIN_VOXELS ** (1 / ndims)))  # large enough for tfreg's gradient path
-    shape = (1, *([side] * ndims), 2)
+    shape = (1, *([side] * ndims), ONEDNN_MIN_CHANNELS)  # (also with oneDNN on)
     x = np.random.default_rng(4).normal(size=shape).astype("float32")
     ours = conv_layer(ndims)(3, 3, padding="same", name="c")
     theirs = getattr(keras.layers, f"Conv{ndims}D")(3, 3, padding="same", name="c")
@@ -158,7 +186,8 @@ def test_xla_compiled_functions_use_xla_gradients():
     """Under jit_compile the layer leaves the gradient to XLA (no per-tap products); the
     gradients agree with the uncompiled fast path."""
     side = int(np.ceil(MIN_VOXELS ** (1 / 3)))
-    x = tf.constant(np.random.default_rng(7).normal(size=(1, side, side, side, 2)), tf.float32)
+    x = tf.constant(np.random.default_rng(7).normal(size=(1, side, side, side, ONEDNN_MIN_CHANNELS)),
+                    tf.float32)
     layer = Conv3D(3, 3, padding="same")
     layer.build(x.shape)
     seen = []

@@ -592,14 +592,16 @@ class _FastGradientConv:
     The forward values, the weights (``kernel``, ``bias``) and the config are those of the
     Keras layer, so models, ``.h5`` imports and saved files are unchanged; other strides,
     dilations, groups, ``channels_first``, volumes below `tfreg.ops.convolution.MIN_VOXELS`
-    voxels and functions being XLA-compiled (`tfreg.ops.convolution.in_xla_compilation`) fall
+    voxels, inputs of few channels where TensorFlow's oneDNN kernels are faster
+    (`tfreg.ops.convolution.ONEDNN_MIN_CHANNELS`) and functions being XLA-compiled (`tfreg.ops.convolution.in_xla_compilation`) fall
     back to Keras' convolution.
     """
 
     def _fast(self, inputs) -> bool:
         return self.data_format == "channels_last" and _conv_supported(
             self.rank, self.kernel_size, self.strides, self.dilation_rate, self.padding,
-            self.groups, spatial_shape=inputs.shape[1:-1]) and not _in_xla_compilation()
+            self.groups, spatial_shape=inputs.shape[1:-1], in_channels=inputs.shape[-1]
+        ) and not _in_xla_compilation()
 
     def call(self, inputs):
         if not self._fast(inputs):
