@@ -12,6 +12,10 @@ import resource
 import subprocess
 from pathlib import Path
 
+# before anything imports TensorFlow, so that every benchmark runs with the switches tfreg sets
+# for its users (TensorFlow's oneDNN kernels: `tfreg/__init__.py`)
+import tfreg  # noqa: F401
+
 __all__ = ["RESULTS", "shape_arg", "peak_rss_gib", "machine", "run_worker", "write_report",
            "mse_grad_step", "layer_gradients"]
 
@@ -36,7 +40,9 @@ def machine() -> dict:
         import keras
         import tensorflow as tf
 
-        info.update(tensorflow=tf.__version__, keras=keras.__version__)
+        from tfreg.ops.convolution import onednn_enabled
+
+        info.update(tensorflow=tf.__version__, keras=keras.__version__, onednn=onednn_enabled())
     except ImportError:
         pass
     return info

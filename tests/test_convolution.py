@@ -134,6 +134,19 @@ def test_supports_leaves_few_channels_to_onednn(onednn, monkeypatch):
     assert supports(*args, in_channels=2) is not onednn
 
 
+def test_training_hints_when_onednn_is_off_by_import_order(monkeypatch):
+    from tfreg.engine.loop import onednn_hint
+
+    monkeypatch.setattr(convolution, "_ONEDNN", False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert "import tfreg first" in onednn_hint()
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # the user's choice: no hint
+    assert onednn_hint() is None
+    monkeypatch.setattr(convolution, "_ONEDNN", True)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    assert onednn_hint() is None
+
+
 def test_tfreg_turns_onednn_on_unless_the_user_set_it():
     """Importing tfreg before TensorFlow turns TensorFlow's oneDNN kernels on (off by default
     on CPUs without AVX-512 VNNI/AMX, where they make 3D convolutions 2-3x faster); a value the
