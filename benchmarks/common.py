@@ -13,8 +13,12 @@ import subprocess
 from pathlib import Path
 
 # before anything imports TensorFlow, so that every benchmark runs with the switches tfreg sets
-# for its users (TensorFlow's oneDNN kernels: `tfreg/__init__.py`)
-import tfreg  # noqa: F401
+# for its users (TensorFlow's oneDNN kernels: `tfreg/__init__.py`); peers' environments
+# (torch, ANTs) run workers that import this module without tfreg
+try:
+    import tfreg  # noqa: F401
+except ImportError:
+    pass
 
 __all__ = ["RESULTS", "shape_arg", "peak_rss_gib", "machine", "run_worker", "write_report",
            "mse_grad_step", "layer_gradients"]
