@@ -593,8 +593,8 @@ class _FastGradientConv:
     Keras layer, so models, ``.h5`` imports and saved files are unchanged; other strides,
     dilations, groups, ``channels_first``, volumes below `tfreg.ops.convolution.MIN_VOXELS`
     voxels, inputs of few channels where TensorFlow's oneDNN kernels are faster
-    (`tfreg.ops.convolution.ONEDNN_MIN_CHANNELS`) and functions being XLA-compiled (`tfreg.ops.convolution.in_xla_compilation`) fall
-    back to Keras' convolution.
+    (`tfreg.ops.convolution.ONEDNN_MIN_CHANNELS`) and functions being XLA-compiled
+    (`tfreg.ops.convolution.in_xla_compilation`) fall back to Keras' convolution.
     """
 
     def _fast(self, inputs) -> bool:

@@ -58,6 +58,8 @@ MIN_VOXELS = 2 ** 14
 #: input channels from which `conv`'s gradients beat TensorFlow's oneDNN kernels (when on)
 ONEDNN_MIN_CHANNELS = 16
 
+_ONEDNN: bool | None = None  # `onednn_enabled`'s answer, once asked
+
 
 def onednn_enabled() -> bool:
     """Whether the running TensorFlow uses its oneDNN CPU kernels (``TF_ENABLE_ONEDNN_OPTS``,
@@ -71,9 +73,6 @@ def onednn_enabled() -> bool:
         except (ImportError, AttributeError):
             _ONEDNN = False
     return _ONEDNN
-
-
-_ONEDNN: bool | None = None
 
 
 def supports(ndims: int, kernel_size: Sequence[int], strides: Sequence[int],
