@@ -94,17 +94,12 @@ def local_ncc_map(y_true, y_pred, win: int | Sequence[int] = 9, *, squared: bool
     win = window(win, ndims)
     jit = compile_cache.check_jit(jit)
     if jit is not False and compile_cache.use_jit(jit, compile_cache.static_voxels(j)):
-        key = ("local_ncc_map", tuple(win), bool(squared), float(eps), eps_mode)
-        if fixed_stats is None:
-            fn = compile_cache.compiled(
-                key, lambda a, b: local_ncc_map(a, b, win, squared=squared, eps=eps,
-                                                eps_mode=eps_mode, jit=False))
-            return fn(i, j)
+        args = (i, j) if fixed_stats is None else (i, j, tf.cast(fixed_stats, tf.float32))
         fn = compile_cache.compiled(
-            key + ("fixed_stats",),
-            lambda a, b, st: local_ncc_map(a, b, win, squared=squared, eps=eps,
-                                           eps_mode=eps_mode, jit=False, fixed_stats=st))
-        return fn(i, j, tf.cast(fixed_stats, tf.float32))
+            ("local_ncc_map", tuple(win), bool(squared), float(eps), eps_mode, len(args)),
+            lambda a, b, st=None: local_ncc_map(a, b, win, squared=squared, eps=eps,
+                                                eps_mode=eps_mode, jit=False, fixed_stats=st))
+        return fn(*args)
     n = float(np.prod(win) * j.shape[-1])
     c = i.shape[-1]
     stats = fixed_window_stats(i, win) if fixed_stats is None else tf.cast(fixed_stats, tf.float32)
