@@ -156,3 +156,58 @@ def test_stages_follow_the_schedule_and_freeze_the_affine_net():
     assert stages[3].learning_rate == pytest.approx(5e-5)
     assert all(s.frozen == ("avsm_affine",) and s.freeze_steps == s.steps for s in stages[4:])
     assert "vsvf_warped_2" in stages[5].outputs and "vsvf_warped_2" not in stages[4].outputs
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_shared_conv_pool_is_keras_conv_then_max_pooling(ndims, recompute):
+    """The shared layer = Keras convolution + ReLU, then 2x max pooling: same values and the same
+    gradients for the input, kernel and bias (recomputed or not)."""
+    import keras
+    shape = (2, 12, 10, 1) if ndims == 2 else (2, 8, 10, 6, 1)
+    x = tf.constant(np.random.default_rng(3).normal(size=shape).astype(np.float32))
+    cls = affine.SharedConvPool2D if ndims == 2 else affine.SharedConvPool3D
+    layer = cls(4, 3, padding="same", activation="relu", recompute=recompute)
+    plain = (keras.layers.Conv2D if ndims == 2 else keras.layers.Conv3D)(
+        4, 3, padding="same", activation="relu")
+    pool = keras.layers.MaxPooling2D(2) if ndims == 2 else keras.layers.MaxPooling3D(2)
+    layer.build(x.shape)
+    plain.build(x.shape)
+    rng = np.random.default_rng(4)
+    weights = [rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()]
+    layer.set_weights(weights)
+    plain.set_weights(weights)
+    grads = []
+    for fn, variables in ((layer, layer.trainable_variables),
+                          (lambda t: pool(plain(t)), plain.trainable_variables)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+            loss = tf.reduce_sum(tf.sin(y) * y)
+        grads.append((y.numpy(), tape.gradient(loss, [x, *variables])))
+    (y1, g1), (y2, g2) = grads
+    assert y1.shape == (x.shape[0], *[s // 2 for s in x.shape[1:-1]], 4)
+    np.testing.assert_allclose(y1, y2, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert float(tf.reduce_max(tf.abs(b))) > 1e-3           # the gradient is not trivially 0
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4, rtol=1e-4)
+    assert layer.compute_output_shape(x.shape) == y2.shape
+    assert cls.from_config(layer.get_config()).recompute is recompute
+
+
+def test_vsvf_transform_recomputed_has_the_same_values_and_gradients():
+    shape, low = (16, 16), (8, 8)
+    rng = np.random.default_rng(5)
+    momentum = tf.constant(rng.normal(0, 0.3, (1, *low, 2)).astype(np.float32))
+    initial = tf.constant(rng.normal(0, 0.3, (1, *low, 2)).astype(np.float32))
+    out = []
+    for recompute in (True, False):
+        layer = vsvf.VSVFTransform(shape, steps=4, recompute=recompute)
+        with tf.GradientTape() as tape:
+            tape.watch([momentum, initial])
+            disp = layer([momentum, initial])["disp"]
+            loss = tf.reduce_sum(tf.square(disp))
+        out.append([disp.numpy(), *[g.numpy() for g in tape.gradient(loss, [momentum, initial])]])
+    for a, b in zip(*out):
+        assert np.abs(b).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

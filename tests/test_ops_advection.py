@@ -134,3 +134,31 @@ def test_symmetric_multiplier_gradient_is_the_filter_in_3d_and_matches_autodiff_
             with tf.GradientTape() as tape:
                 y = tf.reduce_sum(w * fourier.apply_multiplier(x, mult))
             np.testing.assert_allclose(grad, tape.gradient(y, x).numpy(), atol=1e-5)
+
+
+def test_unrolled_steps_equal_the_loop_and_auto_unrolls_large_grids():
+    """loop=False runs the same RK4 steps (values and gradients); "auto" builds no loop from
+    UNROLL_MIN_VOXELS voxels up and keeps it below."""
+    rng = np.random.default_rng(7)
+    vel = tf.constant(rng.normal(0, 0.8, (1, 9, 11, 2)).astype(np.float32))
+    init = tf.constant(rng.normal(0, 0.5, (1, 9, 11, 2)).astype(np.float32))
+    out = []
+    for loop in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch([vel, init])
+            disp = advection.advect_map(vel, init, steps=5, loop=loop)
+            loss = tf.reduce_sum(tf.sin(disp))
+        out.append([disp.numpy(), *[g.numpy() for g in tape.gradient(loss, [vel, init])]])
+    for a, b in zip(*out):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def ops(shape):
+        fn = tf.function(lambda v: advection.advect_map(v, steps=3))
+        graph = fn.get_concrete_function(tf.TensorSpec((1, *shape, 2), tf.float32)).graph
+        return {op.type for op in graph.get_operations()}
+
+    side = int(np.ceil(np.sqrt(advection.UNROLL_MIN_VOXELS)))
+    assert not {"While", "StatelessWhile"} & ops((side, side))
+    assert {"While", "StatelessWhile"} & ops((16, 16))
+    with pytest.raises(ValueError, match="loop"):
+        advection.advect_map(vel, loop="yes")

@@ -10,6 +10,12 @@ Network (one step): a shared conv3 (16, ReLU) applied to moving and fixed separa
 stride 2, conv 16, conv 4 stride 2 (all 3-wide, 'same', ReLU, no normalisation), flatten (its size
 follows from the input shape), Dense 32 + ReLU, Dense ``N (N + 1)``.
 
+Memory: max pooling acts per channel, so ``MaxPool2(concat(a, b)) = concat(MaxPool2(a),
+MaxPool2(b))``; the shared layer (`SharedConvPool`) pools each image's features itself and, with
+``recompute``, keeps none of its full-resolution activations for the backward pass (they are
+recomputed there, `tf.recompute_grad`): same values and gradients, and a step stores about 16
+full-resolution channels less per image and per affine step.
+
 Multi-step: step ``t`` sees the *original* moving image warped once by the composed transform of
 the previous steps and predicts an update ``(A_hat, b_hat)``; the composition is
 ``A_t = A_hat A_{t-1}``, ``b_t = A_hat b_{t-1} + b_hat`` (`ComposeAffineParams`).
@@ -20,10 +26,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfreg.layers import conv_layer
+from tfreg.layers import Conv2D, Conv3D, conv_layer
 
 __all__ = ["identity_params", "split_params", "compose_params", "to_voxel_affine",
-           "ComposeAffineParams", "ParamsToAffine", "AffineStepNet"]
+           "ComposeAffineParams", "ParamsToAffine", "SharedConvPool2D", "SharedConvPool3D",
+           "AffineStepNet"]
 
 PREFIX = "avsm_affine"
 
@@ -101,6 +108,46 @@ class ParamsToAffine(keras.layers.Layer):
         return {**super().get_config(), "shape": list(self.grid_shape)}
 
 
+class _SharedConvPool:
+    """Mixin: the convolution (with its activation), then 2x max pooling (stride 2, 'valid').
+
+    ``recompute=True`` runs the block under `tf.recompute_grad`: the backward pass keeps only the
+    input and recomputes the full-resolution features. Weights, name and values are those of the
+    plain convolution followed by the pooling layer.
+    """
+
+    def __init__(self, *args, recompute: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recompute = bool(recompute)
+
+    def _block(self, x):
+        features = super().call(x)
+        pool = tf.nn.max_pool2d if self.rank == 2 else tf.nn.max_pool3d
+        return pool(features, 2, 2, "VALID")
+
+    def call(self, inputs):
+        if self.recompute:
+            return tf.recompute_grad(self._block)(inputs)
+        return self._block(inputs)
+
+    def compute_output_shape(self, input_shape):
+        shape = super().compute_output_shape(input_shape)
+        return (shape[0], *[None if s is None else s // 2 for s in shape[1:-1]], shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "recompute": self.recompute}
+
+
+@keras.saving.register_keras_serializable(package="tfreg_avsm")
+class SharedConvPool2D(_SharedConvPool, Conv2D):
+    """`Conv2D` + 2x max pooling, full-resolution features recomputed in backprop (`_SharedConvPool`)."""
+
+
+@keras.saving.register_keras_serializable(package="tfreg_avsm")
+class SharedConvPool3D(_SharedConvPool, Conv3D):
+    """`Conv3D` + 2x max pooling, full-resolution features recomputed in backprop (`_SharedConvPool`)."""
+
+
 class AffineStepNet:
     """The layers of one affine step, shared by every step (all named ``avsm_affine_*``).
 
@@ -109,7 +156,7 @@ class AffineStepNet:
     predicts nearly the identity.
     """
 
-    def __init__(self, ndims: int):
+    def __init__(self, ndims: int, recompute: bool = True):
         self.ndims = ndims
         conv = conv_layer(ndims)
         pool = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}[ndims]
@@ -118,9 +165,11 @@ class AffineStepNet:
             return conv(filters, 3, strides=stride, padding="same", activation="relu",
                         name=f"{PREFIX}_{name}")
 
-        self.shared = c(16, 1, "shared_conv")
+        shared = SharedConvPool2D if ndims == 2 else SharedConvPool3D
+        self.shared = shared(16, 3, padding="same", activation="relu", recompute=recompute,
+                             name=f"{PREFIX}_shared_conv")           # conv + MaxPool2
         self.concat = keras.layers.Concatenate(name=f"{PREFIX}_concat")
-        self.body = [pool(2, name=f"{PREFIX}_pool1"), c(32, 1, "conv2"), c(32, 2, "conv3"),
+        self.body = [c(32, 1, "conv2"), c(32, 2, "conv3"),
                      c(32, 1, "conv4"), pool(2, name=f"{PREFIX}_pool2"), c(32, 1, "conv5"),
                      c(16, 2, "conv6"), c(16, 1, "conv7"), c(4, 2, "conv8"),
                      keras.layers.Flatten(name=f"{PREFIX}_flatten"),

@@ -46,6 +46,7 @@ class ModelOptions:
     momentum_features: tuple[int, ...]
     sigmas: tuple[float, ...]
     sigma_weights: tuple[float, ...]
+    recompute: bool = True
 
 
 def _int(section: dict, key: str, low: int, high: int | None = None) -> int:
@@ -68,6 +69,9 @@ def _numbers(section: dict, key: str, count: int | None = None) -> tuple:
 
 def model_options(config: dict) -> ModelOptions:
     section = config.get("model") or {}
+    recompute = section.get("recompute", True)
+    if not isinstance(recompute, bool):
+        raise ConfigError(f"model.recompute: expected true or false, got {recompute!r}")
     vsvf = "vsvf_steps" in section
     sigmas = _numbers(section, "sigmas") if vsvf else ()
     weights = _numbers(section, "sigma_weights", len(sigmas)) if vsvf else ()
@@ -81,6 +85,7 @@ def model_options(config: dict) -> ModelOptions:
         if vsvf else (),
         sigmas=tuple(float(s) for s in sigmas),
         sigma_weights=tuple(float(w) / total for w in weights),
+        recompute=recompute,
     )
 
 
@@ -104,7 +109,7 @@ def _inputs(inshape):
 def _affine_chain(moving, fixed, inshape, opts: ModelOptions) -> dict:
     """Affine outputs (table in the module doc) of one multi-step chain."""
     ndims = len(inshape)
-    net = AffineStepNet(ndims)
+    net = AffineStepNet(ndims, recompute=opts.recompute)
     compose = ComposeAffineParams(ndims, name="avsm_affine_compose")
     to_affine = ParamsToAffine(inshape, name="avsm_affine_to_voxels")
     transformer = SpatialTransformer(name="avsm_affine_transformer")
@@ -159,7 +164,7 @@ def build_avsm_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
     momentum_net = MomentumNet(ndims, opts.momentum_features)
     concat = keras.layers.Concatenate(name="avsm_momentum_input")
     transform = VSVFTransform(inshape, opts.sigmas, opts.sigma_weights, opts.integration_steps,
-                              name="avsm_vsvf")
+                              recompute=opts.recompute, name="avsm_vsvf")
     transformer = SpatialTransformer(name="avsm_vsvf_transformer")
     for k in range(1, opts.vsvf_steps + 1):
         momentum = momentum_net(concat([warped, fixed]))

@@ -108,18 +108,24 @@ class MomentumNet:
 class VSVFTransform(keras.layers.Layer):
     """``[momentum (B, *s, N), initial (B, *s, N)] -> {"velocity", "disp_low", "disp"}``.
 
+    ``recompute=True``: the backward pass keeps only the advection's inputs and recomputes its RK4
+    steps (`tf.recompute_grad`): same values and gradients, one step's RK4 intermediates in
+    memory at a time instead of every step's.
+
     `initial` is the initial map's displacement on the momentum grid in its voxels; ``velocity`` is
     ``K * m`` in unit-interval coordinates; ``disp_low`` the advected map on the momentum grid (its
     voxels); ``disp`` the map upsampled to `image_shape` (voxels of the image grid, pull).
     """
 
-    def __init__(self, image_shape, sigmas=SIGMAS, weights=WEIGHTS, steps: int = 10, **kwargs):
+    def __init__(self, image_shape, sigmas=SIGMAS, weights=WEIGHTS, steps: int = 10,
+                 recompute: bool = False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.sigmas = tuple(float(s) for s in sigmas)
         self.sigma_weights = tuple(float(w) for w in weights)
         self.steps = int(steps)
+        self.recompute = bool(recompute)
 
     def build(self, input_shape):
         low = tuple(int(s) for s in input_shape[0][1:-1])
@@ -133,7 +139,10 @@ class VSVFTransform(keras.layers.Layer):
     def call(self, inputs):
         momentum, initial = (tf.cast(x, tf.float32) for x in inputs)
         velocity = apply_symmetric_multiplier(momentum, self.multiplier)
-        disp_low = advect_map(velocity * self.to_voxels, initial, steps=self.steps)
+        advect = lambda v, u: advect_map(v, u, steps=self.steps)   # noqa: E731
+        if self.recompute:
+            advect = tf.recompute_grad(advect)
+        disp_low = advect(velocity * self.to_voxels, initial)
         disp = resize(disp_low * self.to_image, self.image_shape, align="corners")
         return {"velocity": velocity, "disp_low": disp_low, "disp": disp}
 
@@ -149,4 +158,5 @@ class VSVFTransform(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "image_shape": list(self.image_shape),
-                "sigmas": list(self.sigmas), "weights": list(self.sigma_weights), "steps": self.steps}
+                "sigmas": list(self.sigmas), "weights": list(self.sigma_weights), "steps": self.steps,
+                "recompute": self.recompute}

@@ -22,7 +22,10 @@ from typing import Callable
 
 import tensorflow as tf
 
-__all__ = ["map_gradient", "advection_rhs", "rk4", "advect_map"]
+__all__ = ["map_gradient", "advection_rhs", "rk4", "advect_map", "UNROLL_MIN_VOXELS"]
+
+#: ``loop="auto"`` unrolls the RK4 steps of grids with at least this many voxels (e.g. 41^3 and up)
+UNROLL_MIN_VOXELS = 2**16
 
 
 def _check(field: tf.Tensor, name: str) -> int:
@@ -72,10 +75,14 @@ def advection_rhs(disp: tf.Tensor, velocity: tf.Tensor) -> tf.Tensor:
     return -transport
 
 
-def rk4(f: Callable[[tf.Tensor], tf.Tensor], y0: tf.Tensor, time: float, steps: int) -> tf.Tensor:
+def rk4(f: Callable[[tf.Tensor], tf.Tensor], y0: tf.Tensor, time: float, steps: int, *,
+        loop: bool = True) -> tf.Tensor:
     """Classical 4th-order Runge-Kutta for an autonomous ODE ``dy/dt = f(y)`` from 0 to `time` in
-    `steps` equal steps. One step is traced once and repeated by a ``tf.while_loop`` (small graphs,
-    fast to build; differentiable, also under XLA)."""
+    `steps` equal steps; differentiable, also under XLA.
+
+    ``loop=True``: one step is traced once and repeated by a ``tf.while_loop`` (small graph, fast
+    to build). ``loop=False``: the steps are unrolled (a graph `steps` times larger, slower to
+    build; see `advect_map` for why training graphs of large grids need it)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be an int >= 1. Received: steps={steps!r}")
     h = float(time) / steps
@@ -87,14 +94,18 @@ def rk4(f: Callable[[tf.Tensor], tf.Tensor], y0: tf.Tensor, time: float, steps: 
         k4 = f(y + h * k3)
         return y + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
-    if steps == 1:
-        return step(y0)
+    if steps == 1 or not loop:
+        y = y0
+        for _ in range(steps):
+            y = step(y)
+        return y
     _, y = tf.while_loop(lambda i, y: i < steps, lambda i, y: (i + 1, step(y)),
                          (tf.constant(0), y0), maximum_iterations=steps)
     return y
 
 
-def advect_map(velocity, initial=None, steps: int = 10, time: float = 1.0) -> tf.Tensor:
+def advect_map(velocity, initial=None, steps: int = 10, time: float = 1.0, *,
+               loop: bool | str = "auto") -> tf.Tensor:
     """Transport a map by a stationary velocity: RK4 on ``d phi/dt + D phi . v = 0``.
 
     Args:
@@ -103,8 +114,13 @@ def advect_map(velocity, initial=None, steps: int = 10, time: float = 1.0) -> tf
             affine map from `tfreg.layers.affine_to_disp`); None = identity.
         steps: number of fixed RK4 steps over ``[0, time]`` (the vSVF original: 10 per unit time).
         time: integration time.
-
-    Returns:
+        loop: True: the RK4 steps as a ``tf.while_loop``; False: unrolled; ``"auto"`` (default):
+            unrolled from `UNROLL_MIN_VOXELS` voxels up. Reason: in the backward pass of a large
+            training graph, TensorFlow's graph memory optimiser turns gradient sums of more than two
+            terms into temporary variables; inside the loop's backward pass their names collided
+            (``AlreadyExistsError ... AddN/tmp_var``) and training stopped (AVSM with the MSE
+            similarity at 80x96x80, a 40x48x40 momentum grid). Unrolled graphs take longer to
+            build (about 25 s more for AVSM's first training step), so small grids keep the loop.
         `(B, *S, N)` displacement ``phi_time - id`` in voxels (pull: ``warped = warp(moving, .)``).
     """
     velocity = tf.convert_to_tensor(velocity)
@@ -119,4 +135,9 @@ def advect_map(velocity, initial=None, steps: int = 10, time: float = 1.0) -> tf
         if tuple(initial.shape[1:]) != tuple(velocity.shape[1:]):
             raise ValueError("`initial` and `velocity` must have the same shape. Received: "
                              f"{tuple(initial.shape)} and {tuple(velocity.shape)}")
-    return rk4(lambda u: advection_rhs(u, velocity), initial, time, steps)
+    if not (isinstance(loop, bool) or loop == "auto"):
+        raise ValueError(f"`loop` must be True, False or 'auto'. Received: loop={loop!r}")
+    if loop == "auto":
+        voxels = velocity.shape[1:-1].num_elements()
+        loop = voxels is None or voxels < UNROLL_MIN_VOXELS
+    return rk4(lambda u: advection_rhs(u, velocity), initial, time, steps, loop=loop)
