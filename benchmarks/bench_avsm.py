@@ -23,6 +23,7 @@ Usage::
     python benchmarks/bench_avsm.py                              # 96x112x96, CPU
     python benchmarks/bench_avsm.py --items avsm:vsvf,avsm:infer --steps 2
     python benchmarks/bench_avsm.py --dice --train-steps 200      # + the short training run
+    python benchmarks/bench_avsm.py --items avsm:vsvf --no-symmetric   # one pair per batch
 
 Results: a table on stdout and ``benchmarks/results/bench_avsm.json`` (``--json`` to change).
 """
@@ -83,7 +84,8 @@ def _train(method_name: str, sets: dict, pairs: list[dict]):
 
     loaded = discover().get(method_name)
     config = resolve(method_defaults(loaded.method), sets, None)
-    method = _with_data(loaded.method, pairs, symmetric=method_name == "avsm")
+    symmetric = method_name == "avsm" and (sets.get("loss") or {}).get("symmetric", True)
+    method = _with_data(loaded.method, pairs, symmetric=symmetric)
     with tempfile.TemporaryDirectory() as run_dir:
         return train(method, config, None, run_dir, verbose=0), config
 
@@ -138,6 +140,8 @@ def worker(args: argparse.Namespace) -> dict:
         sets: dict = {"train": dict(never)}
         if method_name == "avsm":
             sets["schedule"] = _only("affine_multi" if what == "affine" else "vsvf_sym", total)
+            if args.no_symmetric:
+                sets["loss"] = {"symmetric": False}
         elif method_name == "lapirn":
             sets["schedule"] = {"level1_steps": 0, "level2_steps": 0, "level3_steps": total,
                                 "freeze_steps": 0}
@@ -199,6 +203,8 @@ def _run_item(item: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", item, "--shape", args.shape, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--device", args.device, "--train-steps", str(args.train_steps)]
+    if args.no_symmetric:
+        cmd.append("--no-symmetric")
     row = run_worker(cmd)
     return {"item": item, **row} if "error" in row else row
 
@@ -230,6 +236,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=200,
                         help="--dice: steps of the affine stages together (the vSVF stages "
                              "get as many)")
+    parser.add_argument("--no-symmetric", action="store_true",
+                        help="avsm training items with loss.symmetric: false (one pair per "
+                             "batch, no symmetry or inverse-consistency terms)")
     parser.add_argument("--json", default=str(HERE / "results" / "bench_avsm.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,7 +256,8 @@ def main() -> None:
     path = Path(args.json)
     result = {"benchmark": "bench_avsm", "shape": list(shape_arg(args.shape)),
               "device_setting": args.device, "steps": args.steps, "warmup": args.warmup,
-              "repeats": args.repeats, "machine": machine(), "results": []}
+              "repeats": args.repeats, "symmetric": not args.no_symmetric, "machine": machine(),
+              "results": []}
     rows = result["results"]
     for item in items:
         start = time.perf_counter()
