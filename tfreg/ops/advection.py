@@ -121,6 +121,8 @@ def advect_map(velocity, initial=None, steps: int = 10, time: float = 1.0, *,
             (``AlreadyExistsError ... AddN/tmp_var``) and training stopped (AVSM with the MSE
             similarity at 80x96x80, a 40x48x40 momentum grid). Unrolled graphs take longer to
             build (about 25 s more for AVSM's first training step), so small grids keep the loop.
+
+    Returns:
         `(B, *S, N)` displacement ``phi_time - id`` in voxels (pull: ``warped = warp(moving, .)``).
     """
     velocity = tf.convert_to_tensor(velocity)
