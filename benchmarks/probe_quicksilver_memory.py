@@ -4,15 +4,17 @@ one training target (optimisation LDDMM), each in a fresh process.
 * ``prediction``: one step of the ``prediction`` stage (the prediction network on
   ``train.batch_size x schedule.patches_per_pair`` patches; the whole images only feed the patch
   gather);
-* ``correction``: one step of the ``correction`` stage, which also runs, without gradients, the
-  whole-image prediction (`model.patch_batch` patches per call) and its shooting, and warps the
-  fixed image back before cutting the correction network's patches;
+* ``correction``: the ``correction`` stage: its data, prepared once per training pair when the
+  stage starts (``prepare_s``: the whole-image prediction, `model.patch_batch` patches per
+  call, its shooting and the fixed image warped back), then its steps (the correction network
+  on the patches);
 * ``targets``: `tfreg.ops.lddmm.register_pair` with the plugin's ``lddmm:`` settings and
   ``--iterations`` iterations (the first includes XLA compilation with ``lddmm.jit``; the
   default config runs 50 per training pair).
 
-Inputs are random: images in [0, 1], momentum targets N(0, 1e-3), patch starts uniform (the time
-and memory of a step do not depend on the values). Training runs through `tfreg.engine.train`
+Inputs are random: images in [0, 1], momentum targets N(0, 1e-3), patch starts drawn by the
+plugin's dataset on the training grid (the time and memory of a step do not depend on the
+values). Training runs through `tfreg.engine.train`
 with the default config; ``--warmup`` untimed steps (tracing) before ``--steps`` timed ones.
 
 Usage::
@@ -38,35 +40,45 @@ HERE = Path(__file__).resolve().parent
 ITEMS = ("prediction", "correction", "targets")
 
 
-def _random_method(shape, config):
-    """The quicksilver method reading one random pair (images, momentum target, patch starts)."""
+def _random_method(shape, config, timings: dict):
+    """The quicksilver method reading one random pair (images, momentum target) through the
+    plugin's own dataset (patch starts on the training grid); the correction stage's `prepare`
+    (once per pair) is timed into `timings`."""
     import numpy as np
-    import tensorflow as tf
 
     from tfreg import registry
+    from tfreg_plugins.quicksilver import data as qs_data
+    from tfreg_plugins.quicksilver import patches
 
     method = registry.discover().get("quicksilver").method
     rng = np.random.default_rng(0)
     ndims = len(shape)
-    patch = int(config["model"]["patch"])
-    count = int(config["schedule"]["patches_per_pair"])
-    element = {"fixed": rng.random((*shape, 1)).astype("float32"),
-               "moving": rng.random((*shape, 1)).astype("float32"),
-               "momentum": rng.normal(0, 1e-3, (*shape, ndims)).astype("float32")}
+    fixed, moving = (rng.random((1, *shape)).astype("float32") for _ in range(2))
+    starts = patches.foreground_starts(moving[0], fixed[0], int(config["model"]["patch"]),
+                                       int(config["schedule"]["train_stride"]))
+    pair = qs_data.QuicksilverData(
+        spec=None, fixed=fixed, moving=moving,
+        momentum=rng.normal(0, 1e-3, (1, *shape, ndims)).astype("float32"), starts=[starts],
+        counts={}, cache_dir=Path("."))
 
-    def dataset(data, config=None, *, split="train", batch_size=1, seed=0, shuffle=True,
-                repeat=True, input_context=None):
-        def starts(_):
-            high = tf.constant([s - patch + 1 for s in shape], tf.int32)
-            return tf.random.uniform((count, ndims), 0, 2**30, tf.int32) % high
+    def stages(config):
+        out = []
+        for stage in method.stages(config):
+            if stage.prepare is not None:
+                def prepare(model, data, config, _inner=stage.prepare):
+                    start = time.perf_counter()
+                    prepared = _inner(model, data, config)
+                    timings["prepare_s"] = round(time.perf_counter() - start, 2)
+                    return prepared
 
-        ds = tf.data.Dataset.from_tensors(element).repeat()
-        ds = ds.map(lambda e: {**e, "starts": starts(0)})
-        return ds.batch(batch_size, drop_remainder=True).prefetch(1)
+                stage = dataclasses.replace(stage, prepare=prepare)
+            out.append(stage)
+        return out
 
-    source = registry.DataSource(open=lambda path, config, div: None, dataset=dataset,
+    source = registry.DataSource(open=lambda path, config, div: pair,
+                                 dataset=qs_data.QUICKSILVER_DATA.dataset,
                                  inshape=lambda data: tuple(shape))
-    return dataclasses.replace(method, data=source)
+    return dataclasses.replace(method, data=source, stages=stages)
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -99,11 +111,14 @@ def worker(args: argparse.Namespace) -> dict:
         steps = {"prediction_steps": total if args.worker == "prediction" else 0,
                  "correction_steps": total if args.worker == "correction" else 0}
         config = resolve(defaults, {"train": never, "schedule": steps}, None)
-        method = _random_method(shape, config)
+        timings: dict = {}
+        method = _random_method(shape, config, timings)
         with tempfile.TemporaryDirectory() as run_dir:
-            result = train(method, config, None, run_dir, verbose=0)
+            result = train(method, config, method.data.open(None, config, 1), run_dir,
+                           verbose=0)
         times = [h["time"] for h in result.history]
-        out.update({"first_step_s": round(times[0], 2),
+        out.update(timings)
+        out.update({"first_step_s": round(times[0] - timings.get("prepare_s", 0.0), 2),
                     "sec_per_step": round((times[-1] - times[args.warmup - 1]) / args.steps, 3),
                     "patches_per_step": int(config["train"]["batch_size"])
                     * int(config["schedule"]["patches_per_pair"])})
@@ -134,12 +149,14 @@ def main() -> None:
         row = run_worker(cmd)
         rows.append({"item": item, **row, "wall_s": round(time.perf_counter() - start, 1)})
         write_report(args.json, {"machine": machine(), "args": vars(args), "rows": rows}, quiet=True)
-    print(f"{'item':<12} {'s/step':>8} {'first s':>8} {'seconds':>8} {'RSS GB':>7}")
+    print(f"{'item':<12} {'s/step':>8} {'first s':>8} {'prepare s':>9} {'seconds':>8} "
+          f"{'RSS GB':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['item']:<12} error: {r['error'][:100]}")
             continue
         print(f"{r['item']:<12} {r.get('sec_per_step', ''):>8} {r.get('first_step_s', ''):>8} "
+              f"{r.get('prepare_s', ''):>9} "
               f"{r.get('seconds', ''):>8} {r.get('peak_rss_gb', ''):>7}")
     print(f"wrote {args.json}")
 

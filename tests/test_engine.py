@@ -5,9 +5,11 @@ All runs use the toy method of `test_engine_toy` at 16^3 (a few steps each)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import keras
@@ -20,9 +22,10 @@ from tfreg.engine import (TrainingInterrupted, check_global_batch, configure_dev
                           learning_rate_at, parse_devices, train)
 from tfreg.engine.logging import TrainLogger
 from tfreg.errors import ConfigError
+from tfreg.registry import LoadedMethod, Stage
 
 from test_engine_toy import (ToySpec, build_toy_loss, build_toy_model, read_events, toy_config,
-                             toy_images, toy_method, weights_by_name)
+                             toy_images, toy_method, toy_pipeline, weights_by_name)
 
 SPEC = ToySpec(shape=(16, 16, 16), n=8)
 
@@ -129,6 +132,73 @@ def test_stages_outputs_learning_rates_and_freezing(tmp_path):
     assert same(w4, w2, "aux/")                                    # aux not in stage 'main'
     state = json.loads((run / "state.json").read_text())
     assert state["stages"] == ["aux", "main"] and state["finished"]
+
+
+@dataclass(frozen=True)
+class _PreparedSpec(ToySpec):
+    """The toy data after `Stage.prepare`: batches also hold ``moving_prepared``."""
+
+
+def _prepared_method(calls: list) -> LoadedMethod:
+    """The toy with stages ``first`` (the model) and ``second`` (prepared data, a training model
+    reading ``moving_prepared`` instead of ``moving``); `calls` records the weights of
+    ``flow`` seen by each `prepare` call."""
+
+    def prepare(model, data, config):
+        calls.append(model.get_layer("flow").kernel.numpy().copy())
+        return _PreparedSpec(data.shape, data.n)
+
+    def training_model(model):
+        fixed = keras.Input(model.input["fixed"].shape[1:], name="fixed")
+        moving = keras.Input(model.input["moving"].shape[1:], name="moving_prepared")
+        features = model.get_layer("enc")(model.get_layer("concat")([moving, fixed]))
+        disp = model.get_layer("disp")(model.get_layer("flow")(features))
+        warped = model.get_layer("transformer")([moving, disp])
+        return keras.Model({"fixed": fixed, "moving_prepared": moving},
+                           {"warped": warped, "disp": disp})
+
+    def dataset(data, config, **kwargs):
+        ds = toy_pipeline(data, **kwargs)
+        if isinstance(data, _PreparedSpec):
+            ds = ds.map(lambda b: {**b, "moving_prepared": b["moving"]})
+        return ds
+
+    def stages(config):
+        steps = config["train"]["steps"]
+        return [Stage("first", 2), Stage("second", steps, prepare=prepare,
+                                         training_model=training_model)]
+
+    base = toy_method().method
+    method = dataclasses.replace(base, stages=stages,
+                                 data=dataclasses.replace(base.data, dataset=dataset))
+    return LoadedMethod(method, "tfreg-tests", "0")
+
+
+def test_stage_prepare_and_training_model(tmp_path):
+    """A stage with `prepare` gets data computed once from the model trained so far, and
+    trains its `training_model` (shared layers) on batches of that data; resuming into the
+    stage prepares again."""
+    calls: list = []
+    run = tmp_path / "run"
+    init = build_toy_model({}, SPEC.shape).get_layer("flow").kernel.numpy()
+    result = train(_prepared_method(calls), toy_config(steps=2, checkpoint_every=1), SPEC, run,
+                   verbose=0)
+    assert result.step == 4 and [h["stage"] for h in result.history] == [0, 0, 1, 1]
+    assert len(calls) == 1 and not np.array_equal(calls[0], init)    # after stage 'first'
+    after_first = _restore(run, 2)
+    assert np.array_equal(calls[0], after_first["flow/kernel"])
+    assert not np.array_equal(_restore(run, 4)["flow/kernel"], after_first["flow/kernel"])
+
+    again = train(_prepared_method(calls), toy_config(steps=3, checkpoint_every=1), SPEC, run,
+                  resume=True, verbose=0)
+    assert again.step == 5 and len(calls) == 2
+
+
+def test_stage_training_model_and_outputs_are_exclusive():
+    with pytest.raises(ValueError, match="exclusive"):
+        Stage("s", 1, outputs=("disp",), training_model=lambda model: model)
+    with pytest.raises(ValueError, match="callable"):
+        Stage("s", 1, prepare="not a function")
 
 
 def test_interrupt_saves_checkpoint_then_resume_finishes(tmp_path, monkeypatch):

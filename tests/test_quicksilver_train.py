@@ -19,6 +19,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import keras
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
@@ -132,6 +133,55 @@ def test_targets_cached_reused_and_invalidated_and_batches(pairs, known_targets,
         k = int(np.argmin([np.abs(batch["moving"][b, ..., 0] - m).sum()
                            for m in pairs["moving"]]))
         np.testing.assert_array_equal(batch["momentum"][b], pairs["momenta"][k])
+
+
+def test_correction_stage_inputs_computed_once_match_the_full_model(pairs, known_targets,
+                                                                   tmp_path):
+    """The correction stage trains on inputs computed once per pair (`Stage.prepare`): its loss
+    and gradients equal those of the full model, which predicts, shoots and warps back in the
+    step itself."""
+    from tfreg.registry import LossContext
+
+    method, config = _config(tmp_path, "lddmm.predict_inverse_iterations=5", "lddmm.steps=5")
+    data = method.data_source.open(pairs["spec"], config, 1)
+    model = method.build_model(config, SHAPE)
+    rng = np.random.default_rng(1)
+    for variable in model.get_layer("networks").trainable_variables:  # zero-initialised heads
+        variable.assign(rng.normal(0.0, 0.1, variable.shape).astype(np.float32))
+    stage = method.resolve_stages(config)[1]
+    assert stage.name == "correction"
+    prepared = stage.prepare(model, data, config)
+    assert prepared.momentum is None and prepared.residual.shape == data.momentum.shape
+    # the random prediction network is far from zero and its shooting moves the fixed image
+    # by more than the tolerances below: forgetting either would fail the comparison
+    assert np.abs(data.momentum - prepared.residual).max() > 0.1 * np.abs(data.momentum).max()
+    assert np.abs(prepared.fixed_back - data.fixed).max() > 1e-2
+
+    batch = next(iter(method.data_source.dataset(prepared, config, split="train", batch_size=2,
+                                                 seed=0, shuffle=True, repeat=True)))
+    assert "momentum" not in batch and batch["fixed_back"].shape == (2, *SHAPE, 1)
+    index = [int(np.argmin([np.abs(batch["moving"][b, ..., 0] - m).sum()
+                            for m in pairs["moving"]])) for b in range(2)]
+    reference = {"moving": batch["moving"], "fixed": batch["fixed"], "starts": batch["starts"],
+                 "momentum": tf.constant(data.momentum[index])}
+    full = keras.Model(model.input, {k: model.output[k]
+                                     for k in ("patch_correction", "patch_predicted")})
+    trained = stage.training_model(model)
+    assert set(trained.input) == {"moving", "fixed_back", "starts"}
+    loss_fn = method.build_loss(config)
+    ctx = LossContext(stage, 0, 0)
+    weights = model.get_layer("networks").correction_network.trainable_variables
+    results = []
+    for net, feed in ((full, reference), (trained, batch)):
+        with tf.GradientTape() as tape:
+            inputs = {name: feed[name] for name in net.input}
+            value = loss_fn(feed, net(inputs, training=True), ctx)["l1_correction"]
+        results.append((float(value), tape.gradient(value, weights)))
+    (want, want_grads), (got, got_grads) = results
+    assert got == pytest.approx(want, rel=1e-5)
+    for g_want, g_got in zip(want_grads, got_grads):
+        np.testing.assert_allclose(g_got.numpy(), g_want.numpy(), rtol=1e-4,
+                                   atol=1e-6 * float(np.abs(g_want.numpy()).max()))
 
 
 def _l1(a, b) -> float:

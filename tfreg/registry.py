@@ -89,6 +89,15 @@ class Stage:
         freeze_steps: number of steps the `frozen` layers stay frozen.
         keep_optimizer: continue with the previous stage's optimizer (its moments and step
             counter) instead of a fresh one from `Method.optimizer`.
+        prepare: ``(model, data, config) -> data``, called when the stage starts (and when a
+            run resumes inside it) with the model as trained so far, the opened data and the
+            resolved config; the stage draws its batches from the returned data (through the
+            method's `DataSource.dataset`). For inputs that depend on earlier stages and stay
+            fixed in this one: computed once, not in every step. None = the opened data.
+        training_model: ``(model) -> keras.Model``, the model this stage trains, built from
+            the method's model and sharing its layers; its inputs are a dict whose keys are
+            keys of the batch. Exclusive with `outputs`. None = the method's model (with
+            `outputs`).
     """
 
     name: str
@@ -98,6 +107,8 @@ class Stage:
     frozen: tuple[str, ...] = ()
     freeze_steps: int = 0
     keep_optimizer: bool = False
+    prepare: Callable[["keras.Model", Any, dict], Any] | None = None
+    training_model: Callable[["keras.Model"], "keras.Model"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -107,6 +118,13 @@ class Stage:
         if not isinstance(self.freeze_steps, int) or self.freeze_steps < 0:
             raise ValueError("Stage.freeze_steps must be an int >= 0. "
                              f"Received: freeze_steps={self.freeze_steps!r}")
+        for name in ("prepare", "training_model"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise ValueError(f"Stage.{name} must be callable or None. Received: {hook!r}")
+        if self.training_model is not None and self.outputs is not None:
+            raise ValueError("Stage.training_model and Stage.outputs are exclusive: the "
+                             "training model computes what the stage trains")
         if self.outputs is not None:
             object.__setattr__(self, "outputs", tuple(self.outputs))
         object.__setattr__(self, "frozen", tuple(self.frozen))

@@ -11,8 +11,11 @@ must hold a patch; the momenta of the ``train`` pairs are optimised once
 ``schedule.train_stride`` grid whose patch holds a non-zero voxel of either image
 (`patches.foreground_starts`): ``{"moving", "fixed"}``
 `(*S, 1)`, ``"momentum"`` `(*S, N)` (the target) and ``"starts"`` `(K, N)` int32. The model cuts
-the patches (`layers.GatherPatches`), so the correction stage can cut the same patches from the
-fixed image warped back by the prediction.
+the patches (`layers.GatherPatches`). The correction stage's data (`model.prepare_correction`,
+once per training pair when the stage starts) replaces ``"momentum"`` by ``"residual"``
+`(*S, N)` (target minus the trained prediction network's momentum) and adds ``"fixed_back"``
+`(*S, 1)` (the fixed image warped back by the shot prediction), the original's precomputed
+inputs of the correction network.
 
 Validation (Dice of warped label maps on the ``val`` pairs) and the inference preprocessing
 record are tfreg's (`tfreg.data.SPEC_DATA`).
@@ -40,7 +43,8 @@ __all__ = ["QuicksilverData", "QUICKSILVER_DATA", "lddmm_config", "open_data"]
 class QuicksilverData:
     """What ``--data`` opened to: the spec, the training pairs' preprocessed images
     `(P, *S)` and their optimised momenta `(P, *S, N)`, the foreground patch starts of each
-    pair, and how many momenta were reused from the cache."""
+    pair, and how many momenta were reused from the cache. The correction stage's data has
+    `residual` `(P, *S, N)` and `fixed_back` `(P, *S)` too, and no `momentum`."""
 
     spec: DataSpec
     fixed: np.ndarray
@@ -50,6 +54,8 @@ class QuicksilverData:
     counts: dict
     cache_dir: Path
     notes: list[str] = field(default_factory=list)
+    residual: np.ndarray | None = None
+    fixed_back: np.ndarray | None = None
 
 
 def lddmm_config(config: dict):
@@ -117,9 +123,12 @@ def _dataset(data: QuicksilverData, config: dict, *, split: str, batch_size: int
         raise ConfigError(f"{data.spec.source}: quicksilver draws patches from the train split "
                           f"only, not '{split}'")
     k = int(config["schedule"]["patches_per_pair"])
-    fixed = tf.constant(data.fixed[..., None])
-    moving = tf.constant(data.moving[..., None])
-    momentum = tf.constant(data.momentum)
+    volumes = {"fixed": data.fixed[..., None], "moving": data.moving[..., None]}
+    if data.residual is not None:       # the correction stage (`model.prepare_correction`)
+        volumes.update(residual=data.residual, fixed_back=data.fixed_back[..., None])
+    else:
+        volumes["momentum"] = data.momentum
+    volumes = {key: tf.constant(value) for key, value in volumes.items()}
     counts = np.array([len(s) for s in data.starts], np.int64)
     offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int64)
     counts_t = tf.constant(counts)
@@ -130,9 +139,9 @@ def _dataset(data: QuicksilverData, config: dict, *, split: str, batch_size: int
         seeds = tf.stack([tf.cast(seed, tf.int64), index])
         pair = tf.random.stateless_uniform([], seeds, 0, n, tf.int64)
         picks = tf.random.stateless_uniform([k], seeds + 1, 0, 2**62, tf.int64) % counts_t[pair]
-        return {"fixed": tf.gather(fixed, pair), "moving": tf.gather(moving, pair),
-                "momentum": tf.gather(momentum, pair),
-                "starts": tf.gather(all_starts, offsets[pair] + picks)}
+        element = {key: tf.gather(value, pair) for key, value in volumes.items()}
+        element["starts"] = tf.gather(all_starts, offsets[pair] + picks)
+        return element
 
     ds = tf.data.Dataset.range(2**62 if repeat else n)
     if input_context is not None:

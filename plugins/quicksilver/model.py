@@ -11,9 +11,15 @@ registration a dummy, see `inference_inputs`). Outputs:
 * ``momentum`` `(B, *S, N)`: whole-image ``m_pred (+ m_corr)``; ``disp`` (the inverse map,
   tfreg's pull displacement), ``inverse_disp`` (the forward map), ``warped``: the final
   shooting of ``momentum``.
+
+The correction stage trains `correction_training_model` (inputs ``moving``, ``fixed_back``,
+``starts``; output ``patch_correction``) on data from `prepare_correction`: the trained
+prediction network's whole-image momentum and its shooting are computed once per training pair
+when the stage starts (the original's precomputation), not in every step.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import keras
@@ -29,7 +35,7 @@ from . import patches
 from .layers import GatherPatches, PatchNetworks, Shoot, displacement_spread
 
 __all__ = ["Model", "Lddmm", "Targets", "Schedule", "check_settings", "build_model",
-           "build_loss", "stages",
+           "build_loss", "stages", "prepare_correction", "correction_training_model",
            "inference_inputs", "register_report"]
 
 
@@ -126,32 +132,83 @@ def build_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
 def build_loss(config: dict):
     """L1 summed over every voxel, component and patch of the batch (the original's
     ``L1Loss(size_average=False)``): ``l1_prediction`` against the optimised momentum in stage
-    1, ``l1_correction`` against ``m_opt - m_pred`` in stage 2."""
+    1, ``l1_correction`` against ``m_opt - m_pred`` in stage 2 (the batch's precomputed
+    ``residual``, or the target minus the model's ``patch_predicted``)."""
     patch = int(config["model"]["patch"])
 
+    def cut(volume: tf.Tensor, starts: tf.Tensor) -> tf.Tensor:
+        out = patches.gather(volume, starts, patch)
+        return tf.reshape(out, [-1, *out.shape[2:]])
+
     def loss(batch: dict, outputs: dict, ctx: LossContext) -> dict:
-        target = patches.gather(batch["momentum"], batch["starts"], patch)
-        target = tf.reshape(target, [-1, *target.shape[2:]])
         terms = {}
         if "patch_momentum" in outputs:
+            target = cut(batch["momentum"], batch["starts"])
             terms["l1_prediction"] = tf.reduce_sum(tf.abs(outputs["patch_momentum"] - target))
         if "patch_correction" in outputs:
-            residual = target - outputs["patch_predicted"]
+            if "residual" in batch:
+                residual = cut(batch["residual"], batch["starts"])
+            else:
+                residual = cut(batch["momentum"], batch["starts"]) - outputs["patch_predicted"]
             terms["l1_correction"] = tf.reduce_sum(tf.abs(outputs["patch_correction"] - residual))
         return terms
 
     return loss
 
 
+def prepare_correction(model: keras.Model, data, config: dict):
+    """The correction stage's data (`Stage.prepare`): for every training pair, once, the
+    trained prediction network's whole-image momentum ``m_pred``, its shooting, and the fixed
+    image warped back into moving space. Returns `data` with ``residual = m_opt - m_pred``
+    `(P, *S, N)` and ``fixed_back`` `(P, *S)` in place of the momenta."""
+    networks = model.get_layer("networks")
+    shoot = model.get_layer("shoot_prediction")
+    warp = model.get_layer("fixed_back")
+
+    @tf.function
+    def predict(moving: tf.Tensor, fixed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        momentum = networks.whole_image(moving, fixed, "prediction")
+        forward, _ = shoot(momentum)
+        return momentum, warp([fixed, forward])
+
+    residual = np.empty_like(data.momentum)
+    fixed_back = np.empty_like(data.fixed)
+    for i in range(len(data.fixed)):
+        momentum, back = predict(tf.constant(data.moving[i][None, ..., None]),
+                                 tf.constant(data.fixed[i][None, ..., None]))
+        residual[i] = data.momentum[i] - momentum.numpy()[0]
+        fixed_back[i] = back.numpy()[0, ..., 0]
+    return dataclasses.replace(data, momentum=None, residual=residual, fixed_back=fixed_back)
+
+
+def correction_training_model(model: keras.Model) -> keras.Model:
+    """The correction stage's model (`Stage.training_model`), sharing `model`'s layers:
+    ``{moving, fixed_back (B, *S, 1), starts (B, K, N)} -> {patch_correction (B*K, *P, N)}``,
+    the correction network on the patches of the moving image and of the fixed image warped
+    back by the prediction (`prepare_correction`)."""
+    networks = model.get_layer("networks")
+    gather = model.get_layer("gather")
+    spatial = tuple(model.input["moving"].shape[1:])
+    moving = keras.Input(spatial, name="moving")
+    back = keras.Input(spatial, name="fixed_back")
+    starts = keras.Input((None, len(spatial) - 1), dtype="int32", name="starts")
+    correction = networks([gather([moving, starts]), gather([back, starts])],
+                          network="correction")
+    return keras.Model({"moving": moving, "fixed_back": back, "starts": starts},
+                       {"patch_correction": correction}, name="quicksilver_correction")
+
+
 def stages(config: dict) -> list[Stage]:
     """``prediction`` (the prediction network on patches), then with ``model.correction`` the
-    ``correction`` network; each stage starts a fresh optimizer (tfreg's default)."""
+    ``correction`` network on inputs computed once when it starts (`prepare_correction`,
+    `correction_training_model`); each stage starts a fresh optimizer (tfreg's default)."""
     check_settings(config)
     schedule = config["schedule"]
     out = [Stage("prediction", int(schedule["prediction_steps"]), outputs=("patch_momentum",))]
     if config["model"]["correction"]:
         out.append(Stage("correction", int(schedule["correction_steps"]),
-                         outputs=("patch_correction", "patch_predicted")))
+                         prepare=prepare_correction,
+                         training_model=correction_training_model))
     return out
 
 

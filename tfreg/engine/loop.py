@@ -200,6 +200,24 @@ def _submodel(model: keras.Model, outputs: tuple[str, ...] | None) -> keras.Mode
                        name=f"{model.name}_stage")
 
 
+def _stage_model(model: keras.Model, stage: Any, strategy: tf.distribute.Strategy,
+                 precision: str, input_names: tuple[str, ...]
+                 ) -> tuple[keras.Model, tuple[str, ...]]:
+    """The model `stage` trains (sharing `model`'s layers) and the batch keys it reads:
+    `Stage.training_model` when set (its dict inputs), else `model` restricted to
+    `Stage.outputs` reading `input_names`."""
+    if stage.training_model is None:
+        return _submodel(model, stage.outputs), input_names
+    with strategy.scope(), dtype_policy(precision):
+        trained = stage.training_model(model)
+    if not isinstance(trained, keras.Model) or not isinstance(getattr(trained, "input", None),
+                                                              dict):
+        raise MethodError(f"stage '{stage.name}': training_model returned "
+                          f"{type(trained).__name__}, expected a keras.Model with named (dict) "
+                          "inputs")
+    return trained, tuple(trained.input)
+
+
 def _trainable(model: keras.Model, frozen: tuple[str, ...]) -> list:
     """Trainable variables of `model` whose path does not start with a frozen prefix."""
     return [v for v in model.trainable_variables
@@ -565,9 +583,21 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
                         optimizer = make_optimizer(index)
                     ckpt.set_optimizer(optimizer)
                 stage_index = index
-                if iterator is None:
-                    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-                sub = _submodel(model, stage.outputs)
+                if stage.prepare is not None:
+                    # inputs fixed for this stage, computed once from the model trained so far
+                    log.message(f"stage '{stage.name}': preparing its data")
+                    prepared_at = time.perf_counter()
+                    stage_data = stage.prepare(model, data, config)
+                    log.message(f"stage '{stage.name}': data prepared in "
+                                f"{time.perf_counter() - prepared_at:.1f} s")
+                    batches = iter(strategy.distribute_datasets_from_function(
+                        _dataset_function(source, stage_data, config, global_batch,
+                                          data_seed + index)))
+                else:
+                    if iterator is None:
+                        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+                    batches = iterator
+                sub, input_names = _stage_model(model, stage, strategy, precision, io.inputs)
                 base_lr = stage.learning_rate if stage.learning_rate is not None \
                     else tcfg["learning_rate"]
                 steps_fns: dict[bool, Callable] = {}
@@ -579,10 +609,10 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
                         steps_fns[frozen] = _make_step(
                             strategy, sub, variables, loss_fn, stage, optimizer,
                             tcfg["clip_norm"], mixed, bool(tcfg.get("jit_compile", False)),
-                            io.inputs)
+                            input_names)
                     lr = learning_rate_at(tcfg, base_lr, s, stage.steps)
                     optimizer.learning_rate = lr
-                    batch = next(iterator)
+                    batch = next(batches)
                     terms = _run_step(steps_fns[frozen], batch, step, s, precision)
                     step += 1
                     stage_step = s + 1

@@ -157,18 +157,21 @@ def _self_adjoint(x: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
     operator applied to the upstream gradient (the operator is self-adjoint). TensorFlow has
     no gradient for the 3D real FFTs, so this also makes 3D LDDMM differentiable."""
     @tf.custom_gradient
-    def apply(t, mat):
+    def apply(t):           # the matrix is a constant: no gradient for it
         def grad(dy):
-            return apply_matrix_multiplier(dy, mat), tf.zeros_like(mat)
+            return apply_matrix_multiplier(dy, matrix)
 
-        return apply_matrix_multiplier(t, mat), grad
+        return apply_matrix_multiplier(t, matrix), grad
 
-    return apply(tf.convert_to_tensor(x, tf.float32), matrix)
+    return apply(tf.convert_to_tensor(x, tf.float32))
 
 
 # ---------------------------------------------------------------------- maps and their algebra
+@tf.recompute_grad
 def _warp(field_: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
-    """``field(x + disp(x))``, linear, border clamped."""
+    """``field(x + disp(x))``, linear, border clamped. The interpolation is recomputed in the
+    backward pass (`tf.recompute_grad`): a gradient through the shooting keeps each warp's
+    inputs, not its corners and weights (about 30 fields per warp)."""
     return warp(field_, disp)
 
 
@@ -222,7 +225,8 @@ def update_inverse(inverse: tf.Tensor, increment: tf.Tensor, iterations: int) ->
     if iterations == 0:
         return inverse
     eulerian = _warp(increment, inverse)
-    z = invert_displacement(eulerian, iterations, tolerance=0.0, init=tf.zeros_like(eulerian))
+    z = invert_displacement(eulerian, iterations, tolerance=0.0, init=tf.zeros_like(eulerian),
+                            recompute=True)
     return z + _warp(inverse, z)
 
 
@@ -259,26 +263,39 @@ def shoot(m0: tf.Tensor, kernel: FluidKernel, steps: int = 10, inverse_iteration
     m0 = tf.convert_to_tensor(m0, tf.float32)
     h = tf.constant(kernel.spacing, tf.float32)
     dt = 1.0 / float(steps)
+    # the loop's recomputed steps read the kernel as a tensor of this graph: the while-loop
+    # gradient cannot map a captured eager constant into its recomputation
+    kernel = replace(kernel, kernel=tf.identity(kernel.kernel),
+                     operator=tf.identity(kernel.operator))
     fwd = tf.zeros_like(m0)
     inv = tf.zeros_like(m0)
     momenta = [m0] if keep_momenta else []
 
-    def velocity(inverse):
+    # A gradient through the shooting recomputes in the backward pass (`tf.recompute_grad`,
+    # nested): each step keeps its three maps, each velocity and inverse refresh inside a
+    # recomputed step its inputs, each sampling its two inputs; never a step's intermediates.
+    @tf.recompute_grad
+    def velocity(inverse, m0):
         return kernel.smooth(coadjoint(inverse, m0, kernel.spacing))
+
+    @tf.recompute_grad
+    def refresh(inverse, increment):
+        return update_inverse(inverse, increment, inverse_iterations)
 
     def rhs(v, forward):
         return dt * _warp(v, forward) / h                           # voxels of the map per step
 
-    def step_fn(fwd, inv, v):
+    @tf.recompute_grad
+    def step_fn(fwd, inv, v, m0):
         k1 = rhs(v, fwd)
-        inv2 = update_inverse(inv, 0.5 * k1, inverse_iterations)
-        k2 = rhs(velocity(inv2), fwd + 0.5 * k1)
-        inv3 = update_inverse(inv, 0.5 * k2, inverse_iterations)
-        k3 = rhs(velocity(inv3), fwd + 0.5 * k2)
-        inv4 = update_inverse(inv, k3, inverse_iterations)
-        k4 = rhs(velocity(inv4), fwd + k3)
+        inv2 = refresh(inv, 0.5 * k1)
+        k2 = rhs(velocity(inv2, m0), fwd + 0.5 * k1)
+        inv3 = refresh(inv, 0.5 * k2)
+        k3 = rhs(velocity(inv3, m0), fwd + 0.5 * k2)
+        inv4 = refresh(inv, k3)
+        k4 = rhs(velocity(inv4, m0), fwd + k3)
         step = (k1 + 2.0 * k2 + 2.0 * k3 + k4) / 6.0
-        inv = update_inverse(inv, step, inverse_iterations)
+        inv = refresh(inv, step)
         m = coadjoint(inv, m0, kernel.spacing)
         return fwd + step, inv, m
 
@@ -288,7 +305,7 @@ def shoot(m0: tf.Tensor, kernel: FluidKernel, steps: int = 10, inverse_iteration
                           element_shape=m0.shape)
 
     def body(i, fwd, inv, v, path):
-        fwd, inv, m = step_fn(fwd, inv, v)
+        fwd, inv, m = step_fn(fwd, inv, v, m0)
         if keep_momenta:
             path = path.write(i, m)
         return i + 1, fwd, inv, kernel.smooth(m), path
