@@ -50,7 +50,7 @@ def composition_residual(disp, inverse) -> tf.Tensor:
 
 
 def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
-                        init=None, recompute: bool = False) -> tf.Tensor:
+                        init=None, lean_gradient: bool = False) -> tf.Tensor:
     """Inverse ``w`` of a displacement ``u`` by the fixed-point iteration ``w <- -u(y + w)``.
 
     Args:
@@ -61,9 +61,9 @@ def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
             items is below this many voxels. 0 runs all `iterations`.
         init: `(B, *S, N)` starting guess (e.g. the previous inverse when ``u`` changed a
             little, as in an LDDMM inverse-map refresh); default ``-u``.
-        recompute: run each iteration's sampling under `tf.recompute_grad`: a gradient through
-            the loop keeps one field per iteration instead of every interpolation
-            intermediate (about 30 fields per iteration); same values and gradients.
+        lean_gradient: sample with `warp(lean_gradient=True)`: a gradient through the loop
+            keeps one field per iteration, not every interpolation intermediate; same values
+            and gradients.
 
     Returns:
         `(B, *S, N)` float32 inverse displacement in voxels of the same grid (pull):
@@ -82,10 +82,9 @@ def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
         raise ValueError("`init` must have the shape of `disp`. Received: "
                          f"init.shape={tuple(inverse.shape)}, disp.shape={tuple(disp.shape)}")
     tol = tf.constant(float(tolerance), tf.float32)
-    sample = tf.recompute_grad(warp) if recompute else warp
 
     def step(i, w, err):
-        new = -sample(disp, w)
+        new = -warp(disp, w, lean_gradient=lean_gradient)
         # residual of the current iterate: w + u(y + w) = w - new
         # (no gradient: the norm's gradient at a zero residual is NaN, and XLA's while-loop
         # gradient evaluates it for every loop variable)

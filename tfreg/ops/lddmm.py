@@ -167,12 +167,11 @@ def _self_adjoint(x: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------------- maps and their algebra
-@tf.recompute_grad
 def _warp(field_: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
-    """``field(x + disp(x))``, linear, border clamped. The interpolation is recomputed in the
-    backward pass (`tf.recompute_grad`): a gradient through the shooting keeps each warp's
-    inputs, not its corners and weights (about 30 fields per warp)."""
-    return warp(field_, disp)
+    """``field(x + disp(x))``, linear, border clamped; the backward pass recomputes the
+    interpolation (`warp(lean_gradient=True)`): a gradient through the shooting keeps each
+    warp's inputs, not its corners and weights."""
+    return warp(field_, disp, lean_gradient=True)
 
 
 def _det(j: tf.Tensor) -> tf.Tensor:
@@ -226,7 +225,7 @@ def update_inverse(inverse: tf.Tensor, increment: tf.Tensor, iterations: int) ->
         return inverse
     eulerian = _warp(increment, inverse)
     z = invert_displacement(eulerian, iterations, tolerance=0.0, init=tf.zeros_like(eulerian),
-                            recompute=True)
+                            lean_gradient=True)
     return z + _warp(inverse, z)
 
 
@@ -273,7 +272,7 @@ def shoot(m0: tf.Tensor, kernel: FluidKernel, steps: int = 10, inverse_iteration
 
     # A gradient through the shooting recomputes in the backward pass (`tf.recompute_grad`,
     # nested): each step keeps its three maps, each velocity and inverse refresh inside a
-    # recomputed step its inputs, each sampling its two inputs; never a step's intermediates.
+    # recomputed step its inputs, each sampling (lean gradient) its two inputs.
     @tf.recompute_grad
     def velocity(inverse, m0):
         return kernel.smooth(coadjoint(inverse, m0, kernel.spacing))
