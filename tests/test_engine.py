@@ -139,16 +139,18 @@ class _PreparedSpec(ToySpec):
     """The toy data after `Stage.prepare`: batches also hold ``moving_prepared``."""
 
 
-def _prepared_method(calls: list) -> LoadedMethod:
+def _prepared_method(calls: list, built: list | None = None) -> LoadedMethod:
     """The toy with stages ``first`` (the model) and ``second`` (prepared data, a training model
     reading ``moving_prepared`` instead of ``moving``); `calls` records the weights of
-    ``flow`` seen by each `prepare` call."""
+    ``flow`` seen by each `prepare` call, `built` each training model."""
 
     def prepare(model, data, config):
         calls.append(model.get_layer("flow").kernel.numpy().copy())
         return _PreparedSpec(data.shape, data.n)
 
     def training_model(model):
+        if built is not None:
+            built.append(1)
         fixed = keras.Input(model.input["fixed"].shape[1:], name="fixed")
         moving = keras.Input(model.input["moving"].shape[1:], name="moving_prepared")
         features = model.get_layer("enc")(model.get_layer("concat")([moving, fixed]))
@@ -179,12 +181,14 @@ def test_stage_prepare_and_training_model(tmp_path):
     trains its `training_model` (shared layers) on batches of that data; resuming into the
     stage prepares again."""
     calls: list = []
+    built: list = []
     run = tmp_path / "run"
     init = build_toy_model({}, SPEC.shape).get_layer("flow").kernel.numpy()
-    result = train(_prepared_method(calls), toy_config(steps=2, checkpoint_every=1), SPEC, run,
-                   verbose=0)
+    result = train(_prepared_method(calls, built), toy_config(steps=2, checkpoint_every=1), SPEC,
+                   run, verbose=0)
     assert result.step == 4 and [h["stage"] for h in result.history] == [0, 0, 1, 1]
     assert len(calls) == 1 and not np.array_equal(calls[0], init)    # after stage 'first'
+    assert len(built) == 1                                           # stage 'second' only
     after_first = _restore(run, 2)
     assert np.array_equal(calls[0], after_first["flow/kernel"])
     assert not np.array_equal(_restore(run, 4)["flow/kernel"], after_first["flow/kernel"])
@@ -192,6 +196,21 @@ def test_stage_prepare_and_training_model(tmp_path):
     again = train(_prepared_method(calls), toy_config(steps=3, checkpoint_every=1), SPEC, run,
                   resume=True, verbose=0)
     assert again.step == 5 and len(calls) == 2
+    assert np.array_equal(calls[1], _restore(run, 4)["flow/kernel"])  # the resumed weights
+
+
+def test_stage_batches_without_a_training_model_input_is_one_line_error(tmp_path):
+    from tfreg.errors import MethodError
+
+    loaded = _prepared_method([])
+    method = dataclasses.replace(
+        loaded.method, data=dataclasses.replace(loaded.method.data,
+                                                dataset=lambda data, config, **kw:
+                                                toy_pipeline(data, **kw)))
+    with pytest.raises(MethodError, match="stage 'second': its batches have no "
+                                          "'moving_prepared'"):
+        train(LoadedMethod(method, "tfreg-tests", "0"), toy_config(steps=1), SPEC,
+              tmp_path / "run", verbose=0)
 
 
 def test_stage_training_model_and_outputs_are_exclusive():

@@ -236,17 +236,19 @@ def test_compile_cache_is_bounded(monkeypatch):
     compile_cache.clear()
 
 
-@pytest.mark.parametrize("shape,channels,jit", [((7, 9), 1, False), ((5, 6, 7), 3, False),
-                                                ((1, 6, 7), 2, False), ((5, 6, 7), 3, True)])
-def test_warp_lean_gradient_matches_autodiff_and_finite_differences(shape, channels, jit):
+@pytest.mark.parametrize("shape,out_shape,channels,jit", [
+    ((7, 9), (7, 9), 1, False), ((5, 6, 7), (5, 6, 7), 3, False), ((1, 6, 7), (1, 6, 7), 2, False),
+    ((5, 6, 7), (4, 3, 5), 1, False), ((5, 6, 7), (4, 3, 5), 3, True)])
+def test_warp_lean_gradient_matches_autodiff_and_finite_differences(shape, out_shape, channels,
+                                                                    jit):
     """`warp(lean_gradient=True)`: the hand-written backward equals autodiff through the gathers
     (float64; displacements inside, outside (clamped: no gradient) and on integer positions,
     where both take the same one-sided derivative) and central differences along random
     directions (away from integer positions, where the interpolant has kinks)."""
     rng = np.random.default_rng(0)
     image = tf.constant(rng.normal(size=(2, *shape, channels)))
-    disp = tf.constant(rng.normal(0, 3, (2, *shape, len(shape))))
-    dy = tf.constant(rng.normal(size=(2, *shape, channels)))
+    disp = tf.constant(rng.normal(0, 3, (2, *out_shape, len(shape))))     # another grid too
+    dy = tf.constant(rng.normal(size=(2, *out_shape, channels)))
 
     def loss(img, d, lean):
         return tf.reduce_sum(sampling.warp(img, d, jit=jit, lean_gradient=lean) * dy)

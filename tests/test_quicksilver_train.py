@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import nibabel as nib
 import numpy as np
-import keras
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner

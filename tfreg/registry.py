@@ -93,11 +93,13 @@ class Stage:
             run resumes inside it) with the model as trained so far, the opened data and the
             resolved config; the stage draws its batches from the returned data (through the
             method's `DataSource.dataset`). For inputs that depend on earlier stages and stay
-            fixed in this one: computed once, not in every step. None = the opened data.
+            fixed in this one: computed once, not in every step. It runs outside the
+            distribution strategy's scope, on every worker: read the model, create no
+            weights. None = the opened data.
         training_model: ``(model) -> keras.Model``, the model this stage trains, built from
-            the method's model and sharing its layers; its inputs are a dict whose keys are
-            keys of the batch. Exclusive with `outputs`. None = the method's model (with
-            `outputs`).
+            the method's model and sharing its layers (no new weights); its inputs are a dict
+            whose keys are keys of the batch. Exclusive with `outputs`. None = the method's
+            model (with `outputs`).
     """
 
     name: str

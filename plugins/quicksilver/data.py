@@ -49,7 +49,7 @@ class QuicksilverData:
     spec: DataSpec
     fixed: np.ndarray
     moving: np.ndarray
-    momentum: np.ndarray
+    momentum: np.ndarray | None
     starts: list[np.ndarray]
     counts: dict
     cache_dir: Path

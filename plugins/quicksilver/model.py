@@ -7,7 +7,8 @@ registration a dummy, see `inference_inputs`). Outputs:
 * ``patch_momentum`` `(B*K, *P, N)`: the prediction network on the patches (stage 1);
 * ``patch_correction``, ``patch_predicted`` `(B*K, *P, N)`: the correction network on the
   patches of the moving image and of the fixed image warped back into moving space by the
-  shot prediction, and the prediction at those patches (stage 2; target ``m_opt - m_pred``);
+  shot prediction, and the prediction at those patches (target ``m_opt - m_pred``; the
+  reference path: the correction stage trains the same network on precomputed inputs, below);
 * ``momentum`` `(B, *S, N)`: whole-image ``m_pred (+ m_corr)``; ``disp`` (the inverse map,
   tfreg's pull displacement), ``inverse_disp`` (the forward map), ``warped``: the final
   shooting of ``momentum``.
@@ -173,11 +174,13 @@ def prepare_correction(model: keras.Model, data, config: dict):
 
     residual = np.empty_like(data.momentum)
     fixed_back = np.empty_like(data.fixed)
-    for i in range(len(data.fixed)):
+    count = len(data.fixed)
+    for i in range(count):
         momentum, back = predict(tf.constant(data.moving[i][None, ..., None]),
                                  tf.constant(data.fixed[i][None, ..., None]))
         residual[i] = data.momentum[i] - momentum.numpy()[0]
         fixed_back[i] = back.numpy()[0, ..., 0]
+        print(f"correction inputs: {i + 1}/{count} pairs", flush=True)
     return dataclasses.replace(data, momentum=None, residual=residual, fixed_back=fixed_back)
 
 
@@ -188,10 +191,10 @@ def correction_training_model(model: keras.Model) -> keras.Model:
     back by the prediction (`prepare_correction`)."""
     networks = model.get_layer("networks")
     gather = model.get_layer("gather")
-    spatial = tuple(model.input["moving"].shape[1:])
-    moving = keras.Input(spatial, name="moving")
-    back = keras.Input(spatial, name="fixed_back")
-    starts = keras.Input((None, len(spatial) - 1), dtype="int32", name="starts")
+    image_shape = tuple(model.input["moving"].shape[1:])             # (*S, 1)
+    moving = keras.Input(image_shape, name="moving")
+    back = keras.Input(image_shape, name="fixed_back")
+    starts = keras.Input((None, len(image_shape) - 1), dtype="int32", name="starts")
     correction = networks([gather([moving, starts]), gather([back, starts])],
                           network="correction")
     return keras.Model({"moving": moving, "fixed_back": back, "starts": starts},

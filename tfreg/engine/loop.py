@@ -215,7 +215,23 @@ def _stage_model(model: keras.Model, stage: Any, strategy: tf.distribute.Strateg
         raise MethodError(f"stage '{stage.name}': training_model returned "
                           f"{type(trained).__name__}, expected a keras.Model with named (dict) "
                           "inputs")
+    known = {id(v) for v in model.trainable_variables}
+    new = [v.path for v in trained.trainable_variables if id(v) not in known]
+    if new:
+        raise MethodError(f"stage '{stage.name}': training_model made new weights ({new[0]}); "
+                          "it must reuse the model's layers (new weights are never saved)")
     return trained, tuple(trained.input)
+
+
+def _check_batch_keys(stage: Any, batches: Any, input_names: tuple[str, ...]) -> None:
+    """A stage whose batches lack an input of the model it trains: one-line `MethodError`."""
+    spec = getattr(batches, "element_spec", None)
+    if not isinstance(spec, dict):
+        return
+    missing = [name for name in input_names if name not in spec]
+    if missing:
+        raise MethodError(f"stage '{stage.name}': its batches have no '{missing[0]}', an input "
+                          f"of the model it trains (batch keys: {', '.join(sorted(spec))})")
 
 
 def _trainable(model: keras.Model, frozen: tuple[str, ...]) -> list:
@@ -438,7 +454,8 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
         ConfigError: invalid ``train:`` values, batch not divisible by the replicas, or a run
             directory that already has checkpoints without `resume`.
         MethodError: a model that does not match the method's `ModelIO` (inputs, outputs,
-            float32 fields).
+            float32 fields); a stage's `training_model` with new weights or whose inputs its
+            batches lack.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
     """
     loaded = method
@@ -598,6 +615,7 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
                         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
                     batches = iterator
                 sub, input_names = _stage_model(model, stage, strategy, precision, io.inputs)
+                _check_batch_keys(stage, batches, input_names)
                 base_lr = stage.learning_rate if stage.learning_rate is not None \
                     else tcfg["learning_rate"]
                 steps_fns: dict[bool, Callable] = {}

@@ -93,8 +93,10 @@ def _blend(corners: dict, weights: list, axes: Sequence[int]) -> tf.Tensor:
     return corners[()]
 
 
-def _linear_corners(table, disp, in_shape, single):
-    """Corner values (keyed by bit tuples) and per-axis weights ``(1-w, w)`` of linear sampling."""
+def _linear_geometry(disp, in_shape):
+    """Lower-corner flat index ``(B, *So)`` int32, per-axis weights ``w`` of the upper corner
+    (``(B, *So)`` each; the clamp passes the gradient on ``[0, n - 1]``) and per-axis flat steps
+    to the upper corner (0 along axes of size 1)."""
     strides = _strides(in_shape)
     base = _batch_offset(disp, int(np.prod(in_shape)))
     weights = []
@@ -103,13 +105,21 @@ def _linear_corners(table, disp, in_shape, single):
         c = tf.clip_by_value(coord, 0.0, float(n - 1))  # clamp: zero gradient outside
         # lower corner in [0, n-2] so that the upper corner (low + 1) stays inside; w in [0, 1]
         low = tf.stop_gradient(tf.minimum(tf.floor(c), float(max(n - 2, 0))))
-        w = c - low
-        if not single:
-            w = tf.expand_dims(w, -1)
-        weights.append((1.0 - w, w))
+        weights.append(c - low)
         low_i = tf.cast(low, tf.int32)
         base = base + (low_i * strides[d] if strides[d] != 1 else low_i)
     steps = [s if n > 1 else 0 for s, n in zip(strides, in_shape)]
+    return base, weights, steps
+
+
+def _linear_corners(table, disp, in_shape, single):
+    """Corner values (keyed by bit tuples) and per-axis weights ``(1-w, w)`` of linear sampling."""
+    base, ws, steps = _linear_geometry(disp, in_shape)
+    weights = []
+    for w in ws:
+        if not single:
+            w = tf.expand_dims(w, -1)
+        weights.append((1.0 - w, w))
     corners = {}
     for bits in itertools.product((0, 1), repeat=len(in_shape)):
         shift = sum(s for s, b in zip(steps, bits) if b)
@@ -126,28 +136,15 @@ def _linear_lean(table: tf.Tensor, disp: tf.Tensor, in_shape: Sequence[int],
     autodiff path (the clamp passes the gradient on ``[0, n - 1]``, as `tf.clip_by_value`)."""
     ndims = len(in_shape)
 
-    def geometry(disp):
-        strides = _strides(in_shape)
-        base = _batch_offset(disp, int(np.prod(in_shape)))
-        weights, inside = [], []
-        for d, coord in enumerate(_axis_coords(disp)):
-            n = in_shape[d]
-            inside.append(tf.logical_and(coord >= 0.0, coord <= float(n - 1)))
-            c = tf.clip_by_value(coord, 0.0, float(n - 1))
-            low = tf.minimum(tf.floor(c), float(max(n - 2, 0)))
-            weights.append(c - low)
-            low_i = tf.cast(low, tf.int32)
-            base = base + (low_i * strides[d] if strides[d] != 1 else low_i)
-        steps = [st if n > 1 else 0 for st, n in zip(strides, in_shape)]
-        return base, weights, inside, steps
-
     @tf.custom_gradient
     def sample(table, disp):
         corners, weights = _linear_corners(table, disp, in_shape, single)
         out = _blend(corners, weights, list(range(ndims)))
 
         def grad(dy):
-            base, weights, inside, steps = geometry(disp)
+            base, weights, steps = _linear_geometry(disp, in_shape)
+            inside = [tf.logical_and(coord >= 0.0, coord <= float(in_shape[d] - 1))
+                      for d, coord in enumerate(_axis_coords(disp))]
             d_table = tf.zeros_like(table)
             d_weight = [tf.zeros_like(w) for w in weights]
             flat_dy = tf.reshape(dy, (-1,) if single else (-1, tf.shape(table)[-1]))
