@@ -601,6 +601,8 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
                     ckpt.set_optimizer(optimizer)
                 stage_index = index
                 if stage.prepare is not None:
+                    if all(later.prepare is not None for later in stages[index:]):
+                        iterator = None   # no later stage reads the opened data's batches
                     # inputs fixed for this stage, computed once from the model trained so far
                     log.message(f"stage '{stage.name}': preparing its data")
                     prepared_at = time.perf_counter()
