@@ -207,7 +207,7 @@ def test_stage_batches_without_a_training_model_input_is_one_line_error(tmp_path
         loaded.method, data=dataclasses.replace(loaded.method.data,
                                                 dataset=lambda data, config, **kw:
                                                 toy_pipeline(data, **kw)))
-    with pytest.raises(MethodError, match="stage 'second': its batches have no "
+    with pytest.raises(MethodError, match="stage 'second': its batches lack the model input "
                                           "'moving_prepared'"):
         train(LoadedMethod(method, "tfreg-tests", "0"), toy_config(steps=1), SPEC,
               tmp_path / "run", verbose=0)

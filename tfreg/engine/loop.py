@@ -223,15 +223,15 @@ def _stage_model(model: keras.Model, stage: Any, strategy: tf.distribute.Strateg
     return trained, tuple(trained.input)
 
 
-def _check_batch_keys(stage: Any, batches: Any, input_names: tuple[str, ...]) -> None:
-    """A stage whose batches lack an input of the model it trains: one-line `MethodError`."""
-    spec = getattr(batches, "element_spec", None)
+def _check_batch_keys(spec: Any, input_names: tuple[str, ...], batches: str) -> None:
+    """Batches (element spec `spec`, described as `batches`) lacking an input of the model they
+    feed: one-line `MethodError`."""
     if not isinstance(spec, dict):
         return
     missing = [name for name in input_names if name not in spec]
     if missing:
-        raise MethodError(f"stage '{stage.name}': its batches have no '{missing[0]}', an input "
-                          f"of the model it trains (batch keys: {', '.join(sorted(spec))})")
+        raise MethodError(f"{batches} lack the model input '{missing[0]}' (batch keys: "
+                          f"{', '.join(spec)})")
 
 
 def _trainable(model: keras.Model, frozen: tuple[str, ...]) -> list:
@@ -369,10 +369,7 @@ def _inshape(dataset_fn: Callable, source: Any, data: Any, io: Any) -> tuple[int
         ConfigError: the shape cannot be told.
     """
     element = dataset_fn(None).element_spec
-    missing = [name for name in io.inputs if name not in element]
-    if missing:
-        raise MethodError(f"the data batches lack the model input '{missing[0]}' (batch keys: "
-                          f"{', '.join(element)})")
+    _check_batch_keys(element, io.inputs, "the data batches")
     if source.inshape is not None:
         return tuple(int(s) for s in source.inshape(data))
     shape = tuple(element[io.inputs[0]].shape[1:-1])
@@ -617,7 +614,8 @@ def train(method: Any, config: dict, data: Any, run_dir: str | Path, *,
                         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
                     batches = iterator
                 sub, input_names = _stage_model(model, stage, strategy, precision, io.inputs)
-                _check_batch_keys(stage, batches, input_names)
+                _check_batch_keys(getattr(batches, "element_spec", None), input_names,
+                                  f"stage '{stage.name}': its batches")
                 base_lr = stage.learning_rate if stage.learning_rate is not None \
                     else tcfg["learning_rate"]
                 steps_fns: dict[bool, Callable] = {}
@@ -704,9 +702,9 @@ def _interrupted(signum: int, run_dir: Path, step: int) -> TrainingInterrupted:
 
 def _log_images(log: TrainLogger, model: keras.Model, batch: dict, step: int, io: Any) -> None:
     """Mid slices of fixed, moving and warped of the first sample of `batch` (when the batch
-    holds ``fixed`` and ``moving`` images)."""
-    if "fixed" not in batch or "moving" not in batch:
-        return
+    holds ``fixed`` and ``moving`` images and the model's inputs)."""
+    if any(key not in batch for key in ("fixed", "moving", *io.inputs)):
+        return   # e.g. a stage's prepared batches (`Stage.prepare`)
     inputs = {name: batch[name][:1] for name in io.inputs}
     outputs = model(inputs, training=False)
     images = {"fixed": batch["fixed"][:1].numpy(), "moving": batch["moving"][:1].numpy()}
