@@ -29,6 +29,12 @@ MSE + 0.01 * Grad(l2) and Adam (lr 1e-4), on the same number of CPU threads:
   chosen so that its parameter count is closest to that of the first tfreg side in ``--sides``
   (measured in the first repeat): VoxelMorph at equal parameter count, for methods without a
   PyTorch peer that installs;
+* ``torch-lapirn``: the original LapIRN (PyTorch, github.com/cwmok/LapIRN, the three models
+  ``Miccai2020_LDR_laplacian_unit_add_lvl1/2/3`` of ``Train_LapIRN_diff.py``, ``start_channel`` 7,
+  ``range_flow`` 0.4, every level trained as in its level-3 stage once unfrozen), imported from a
+  checkout of that repository given with ``--lapirn-code DIR/Code`` (its ``.cuda()`` calls are made
+  no-ops so that it runs on the CPU), the same loss on its final warped image and displacement: the
+  peer for ``tf-lapirn``;
 * voxelmorph-torch: ``vxm.nn.models.VxmPairwise(nb_features=(16, 32, 32, 32), integration_steps=7)``
   (integration at full resolution), MSE and Grad written here in a few lines (0.3.x deprecated its
   loss classes), ``torch.optim.Adam``.
@@ -42,6 +48,9 @@ The torch side needs its own environment (never installed with tfreg)::
 
     python -m venv /tmp/vxmtorch && /tmp/vxmtorch/bin/pip install "voxelmorph==0.3.*" torch
     python benchmarks/bench_train_vs_torch.py --torch-python /tmp/vxmtorch/bin/python
+    git clone https://github.com/cwmok/LapIRN /tmp/LapIRN   # for --sides tf-lapirn,torch-lapirn
+    python benchmarks/bench_train_vs_torch.py --sides tf-lapirn,torch-lapirn \
+        --lapirn-code /tmp/LapIRN/Code --shapes 96x128x96
 
 Results: a table on stdout and ``benchmarks/results/bench_train_vs_torch.json``.
 """
@@ -177,8 +186,53 @@ def worker_torch(shape: tuple[int, ...], steps: int, warmup: int, threads: int,
             "version": f"torch {torch.__version__}, voxelmorph {vxm.__version__}"}
 
 
+def worker_torch_lapirn(shape: tuple[int, ...], steps: int, warmup: int, threads: int,
+                        code: str) -> dict:
+    """The original LapIRN's three levels (its own modules, imported from `code`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    # the original moves its grids and transforms to CUDA in __init__: keep them on the CPU
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    sys.path.insert(0, code)
+    import miccai2020_model_stage as original  # noqa: E402  (the peer's own module)
+
+    if len(shape) != 3 or any(s % 8 for s in shape):
+        raise ValueError(f"torch-lapirn: a 3D shape with sizes divisible by 8, got {shape}")
+    quarter = tuple(s // 4 for s in shape)
+    half = tuple(s // 2 for s in shape)
+    lvl1 = original.Miccai2020_LDR_laplacian_unit_add_lvl1(
+        2, 3, 7, is_train=True, imgshape=quarter, range_flow=0.4)
+    lvl2 = original.Miccai2020_LDR_laplacian_unit_add_lvl2(
+        2, 3, 7, is_train=True, imgshape=half, range_flow=0.4, model_lvl1=lvl1)
+    model = original.Miccai2020_LDR_laplacian_unit_add_lvl3(
+        2, 3, 7, is_train=True, imgshape=shape, range_flow=0.4, model_lvl2=lvl2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fixed = torch.rand(1, 1, *shape)
+    moving = torch.rand(1, 1, *shape)
+
+    def grad_l2(field):
+        return sum((torch.diff(field, dim=d) ** 2).mean() for d in (2, 3, 4)) / 3
+
+    times = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        disp, warped = model(moving, fixed)[:2]
+        loss = ((warped - fixed) ** 2).mean() + 0.01 * grad_l2(disp)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return {"times": times, "params": params, "peak_rss_gib": peak_rss_gib(),
+            "version": f"torch {torch.__version__}, original LapIRN"}
+
+
 SIDES = ("tf", "tf-ncc", "tf-ncc-plain", "tf-pairwise", "tf-native-conv", "tf-keras-act",
-         "tf-lapirn", "tf-lapirn-unaligned", "tf-cascade", "torch", "torch-match")
+         "tf-lapirn", "tf-lapirn-unaligned", "tf-cascade", "torch", "torch-match", "torch-lapirn")
 
 
 def _run(python: str, side: str, args: argparse.Namespace, shape: str,
@@ -186,6 +240,8 @@ def _run(python: str, side: str, args: argparse.Namespace, shape: str,
     cmd = [python, __file__, "--worker", side, "--shape", shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--match-params", str(match_params)]
+    if args.lapirn_code:
+        cmd += ["--lapirn-code", args.lapirn_code]
     if args.tf_jit:
         cmd.append("--tf-jit")
     return run_worker(cmd, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -203,6 +259,8 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(SIDES)}")
     parser.add_argument("--torch-python", default="/tmp/vxmtorch/bin/python",
                         help="python of the environment with voxelmorph 0.3.x and torch")
+    parser.add_argument("--lapirn-code", default="",
+                        help="the original LapIRN's Code folder (for --sides ...,torch-lapirn)")
     parser.add_argument("--json", default=str(HERE / "results" / "bench_train_vs_torch.json"))
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -210,7 +268,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         shape = shape_arg(args.shape)
-        result = (worker_torch(shape, args.steps, args.warmup, args.threads, args.match_params)
+        result = (worker_torch_lapirn(shape, args.steps, args.warmup, args.threads,
+                                      args.lapirn_code)
+                  if args.worker == "torch-lapirn" else
+                  worker_torch(shape, args.steps, args.warmup, args.threads, args.match_params)
                   if args.worker.startswith("torch") else
                   worker_tf(shape, args.steps, args.warmup, args.threads, args.tf_jit, args.worker))
         print("RESULT " + json.dumps(result), flush=True)
@@ -224,6 +285,9 @@ def main() -> None:
     if "torch-match" in sides and (not tf_sides
                                    or sides.index(tf_sides[0]) > sides.index("torch-match")):
         parser.error("--sides: torch-match needs a tfreg side before it (its parameter count)")
+    if "torch-lapirn" in sides and not Path(args.lapirn_code, "miccai2020_model_stage.py").is_file():
+        parser.error("--sides torch-lapirn: --lapirn-code must name the original LapIRN's Code "
+                     "folder (with miccai2020_model_stage.py)")
     rows = []
     for shape in args.shapes.split(","):
         per_side: dict[str, list[dict]] = {side: [] for side in sides}
@@ -254,7 +318,7 @@ def main() -> None:
                 "median_s": round(statistics.median(medians[side]), 4) if medians[side] else None,
                 "params": ok[side][0]["params"] if ok[side] else None,
                 "peak_rss_gib": max(r["peak_rss_gib"] for r in ok[side]) if ok[side] else None}
-            peer = "torch-match" if "torch-match" in sides else "torch"
+            peer = next((p for p in ("torch-lapirn", "torch-match", "torch") if p in sides), "torch")
             if peer in sides and not side.startswith("torch") and medians[side] and medians[peer]:
                 # per repeat, so both sides of a ratio ran under the same load
                 row["sides"][side]["torch_over_this_per_repeat"] = [
