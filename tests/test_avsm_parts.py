@@ -139,6 +139,28 @@ def test_inverse_consistency_of_exact_inverse_translations_is_zero():
     np.testing.assert_allclose(float(losses.inverse_consistency(wrong)), expect, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(14, 12), (8, 10, 6)])
+def test_recomputed_inverse_consistency_matches_the_plain_term(shape):
+    """recompute=True (recomputed, lean interpolation gradient) gives the plain term's value and
+    gradient; the fields are smooth and large enough that the gradient is far from zero."""
+    rng = np.random.default_rng(5)
+    ndims = len(shape)
+    grids = np.meshgrid(*[np.linspace(0, np.pi, s) for s in shape], indexing="ij")
+    fields = [np.stack([1.5 * np.sin(g + k + d) for d, g in enumerate(grids)], -1) for k in (0, 2)]
+    disp = tf.constant(np.stack(fields).astype(np.float32)
+                       + rng.normal(0, 0.1, (2, *shape, ndims)).astype(np.float32))
+    results = []
+    for recompute in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch(disp)
+            value = losses.inverse_consistency(disp, recompute=recompute)
+        results.append((float(value), tape.gradient(value, disp).numpy()))
+    (plain, g_plain), (lean, g_lean) = results
+    assert plain > 1e-3 and np.abs(g_plain).max() > 1e-4
+    np.testing.assert_allclose(lean, plain, rtol=1e-6)
+    np.testing.assert_allclose(g_lean, g_plain, rtol=1e-4, atol=1e-6 * np.abs(g_plain).max())
+
+
 def test_symmetric_batch_swaps_directions():
     batch = {"moving": tf.constant([[1.0]]), "fixed": tf.constant([[2.0]])}
     out = losses.symmetric_batch(batch)

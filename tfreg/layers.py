@@ -101,6 +101,9 @@ class SpatialTransformer(keras.layers.Layer):
             several times faster on CPU from about 40^3 voxels, at a compilation of 0.3-3 s per
             shape. ``"auto"`` (default): True from `tfreg.ops.compile_cache.AUTO_MIN_VOXELS`
             output voxels (2^16), else False. False: plain TensorFlow ops.
+        lean_gradient: linear only: the backward pass recomputes the interpolation corners
+            instead of keeping them (`tfreg.ops.sampling.warp`): same values and gradients, less
+            memory in a training step, a slower backward. Defaults to False.
 
     Input shape:
         ``[image, transform]``: image `(batch, *spatial, channels)`; transform either a
@@ -115,9 +118,13 @@ class SpatialTransformer(keras.layers.Layer):
     (1, 8, 8, 8, 2)
     """
 
-    def __init__(self, interp="linear", fill_value=None, rounding="half_even", jit="auto", **kwargs):
+    def __init__(self, interp="linear", fill_value=None, rounding="half_even", jit="auto",
+                 lean_gradient=False, **kwargs):
         super().__init__(**_float32_kwargs(kwargs))
         self.jit = _check_jit(jit)
+        if not isinstance(lean_gradient, bool):
+            raise ValueError(f"`lean_gradient` must be True or False. Received: {lean_gradient!r}")
+        self.lean_gradient = lean_gradient
         self.interp = _check_interp(interp)
         self.fill_value = _check_fill(fill_value)
         if rounding not in _ROUNDINGS:
@@ -150,7 +157,8 @@ class SpatialTransformer(keras.layers.Layer):
         ndims = len(image.shape) - 2
         if is_affine(trf.shape, ndims):
             trf = affine_to_disp(trf, image.shape[1:-1])
-        return warp(image, trf, self.interp, self.fill_value, rounding=self.rounding, jit=self.jit)
+        return warp(image, trf, self.interp, self.fill_value, rounding=self.rounding, jit=self.jit,
+                    lean_gradient=self.lean_gradient and self.interp == "linear")
 
     def compute_output_shape(self, input_shape):
         image_shape, trf_shape = input_shape
@@ -172,6 +180,7 @@ class SpatialTransformer(keras.layers.Layer):
             "fill_value": self.fill_value,
             "rounding": self.rounding,
             "jit": self.jit,
+            "lean_gradient": self.lean_gradient,
         }
 
 

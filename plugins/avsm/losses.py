@@ -36,6 +36,7 @@ from tfreg.errors import ConfigError
 from tfreg.ops.inverse import composition_residual
 
 from .affine import identity_params, split_params
+from .model import model_options
 
 __all__ = ["SIMILARITIES", "similarity", "affine_reg_weight", "affine_symmetry",
            "vsvf_regulariser", "inverse_consistency", "symmetric_batch", "build_loss"]
@@ -88,13 +89,21 @@ def vsvf_regulariser(momentum: tf.Tensor, velocity: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.reduce_sum(tf.nn.relu(velocity * momentum), axis=axes)) * cell
 
 
-def inverse_consistency(disp: tf.Tensor) -> tf.Tensor:
+def inverse_consistency(disp: tf.Tensor, recompute: bool = False) -> tf.Tensor:
     """``mean((phi_st o phi_ts - id)^2)`` in unit-interval coordinates for a doubled batch of
-    full-resolution displacements (voxels)."""
-    st, ts = _halves(disp)
-    residual = composition_residual(st, ts)         # phi_st(phi_ts(y)) - y, voxels
+    full-resolution displacements (voxels).
+
+    ``recompute=True``: the backward pass keeps only `disp` and recomputes the composition, with
+    the lean interpolation gradient (same values and gradients, less memory).
+    """
     scale = tf.constant([1.0 / (s - 1) for s in disp.shape[1:-1]], tf.float32)
-    return tf.reduce_mean(tf.square(residual * scale))
+
+    def error(field):
+        st, ts = _halves(field)
+        residual = composition_residual(st, ts, lean_gradient=recompute)  # phi_st o phi_ts - id
+        return tf.reduce_mean(tf.square(residual * scale))
+
+    return tf.recompute_grad(error)(disp) if recompute else error(disp)
 
 
 def symmetric_batch(batch: dict) -> dict:
@@ -140,6 +149,7 @@ def build_loss(config: dict):
     calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="avsm_loss_calls")
     reg_factor = _number(section, "reg_factor") if "reg_factor" in section else 0.0
     ic = _number(section, "inverse_consistency") if "inverse_consistency" in section else 0.0
+    recompute = model_options(config).recompute
 
     def affine_terms(batch, outputs, stage, step, stage_step) -> dict:
         multi = stage.name == "affine_multi"
@@ -171,7 +181,7 @@ def build_loss(config: dict):
                                                              outputs[f"vsvf_velocity_{k}"])
             if symmetric and stage.name == "vsvf_sym" and ic > 0:
                 terms[f"inverse_consistency_{k}"] = ic * inverse_consistency(
-                    outputs[f"vsvf_disp_{k}"])
+                    outputs[f"vsvf_disp_{k}"], recompute=recompute)
         return terms
 
     def loss(batch: dict, outputs: dict, ctx) -> dict:

@@ -165,7 +165,7 @@ def build_avsm_model(config: dict, inshape: tuple[int, ...]) -> keras.Model:
     concat = keras.layers.Concatenate(name="avsm_momentum_input")
     transform = VSVFTransform(inshape, opts.sigmas, opts.sigma_weights, opts.integration_steps,
                               recompute=opts.recompute, name="avsm_vsvf")
-    transformer = SpatialTransformer(name="avsm_vsvf_transformer")
+    transformer = SpatialTransformer(lean_gradient=opts.recompute, name="avsm_vsvf_transformer")
     for k in range(1, opts.vsvf_steps + 1):
         momentum = momentum_net(concat([warped, fixed]))
         result = transform([momentum, initial])

@@ -34,19 +34,20 @@ from tfreg.ops.sampling import warp
 __all__ = ["invert_displacement", "composition_residual", "residual_mm"]
 
 
-def composition_residual(disp, inverse) -> tf.Tensor:
+def composition_residual(disp, inverse, *, lean_gradient: bool = False) -> tf.Tensor:
     """Inverse-consistency residual ``phi(phi^-1(y)) - y`` of a candidate inverse.
 
     Args:
         disp: `(B, *S, N)` forward displacement ``u`` (voxels, pull).
         inverse: `(B, *S, N)` candidate inverse ``w`` (voxels, pull), same grid.
+        lean_gradient: sample with `warp(lean_gradient=True)` (less memory in a gradient).
 
     Returns:
         `(B, *S, N)` float32 ``w(y) + u(y + w(y))`` in voxels (zero for an exact inverse).
     """
     disp = tf.convert_to_tensor(disp, tf.float32)
     inverse = tf.convert_to_tensor(inverse, tf.float32)
-    return inverse + warp(disp, inverse)
+    return inverse + warp(disp, inverse, lean_gradient=lean_gradient)
 
 
 def invert_displacement(disp, iterations: int = 100, tolerance: float = 1e-3, *,
