@@ -158,7 +158,7 @@ class SpatialTransformer(keras.layers.Layer):
         if is_affine(trf.shape, ndims):
             trf = affine_to_disp(trf, image.shape[1:-1])
         return warp(image, trf, self.interp, self.fill_value, rounding=self.rounding, jit=self.jit,
-                    lean_gradient=self.lean_gradient and self.interp == "linear")
+                    lean_gradient=self.lean_gradient)
 
     def compute_output_shape(self, input_shape):
         image_shape, trf_shape = input_shape
